@@ -1,0 +1,1 @@
+"""Kubernetes operator for AugmentSearch and Pretrain custom resources (kopf)."""

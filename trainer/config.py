@@ -1,0 +1,273 @@
+"""Typed configuration for the trainer: every default lives here, once.
+
+Configs are pydantic models that forbid unknown fields, so a typo in a YAML file is an
+error that names the field instead of a silently ignored setting. Defaults follow MoCo v2
+(Chen et al. 2020, arXiv:2003.04297) and the SelfAugment paper (Reed et al. 2021); the
+comment on each field says where a number comes from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+SCHEMA_VERSION = 1
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is invalid; the message names the field and the source."""
+
+
+class StrictModel(BaseModel):
+    """Base for all configs: unknown fields are errors, assignment is validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+DatasetFormat = Literal[
+    "auto", "imagefolder", "idx", "npz", "digits", "cifar10", "svhn", "stl10"
+]
+
+
+class DatasetConfig(StrictModel):
+    """Where the images come from and how they are shaped for the model."""
+
+    uri: str = Field(
+        "sklearn:digits",
+        description=(
+            "Local path, s3://bucket/prefix, or a built-in source: 'sklearn:digits' (bundled with "
+            "scikit-learn), 'torchvision:cifar10|svhn|stl10' (read from the path in `root`)."
+        ),
+    )
+    format: DatasetFormat = Field(
+        "auto", description="Source format; 'auto' infers it from the uri (folder, .npz, IDX)."
+    )
+    split: Literal["train", "test"] = Field("train", description="Which split to read.")
+    root: str | None = Field(
+        None, description="Directory holding torchvision datasets (cifar10, svhn, stl10)."
+    )
+    download: bool = Field(
+        False, description="Allow torchvision to download a dataset that is not under `root`."
+    )
+    image_size: int = Field(32, ge=8, le=1024, description="Images are resized to this side.")
+    channels: Literal[1, 3] = Field(
+        3, description="Channels fed to the model; grayscale data is repeated to 3 if asked."
+    )
+    limit: int | None = Field(
+        None, ge=1, description="Use only the first `limit` images (after a seeded shuffle)."
+    )
+    on_corrupt: Literal["skip", "fail"] = Field(
+        "skip",
+        description="What to do with an unreadable image: skip it (reported by file name) or stop.",
+    )
+
+
+class ModelConfig(StrictModel):
+    """Backbone: a torchvision ResNet with optional CIFAR stem and width scaling."""
+
+    arch: Literal["resnet18", "resnet50"] = Field("resnet18", description="Backbone architecture.")
+    width: int = Field(
+        64,
+        ge=4,
+        le=256,
+        description="Channels of the first stage (64 in torchvision); small values give tiny CPU models.",
+    )
+    cifar_stem: bool = Field(
+        True,
+        description="3x3 stride-1 first conv and no max-pool, as usual for 32x32 images.",
+    )
+
+
+class MocoConfig(StrictModel):
+    """MoCo v2 contrastive learner (defaults from MoCo v2, arXiv:2003.04297)."""
+
+    dim: int = Field(128, ge=8, description="Output dimension of the projection head.")
+    queue_size: int = Field(
+        65536, ge=16, description="Number of negative keys kept in the queue (MoCo: 65536)."
+    )
+    momentum: float = Field(
+        0.999, ge=0.0, lt=1.0, description="Momentum of the key-encoder update (MoCo: 0.999)."
+    )
+    temperature: float = Field(
+        0.2, gt=0.0, description="Softmax temperature of InfoNCE (MoCo v2: 0.2)."
+    )
+    mlp: bool = Field(True, description="Two-layer MLP projection head (MoCo v2) instead of linear.")
+
+
+class OptimConfig(StrictModel):
+    """SGD with a cosine schedule (MoCo v2 defaults: lr 0.03 at batch 256, wd 1e-4)."""
+
+    epochs: int = Field(200, ge=1, description="Training epochs (MoCo v2: 200).")
+    batch_size: int = Field(256, ge=2, description="Images per step (global, over all GPUs).")
+    lr: float = Field(0.03, gt=0.0, description="Base learning rate (MoCo v2: 0.03 at batch 256).")
+    weight_decay: float = Field(1e-4, ge=0.0, description="L2 weight decay (MoCo: 1e-4).")
+    sgd_momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum (MoCo: 0.9).")
+    warmup_epochs: int = Field(0, ge=0, description="Linear warm-up epochs before the cosine decay.")
+
+
+class AugmentConfig(StrictModel):
+    """How the two MoCo views of an image are made."""
+
+    policy: str = Field(
+        "mocov2",
+        description=(
+            "Policy applied after crop and flip: a JSON policy file, or a built-in name "
+            "('mocov2', 'none', 'randaugment:N:M', or an op name such as 'Rotate' for a "
+            "single-transform policy with p = 1 and random magnitude)."
+        ),
+    )
+    crop: bool = Field(True, description="RandomResizedCrop before the policy.")
+    crop_scale: tuple[float, float] = Field(
+        (0.2, 1.0), description="Area range of RandomResizedCrop (MoCo v2: 0.2 to 1)."
+    )
+    flip: bool = Field(True, description="Random horizontal flip.")
+
+    @model_validator(mode="after")
+    def _check_scale(self) -> AugmentConfig:
+        low, high = self.crop_scale
+        if not 0.0 < low <= high <= 1.0:
+            raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
+        return self
+
+
+class RuntimeConfig(StrictModel):
+    """Where and how computation runs."""
+
+    device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1'.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="'auto' is bf16 autocast on CUDA and fp32 on CPU."
+    )
+    channels_last: bool | None = Field(
+        None, description="Use channels_last memory format; default: on for CUDA, off for CPU."
+    )
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    seed: int = Field(0, description="Seed for data order, augmentation and initialisation.")
+    checkpoint_every: int = Field(1, ge=1, description="Write a resumable checkpoint every N epochs.")
+    progress: bool = Field(True, description="Show progress bars.")
+
+
+class ProbeConfig(StrictModel):
+    """A linear head trained on the frozen backbone (rotation, supervised or jigsaw)."""
+
+    epochs: int = Field(30, ge=1, description="Epochs of linear-head training.")
+    batch_size: int = Field(256, ge=2, description="Images per step.")
+    lr: float = Field(0.1, gt=0.0, description="Learning rate of the head (SGD, cosine schedule).")
+    weight_decay: float = Field(0.0, ge=0.0, description="Weight decay of the head.")
+    holdout_fraction: float = Field(
+        0.2,
+        gt=0.0,
+        lt=1.0,
+        description="Fraction of images held out to report accuracy and loss (when no test split).",
+    )
+
+
+class EvaluationConfig(StrictModel):
+    """Which frozen-backbone evaluations to run after pretraining."""
+
+    tasks: list[Literal["rotation", "linear", "jigsaw"]] = Field(
+        default_factory=lambda: ["rotation"],
+        description="'rotation' (label-free), 'linear' (needs labels), 'jigsaw' (2x2, 24-way).",
+    )
+    probe: ProbeConfig = Field(default_factory=ProbeConfig, description="Linear-head training.")
+
+
+class PretrainConfig(StrictModel):
+    """`selfaugment pretrain`: train MoCo v2 on a dataset with an augmentation policy."""
+
+    schema_version: int = Field(SCHEMA_VERSION, description="Config schema version.")
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    moco: MocoConfig = Field(default_factory=MocoConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    init_from: str | None = Field(
+        None, description="Checkpoint to start from (hierarchical pretraining)."
+    )
+    trainable: Literal["all", "batchnorm"] = Field(
+        "all", description="Train all parameters, or only batch-norm ones (hierarchical pretraining)."
+    )
+
+
+class EvalConfig(StrictModel):
+    """`selfaugment eval`: evaluate a checkpoint's frozen backbone."""
+
+    schema_version: int = Field(SCHEMA_VERSION, description="Config schema version.")
+    checkpoint: str = Field(..., description="Path of a pretrain checkpoint.")
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    test_dataset: DatasetConfig | None = Field(
+        None, description="Held-out split; without it `probe.holdout_fraction` of `dataset` is used."
+    )
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def format_validation_error(error: ValidationError, source: str) -> str:
+    """One line per problem: `source: field.path: message (got value)`."""
+    lines = []
+    for problem in error.errors():
+        location = ".".join(str(part) for part in problem["loc"]) or "<root>"
+        message = problem["msg"]
+        if problem["type"] == "extra_forbidden":
+            message = "unknown field"
+        elif problem["type"] == "literal_error" and "expected" in problem.get("ctx", {}):
+            message = f"must be one of {problem['ctx']['expected']}"
+        lines.append(f"{source}: {location}: {message} (got {problem.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_config(model: type[ModelT], data: dict[str, Any], source: str = "config") -> ModelT:
+    """Validate a mapping into `model`, raising ConfigError with field-named messages."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error, source)) from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of `data` with `a.b.c=value` overrides applied (values parsed as YAML)."""
+    result: dict[str, Any] = yaml.safe_load(yaml.safe_dump(data)) or {}
+    for override in overrides:
+        if "=" not in override:
+            raise ConfigError(f"override {override!r}: expected key.path=value")
+        key, raw_value = override.split("=", 1)
+        node = result
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {override!r}: {part!r} is not a mapping")
+            node = child
+        node[parts[-1]] = yaml.safe_load(raw_value)
+    return result
+
+
+def load_config(
+    model: type[ModelT], path: str | Path | None, overrides: list[str] | None = None
+) -> ModelT:
+    """Read a YAML/JSON file (or nothing, for all defaults) into a validated config."""
+    data: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as error:
+            raise ConfigError(f"{source}: cannot read config file: {error.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{source}: not valid YAML/JSON: {error}") from None
+        data = loaded if loaded is not None else {}
+    if overrides:
+        data = apply_overrides(data, overrides)
+    return parse_config(model, data, source)
