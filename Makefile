@@ -1,0 +1,51 @@
+# Two entry points that work on a fresh machine (see README):
+#   make search   installs into .venv and runs the SelfAugment search on the bundled smoke config
+#   make test     installs everything the tests need and runs lint, type checks and the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SEARCH_CONFIG ?= examples/search-smoke.yaml
+SEARCH_OUT ?= runs/smoke
+APT_PACKAGES := dataset-fashion-mnist prometheus
+
+.PHONY: search test install install-test system-deps lint typecheck pytest bench clean crds
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade "pip>=23.2"
+
+install: $(BIN)/python
+	$(BIN)/pip install -q -e .
+
+install-test: $(BIN)/python
+	$(BIN)/pip install -q -e '.[test]'
+
+# Debian packages the tests use (real Fashion-MNIST, a real Prometheus server); needs root.
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+search: install
+	$(BIN)/selfaugment search -f $(SEARCH_CONFIG) -o $(SEARCH_OUT)
+
+lint: install-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install-test
+	$(BIN)/mypy selfaugment
+
+pytest: install-test system-deps
+	$(BIN)/pytest
+
+test: lint typecheck pytest
+
+bench: install
+	$(BIN)/python benchmarks/bench_augment.py
+	$(BIN)/python benchmarks/bench_moco.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

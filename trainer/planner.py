@@ -1,0 +1,169 @@
+"""The pure planner: spec + results so far -> the tasks that can run next.
+
+Every task of a search is known from the spec alone, with a deterministic id, so the local
+runner and the operator agree on names (the operator turns ids into Job names). A task is
+done when its result exists in the store; the planner never does I/O.
+
+Stages of the SelfAugment algorithm (Algorithm 1 of Reed et al. 2021):
+
+    base      one short MoCo run per single transform, rotation-scored (skipped if given)
+    folds     MoCo with the base policy on each fold's training part, rotation head on top
+    search    per fold and repeat, TPE over candidate policies scored by forward passes
+    merge     union of the top policies of every fold and repeat, de-duplicated
+    retrain   MoCo from scratch on all data with the found policy, then evaluation
+    report    policy.json, report.json, report.md with plots
+
+SelfRandAugment replaces base/folds/search/merge by `randaugment`: one model per (N, M).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from selfaugment.trainer.spec import AugmentSearchSpec
+
+BASE_TRANSFORMS = (
+    "RandomResizedCrop",
+    "ShearX",
+    "ShearY",
+    "TranslateX",
+    "TranslateY",
+    "Rotate",
+    "AutoContrast",
+    "Equalize",
+    "Invert",
+    "Solarize",
+    "Posterize",
+    "Contrast",
+    "Color",
+    "Brightness",
+    "Sharpness",
+    "Cutout",
+)
+
+STAGES_SELFAUGMENT = ("base", "folds", "search", "merge", "retrain", "report")
+STAGES_SELFRANDAUGMENT = ("randaugment", "retrain", "report")
+#: Kinds of task whose work needs an accelerator when the spec asks for GPUs.
+GPU_KINDS = frozenset({"base", "fold", "search", "randaugment", "retrain"})
+
+
+@dataclass(frozen=True)
+class Task:
+    """One unit of work, run by `selfaugment worker run --task ID`."""
+
+    id: str
+    kind: str
+    stage: str
+    params: dict[str, Any] = field(default_factory=dict)
+    depends_on: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "stage": self.stage,
+            "params": dict(self.params),
+            "depends_on": list(self.depends_on),
+        }
+
+
+@dataclass(frozen=True)
+class PlanState:
+    """Where a search stands: what is done, what may start now, which stage is current."""
+
+    tasks: tuple[Task, ...]
+    done: frozenset[str]
+    ready: tuple[Task, ...]
+    stage: str
+    finished: bool
+
+    @property
+    def total(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * len(self.done) / max(1, len(self.tasks))
+
+
+def base_candidates(spec: AugmentSearchSpec) -> list[str]:
+    """Transforms tried for the base policy, in a fixed order."""
+    chosen = spec.search.base_candidates
+    return list(BASE_TRANSFORMS) if chosen == "all" else list(chosen)
+
+
+def randaugment_grid(spec: AugmentSearchSpec) -> list[tuple[int, int]]:
+    return [(n, m) for n in spec.search.randaugment.n for m in spec.search.randaugment.m]
+
+
+def all_tasks(spec: AugmentSearchSpec) -> list[Task]:
+    """Every task of the search in execution order, derived from the spec alone."""
+    search = spec.search
+    tasks: list[Task] = []
+    if search.algorithm == "selfrandaugment":
+        grid_ids = []
+        for n, m in randaugment_grid(spec):
+            task_id = f"randaugment-n{n}-m{m}"
+            grid_ids.append(task_id)
+            tasks.append(Task(task_id, "randaugment", "randaugment", {"n": n, "m": m}))
+        tasks.append(Task("retrain", "retrain", "retrain", {}, tuple(grid_ids)))
+        tasks.append(Task("report", "report", "report", {}, ("retrain", *grid_ids)))
+        return tasks
+
+    base_ids: list[str] = []
+    if search.base_policy == "auto":
+        for name in base_candidates(spec):
+            task_id = f"base-{name.lower()}"
+            base_ids.append(task_id)
+            tasks.append(Task(task_id, "base", "base", {"transform": name}))
+    fold_ids = []
+    for fold in range(search.folds):
+        task_id = f"fold-{fold}"
+        fold_ids.append(task_id)
+        tasks.append(Task(task_id, "fold", "folds", {"fold": fold}, tuple(base_ids)))
+    search_ids = []
+    for fold in range(search.folds):
+        for repeat in range(search.repeats):
+            task_id = f"search-f{fold}-r{repeat}"
+            search_ids.append(task_id)
+            # Normalising the minimax objective needs every fold's base-policy losses.
+            tasks.append(
+                Task(task_id, "search", "search", {"fold": fold, "repeat": repeat}, tuple(fold_ids))
+            )
+    tasks.append(Task("merge", "merge", "merge", {}, tuple(search_ids)))
+    tasks.append(Task("retrain", "retrain", "retrain", {}, ("merge",)))
+    report_deps = ("retrain", "merge", *base_ids, *fold_ids, *search_ids)
+    tasks.append(Task("report", "report", "report", {}, report_deps))
+    return tasks
+
+
+def plan(spec: AugmentSearchSpec, done_ids: Mapping[str, Any] | set[str]) -> PlanState:
+    """The state of a search given the ids of the tasks whose results exist."""
+    tasks = all_tasks(spec)
+    known = {task.id for task in tasks}
+    done = frozenset(task_id for task_id in done_ids if task_id in known)
+    ready = tuple(
+        task
+        for task in tasks
+        if task.id not in done and all(dep in done for dep in task.depends_on)
+    )
+    stages = (
+        STAGES_SELFRANDAUGMENT if spec.search.algorithm == "selfrandaugment" else STAGES_SELFAUGMENT
+    )
+    current = "done"
+    for stage in stages:
+        if any(task.stage == stage and task.id not in done for task in tasks):
+            current = stage
+            break
+    return PlanState(
+        tasks=tuple(tasks), done=done, ready=ready, stage=current, finished=current == "done"
+    )
+
+
+def task_by_id(spec: AugmentSearchSpec, task_id: str) -> Task:
+    for task in all_tasks(spec):
+        if task.id == task_id:
+            return task
+    raise KeyError(f"no task {task_id!r} in this search (see `selfaugment status`)")

@@ -1,0 +1,194 @@
+"""The AugmentSearch and Pretrain specs: one typed model for the CLI and the custom resources.
+
+`selfaugment search -f search.yaml` reads an :class:`AugmentSearchSpec`; the operator reads the
+same model from an AugmentSearch's `spec`, and the CRD schema in crds/ is generated from it.
+Paper defaults (Reed et al. 2021, Appendix A): K = 5 folds, T = 2 repeats, P = 10 top policies,
+B = 200 trials, N_T = 5 sub-policies, N_tau = 2 ops per sub-policy, minimax objective.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from selfaugment.trainer.config import (
+    SCHEMA_VERSION,
+    AugmentConfig,
+    DatasetConfig,
+    MocoConfig,
+    ModelConfig,
+    OptimConfig,
+    ProbeConfig,
+    RuntimeConfig,
+    StrictModel,
+)
+
+BASE_CANDIDATES_ALL = "all"
+Objective = Literal["minimax", "min_rotation", "min_infonce", "max_infonce", "supervised"]
+
+
+class ObjectiveWeights(StrictModel):
+    """Weights of the minimax objective: w_rot * L_rot / E[L_rot] - w_nce * L_nce / E[L_nce]."""
+
+    rotation: float = Field(1.0, ge=0.0, description="Weight of the normalised rotation loss.")
+    infonce: float = Field(1.0, ge=0.0, description="Weight of the normalised InfoNCE loss.")
+
+
+class RandAugmentGrid(StrictModel):
+    """SelfRandAugment grid (paper: N in {1, 2, 3}, M in {4, 5, 7, 9, 11} on RandAugment's 0..30)."""
+
+    n: list[int] = Field(default_factory=lambda: [1, 2, 3], description="Ops per image, N.")
+    m: list[int] = Field(
+        default_factory=lambda: [4, 5, 7, 9, 11], description="Magnitudes M on the 0..30 scale."
+    )
+
+    @model_validator(mode="after")
+    def _check_grid(self) -> RandAugmentGrid:
+        if not self.n or not self.m:
+            raise ValueError("randaugment grid needs at least one n and one m")
+        if any(value < 1 or value > 15 for value in self.n):
+            raise ValueError(f"randaugment.n values must be within [1, 15], got {self.n}")
+        if any(value < 0 or value > 30 for value in self.m):
+            raise ValueError(f"randaugment.m values must be within [0, 30], got {self.m}")
+        return self
+
+
+class SearchConfig(StrictModel):
+    """The policy search (Algorithm 1 of the SelfAugment paper)."""
+
+    algorithm: Literal["selfaugment", "selfrandaugment"] = Field(
+        "selfaugment", description="TPE policy search, or a RandAugment (N, M) grid scored by rotation."
+    )
+    base_policy: str = Field(
+        "auto",
+        description=(
+            "'auto' selects the base transform by a short MoCo run per single transform; otherwise "
+            "a policy name or file used as the base augmentation (e.g. 'RandomResizedCrop')."
+        ),
+    )
+    base_candidates: list[str] | Literal["all"] = Field(
+        "all",
+        description="Transforms tried for the base policy: 'all' (15 ops + RandomResizedCrop) or a list.",
+    )
+    base_epochs: int = Field(
+        20, ge=1, description="MoCo epochs per base candidate (paper: about 10% of a full schedule)."
+    )
+    fold_epochs: int = Field(200, ge=1, description="MoCo epochs per fold with the base policy.")
+    folds: int = Field(5, ge=1, le=20, description="K: data splits (paper: 5).")
+    repeats: int = Field(2, ge=1, description="T: TPE repeats per fold (paper: 2).")
+    trials: int = Field(200, ge=1, description="B: candidate policies per repeat (paper: 200).")
+    sub_policies: int = Field(5, ge=1, description="N_T: sub-policies per candidate (paper: 5).")
+    ops_per_sub_policy: int = Field(2, ge=1, le=5, description="N_tau: ops per sub-policy (paper: 2).")
+    top_policies: int = Field(10, ge=1, description="P: best candidates kept per repeat (paper: 10).")
+    objective: Objective = Field(
+        "minimax",
+        description=(
+            "minimax (recommended), min_rotation, min_infonce, max_infonce, or supervised "
+            "(needs labels; an oracle for comparison)."
+        ),
+    )
+    weights: ObjectiveWeights = Field(default_factory=ObjectiveWeights)
+    randaugment: RandAugmentGrid = Field(default_factory=RandAugmentGrid)
+    startup_trials: int = Field(
+        20, ge=1, description=(
+            "Random trials before TPE starts modelling (hyperopt's n_startup_jobs; capped at trials)."
+        ),
+    )
+    score_batch_size: int = Field(256, ge=2, description="Batch size when scoring candidates.")
+    seed: int = Field(0, description="Seed of the splits, the TPE sampler and all training runs.")
+
+    @model_validator(mode="after")
+    def _check(self) -> SearchConfig:
+        if self.top_policies > self.trials:
+            raise ValueError(
+                f"top_policies ({self.top_policies}) cannot exceed trials ({self.trials})"
+            )
+        return self
+
+
+class RetrainConfig(StrictModel):
+    """Final retraining from scratch on all data with the found policy."""
+
+    epochs: int = Field(800, ge=1, description="MoCo epochs of the final model (paper CIFAR: 750+).")
+    batch_size: int | None = Field(None, ge=2, description="Overrides optim.batch_size when set.")
+    lr: float | None = Field(None, gt=0.0, description="Overrides optim.lr when set.")
+
+
+class Toleration(StrictModel):
+    """A Kubernetes toleration (subset of core/v1 Toleration)."""
+
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+
+
+class ResourcesConfig(StrictModel):
+    """What each worker gets (used by the operator; the local runner reads `gpus`)."""
+
+    gpus: int = Field(0, ge=0, le=16, description="GPUs per worker.")
+    gpu_resource: str = Field("nvidia.com/gpu", description="Extended resource name of a GPU.")
+    cpu: str = Field("2", description="CPU request per worker (Kubernetes quantity).")
+    memory: str = Field("8Gi", description="Memory request per worker (Kubernetes quantity).")
+    image: str | None = Field(None, description="Worker image; the operator default when unset.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Worker nodeSelector.")
+    tolerations: list[Toleration] = Field(default_factory=list, description="Worker tolerations.")
+    affinity: dict[str, Any] | None = Field(None, description="Worker affinity (core/v1 Affinity).")
+    priority_class: str | None = Field(None, description="priorityClassName of worker pods.")
+    queue: str | None = Field(
+        None, description="Kueue LocalQueue name: Jobs are created suspended for Kueue to admit."
+    )
+
+
+class ParallelismConfig(StrictModel):
+    """How many tasks run at once."""
+
+    max_workers: int = Field(2, ge=1, le=256, description="Concurrent workers (processes or Jobs).")
+    max_retries: int = Field(2, ge=0, le=10, description="Retries of a failed task before failing.")
+
+
+class StorageConfig(StrictModel):
+    """Artifact store: a local directory or s3://bucket/prefix (MinIO or S3)."""
+
+    uri: str | None = Field(
+        None,
+        description="Local directory or s3://bucket/prefix; locally defaults to the -o directory.",
+    )
+    endpoint: str | None = Field(
+        None, description="S3 endpoint URL (MinIO); else AWS_ENDPOINT_URL or AWS's default."
+    )
+    region: str | None = Field(None, description="S3 region.")
+    secret_ref: str | None = Field(
+        None,
+        description=(
+            "Kubernetes Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, injected into "
+            "workers as environment variables (operator only)."
+        ),
+    )
+
+
+class AugmentSearchSpec(StrictModel):
+    """Spec of an AugmentSearch: everything `selfaugment search` and the operator need."""
+
+    schema_version: int = Field(SCHEMA_VERSION, description="Spec schema version.")
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    moco: MocoConfig = Field(default_factory=MocoConfig)
+    optim: OptimConfig = Field(
+        default_factory=OptimConfig,
+        description="Optimiser of every MoCo run; epochs come from the search and retrain stages.",
+    )
+    augment: AugmentConfig = Field(
+        default_factory=lambda: AugmentConfig(policy="none"),
+        description="Crop/flip settings of MoCo views; the policy field is set by each stage.",
+    )
+    evaluation: ProbeConfig = Field(
+        default_factory=ProbeConfig, description="Rotation (and linear) head training."
+    )
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    retrain: RetrainConfig = Field(default_factory=RetrainConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    parallelism: ParallelismConfig = Field(default_factory=ParallelismConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
