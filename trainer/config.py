@@ -27,9 +27,7 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-DatasetFormat = Literal[
-    "auto", "imagefolder", "idx", "npz", "digits", "cifar10", "svhn", "stl10"
-]
+DatasetFormat = Literal["auto", "imagefolder", "idx", "npz", "digits", "cifar10", "svhn", "stl10"]
 
 
 class DatasetConfig(StrictModel):
@@ -94,7 +92,9 @@ class MocoConfig(StrictModel):
     temperature: float = Field(
         0.2, gt=0.0, description="Softmax temperature of InfoNCE (MoCo v2: 0.2)."
     )
-    mlp: bool = Field(True, description="Two-layer MLP projection head (MoCo v2) instead of linear.")
+    mlp: bool = Field(
+        True, description="Two-layer MLP projection head (MoCo v2) instead of linear."
+    )
 
 
 class OptimConfig(StrictModel):
@@ -105,7 +105,9 @@ class OptimConfig(StrictModel):
     lr: float = Field(0.03, gt=0.0, description="Base learning rate (MoCo v2: 0.03 at batch 256).")
     weight_decay: float = Field(1e-4, ge=0.0, description="L2 weight decay (MoCo: 1e-4).")
     sgd_momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum (MoCo: 0.9).")
-    warmup_epochs: int = Field(0, ge=0, description="Linear warm-up epochs before the cosine decay.")
+    warmup_epochs: int = Field(
+        0, ge=0, description="Linear warm-up epochs before the cosine decay."
+    )
 
 
 class AugmentConfig(StrictModel):
@@ -117,6 +119,13 @@ class AugmentConfig(StrictModel):
             "Policy applied after crop and flip: a JSON policy file, or a built-in name "
             "('mocov2', 'none', 'randaugment:N:M', or an op name such as 'Rotate' for a "
             "single-transform policy with p = 1 and random magnitude)."
+        ),
+    )
+    base: str = Field(
+        "none",
+        description=(
+            "A base transform applied after crop/flip and before `policy` (a policy name as for "
+            "`policy`; SelfAugment's selected base transform when it is not RandomResizedCrop)."
         ),
     )
     crop: bool = Field(True, description="RandomResizedCrop before the policy.")
@@ -145,7 +154,9 @@ class RuntimeConfig(StrictModel):
     )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
     seed: int = Field(0, description="Seed for data order, augmentation and initialisation.")
-    checkpoint_every: int = Field(1, ge=1, description="Write a resumable checkpoint every N epochs.")
+    checkpoint_every: int = Field(
+        1, ge=1, description="Write a resumable checkpoint every N epochs."
+    )
     progress: bool = Field(True, description="Show progress bars.")
 
 
@@ -189,7 +200,8 @@ class PretrainConfig(StrictModel):
         None, description="Checkpoint to start from (hierarchical pretraining)."
     )
     trainable: Literal["all", "batchnorm"] = Field(
-        "all", description="Train all parameters, or only batch-norm ones (hierarchical pretraining)."
+        "all",
+        description="Train all parameters, or only batch-norm ones (hierarchical pretraining).",
     )
 
 
@@ -200,7 +212,8 @@ class EvalConfig(StrictModel):
     checkpoint: str = Field(..., description="Path of a pretrain checkpoint.")
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
     test_dataset: DatasetConfig | None = Field(
-        None, description="Held-out split; without it `probe.holdout_fraction` of `dataset` is used."
+        None,
+        description="Held-out split; without it `probe.holdout_fraction` of `dataset` is used.",
     )
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
@@ -226,7 +239,9 @@ def format_validation_error(error: ValidationError, source: str) -> str:
 def parse_config(model: type[ModelT], data: dict[str, Any], source: str = "config") -> ModelT:
     """Validate a mapping into `model`, raising ConfigError with field-named messages."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+        raise ConfigError(
+            f"{source}: expected a mapping at the top level, got {type(data).__name__}"
+        )
     try:
         return model.model_validate(data)
     except ValidationError as error:
