@@ -24,7 +24,6 @@ from selfaugment.trainer.config import (
     AugmentConfig,
     EvaluationConfig,
     PretrainConfig,
-    load_config,
     parse_config,
 )
 from selfaugment.trainer.data import ImageSet, kfold_splits, load_dataset
@@ -40,7 +39,7 @@ from selfaugment.trainer.run_state import (
     task_key,
 )
 from selfaugment.trainer.spec import AugmentSearchSpec
-from selfaugment.trainer.store import ArtifactStore, StoreError
+from selfaugment.trainer.store import ArtifactStore
 from selfaugment.trainer.views import CROP_TRANSFORM, base_augment
 
 log = logging.getLogger(__name__)
@@ -273,8 +272,8 @@ def run_fold(ctx: TaskContext) -> dict[str, Any]:
         result["linear_accuracy"] = linear.accuracy
     heads_path = ctx.workdir / "heads.pt"
     torch.save(heads, heads_path)
-    scorer = _scorer(ctx, checkpoint, heads, heldout)
-    result["base_losses"] = scorer.score_views(_views(ctx, base, None))
+    scorer = _scorer(ctx, checkpoint, heads, heldout, base)
+    result["base_losses"] = scorer.score(None).to_dict()
     result["checkpoint"] = ctx.upload(checkpoint, "checkpoint.pt")
     ctx.upload(heads_path, "heads.pt")
     return result
@@ -298,7 +297,7 @@ def run_search(ctx: TaskContext) -> dict[str, Any]:
     checkpoint = ctx.fetch(fold_id, "checkpoint.pt")
     heads = torch.load(ctx.fetch(fold_id, "heads.pt"), map_location="cpu", weights_only=True)
     _, heldout = ctx.fold_data(fold)
-    scorer = _scorer(ctx, checkpoint, heads, heldout)
+    scorer = _scorer(ctx, checkpoint, heads, heldout, base)
     from selfaugment.trainer.policy import Policy
 
     from selfaugment.trainer.ops import OP_NAMES
@@ -306,7 +305,7 @@ def run_search(ctx: TaskContext) -> dict[str, Any]:
     best: list[float] = []
 
     def score(policy_json: dict[str, Any]) -> dict[str, float]:
-        return scorer.score_views(_views(ctx, base, Policy.from_json(policy_json)))
+        return dict(scorer.score(Policy.from_json(policy_json)).to_dict())
 
     def on_trial(record: TrialRecord) -> None:
         best.append(min([record.objective, *best[-1:]]))
@@ -457,25 +456,25 @@ def _device(ctx: TaskContext) -> torch.device:
     return resolve_device(ctx.spec.runtime.device)
 
 
-def _views(ctx: TaskContext, base: str, policy: Any) -> Any:
-    """The batched augmenter of the scored views: base augmentation, then the candidate."""
+def _scorer(
+    ctx: TaskContext, checkpoint: Path, heads: dict[str, Any], heldout: ImageSet, base: str
+) -> Any:
+    """A forward-pass scorer whose views are the base augmentation, then the candidate."""
+    from selfaugment.trainer.runtime import use_bf16
+    from selfaugment.trainer.scoring import PolicyScorer
     from selfaugment.trainer.views import build_augmenter
 
-    return build_augmenter(fold_augment(ctx, base), policy)
-
-
-def _scorer(ctx: TaskContext, checkpoint: Path, heads: dict[str, Any], heldout: ImageSet) -> Any:
-    from selfaugment.trainer.scoring import PolicyScorer
-
+    views = fold_augment(ctx, base)
+    device = _device(ctx)
     return PolicyScorer.from_checkpoint(
         checkpoint,
         heads["rotation"],
         heldout.images,
-        linear_head_state=heads.get("linear"),
-        labels=heldout.labels,
-        device=_device(ctx),
+        device=device,
         batch_size=ctx.spec.search.score_batch_size,
         seed=ctx.seed,
+        augmenter_factory=lambda policy: build_augmenter(views, policy),
+        bf16=use_bf16(ctx.spec.runtime, device),
     )
 
 
@@ -561,4 +560,3 @@ def _localise_uris(store: ArtifactStore, cfg: PretrainConfig, workdir: Path) -> 
     return cfg.model_copy(update=update) if update else cfg
 
 
-__all__ = ["StoreError", "TaskInputError", "load_config", "run_pretrain_job", "run_task"]

@@ -1,0 +1,197 @@
+"""`selfaugment study correlation`: does rotation accuracy rank representations like labels do?
+
+Trains one MoCo model per policy in a diverse list (single ops, a RandAugment grid, the base
+augmentation, a MoCo v2-style policy, found policies), evaluates each frozen backbone with the
+label-free rotation probe and the supervised linear probe, and reports the Spearman rank
+correlation of the two (the paper reports rho = 0.95 to 0.99, Reed et al. 2021, Section 3).
+Each model's result is written as soon as it exists, so an interrupted study resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from selfaugment.trainer.config import (
+    SCHEMA_VERSION,
+    AugmentConfig,
+    DatasetConfig,
+    EvaluationConfig,
+    ModelConfig,
+    MocoConfig,
+    OptimConfig,
+    PretrainConfig,
+    ProbeConfig,
+    RuntimeConfig,
+    StrictModel,
+    load_config,
+)
+
+
+class StudyModel(StrictModel):
+    """One model of the study: a name and the augmentation it trains with."""
+
+    name: str = Field(..., description="Label in tables and plots.")
+    policy: str = Field("none", description="Policy applied after crop and flip (as in pretrain).")
+    base: str = Field("none", description="Base transform before the policy.")
+    crop: bool = Field(True, description="RandomResizedCrop.")
+    flip: bool = Field(True, description="Horizontal flip.")
+
+
+def default_models() -> list[StudyModel]:
+    """A diverse set: weak to strong, colour and geometric, RandAugment grid, MoCo v2-like."""
+    models = [
+        StudyModel(name="crop+flip (base)", policy="none"),
+        StudyModel(name="mocov2-style", policy="mocov2"),
+        StudyModel(name="no augmentation", policy="none", crop=False, flip=False),
+    ]
+    for op in ("Rotate", "Color", "Invert", "Equalize", "Cutout", "TranslateX", "Solarize"):
+        models.append(StudyModel(name=f"{op} only", base=op, crop=False, flip=False))
+    for n, m in ((1, 5), (2, 9), (3, 13), (2, 20)):
+        models.append(StudyModel(name=f"RandAugment N={n} M={m}", policy=f"randaugment:{n}:{m}"))
+    return models
+
+
+class StudyConfig(StrictModel):
+    """Configuration of the correlation study."""
+
+    schema_version: int = Field(SCHEMA_VERSION, description="Config schema version.")
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig, description="Training images.")
+    test_dataset: DatasetConfig | None = Field(
+        None, description="Held-out images for both probes (else a hold-out of `dataset`)."
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    moco: MocoConfig = Field(default_factory=MocoConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    augment: AugmentConfig = Field(
+        default_factory=AugmentConfig, description="Crop scale shared by every model."
+    )
+    probe: ProbeConfig = Field(default_factory=ProbeConfig, description="Linear-head training.")
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    models: list[StudyModel] = Field(default_factory=default_models, description="Models.")
+
+
+def _slug(name: str) -> str:
+    keep = "".join(c.lower() if c.isalnum() else "-" for c in name)
+    return "-".join(part for part in keep.split("-") if part)
+
+
+def _train_and_probe(study: dict[str, Any], entry: dict[str, Any], out: str) -> dict[str, Any]:
+    """Worker: train one model, run rotation and linear probes, write result.json."""
+    import torch
+
+    from selfaugment.trainer.checkpoint import load_backbone
+    from selfaugment.trainer.data import load_dataset
+    from selfaugment.trainer.pretrain import run_pretrain
+    from selfaugment.trainer.probes import evaluate_tasks
+    from selfaugment.trainer.runtime import resolve_device
+
+    torch.set_num_threads(int(os.environ.get("SELFAUGMENT_THREADS", "1")))
+    cfg = StudyConfig.model_validate(study)
+    model = StudyModel.model_validate(entry)
+    directory = Path(out) / "models" / _slug(model.name)
+    result_path = directory / "result.json"
+    if result_path.exists():
+        return dict(json.loads(result_path.read_text()))
+    augment = cfg.augment.model_copy(
+        update={"policy": model.policy, "base": model.base, "crop": model.crop, "flip": model.flip}
+    )
+    pretrain_cfg = PretrainConfig(
+        dataset=cfg.dataset,
+        model=cfg.model,
+        moco=cfg.moco,
+        optim=cfg.optim,
+        augment=augment,
+        runtime=cfg.runtime.model_copy(update={"progress": False}),
+        evaluation=EvaluationConfig(tasks=[]),
+    )
+    pretrain = run_pretrain(pretrain_cfg, directory)
+    backbone, _ = load_backbone(directory / "checkpoint.pt")
+    train = load_dataset(cfg.dataset, seed=cfg.runtime.seed)
+    test = load_dataset(cfg.test_dataset, seed=cfg.runtime.seed) if cfg.test_dataset else None
+    evaluation = EvaluationConfig(tasks=["rotation", "linear"], probe=cfg.probe)
+    probes = evaluate_tasks(
+        backbone,
+        train,
+        test,
+        evaluation,
+        device=resolve_device(cfg.runtime.device),
+        seed=cfg.runtime.seed,
+    )
+    result = {
+        "name": model.name,
+        "augment": augment.model_dump(mode="json"),
+        "final_loss": pretrain.get("final_loss"),
+        "rotation_accuracy": probes["rotation"].accuracy,
+        "rotation_loss": probes["rotation"].loss,
+        "linear_accuracy": probes["linear"].accuracy,
+        "linear_loss": probes["linear"].loss,
+    }
+    result_path.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(x, y).statistic)
+
+
+def _scatter(results: list[dict[str, Any]], rho: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 5), dpi=110)
+    xs = [100 * r["rotation_accuracy"] for r in results]
+    ys = [100 * r["linear_accuracy"] for r in results]
+    axes.scatter(xs, ys)
+    for x, y, r in zip(xs, ys, results, strict=True):
+        axes.annotate(r["name"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    axes.set_xlabel("rotation accuracy (%, label-free)")
+    axes.set_ylabel("supervised linear accuracy (%)")
+    axes.set_title(f"Rotation vs supervised evaluation (Spearman rho = {rho:.3f})")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def run_correlation_study(
+    config_path: Path, output: Path, overrides: list[str], workers: int = 1
+) -> int:
+    cfg = load_config(StudyConfig, config_path, overrides)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "study-config.json").write_text(cfg.model_dump_json(indent=2) + "\n")
+    study = cfg.model_dump(mode="json")
+    threads = max(1, (os.cpu_count() or 1) // max(1, workers))
+    os.environ["SELFAUGMENT_THREADS"] = str(threads)
+    entries = [model.model_dump(mode="json") for model in cfg.models]
+    results: list[dict[str, Any]] = []
+    if workers <= 1:
+        for entry in entries:
+            results.append(_train_and_probe(study, entry, str(output)))
+            print(f"{entry['name']}: {json.dumps(results[-1])}", file=sys.stderr)
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            futures = [pool.submit(_train_and_probe, study, e, str(output)) for e in entries]
+            results = [future.result() for future in futures]
+    rho = spearman(
+        [r["rotation_accuracy"] for r in results], [r["linear_accuracy"] for r in results]
+    )
+    _scatter(results, rho, output / "correlation.png")
+    summary = {
+        "schema_version": SCHEMA_VERSION,
+        "spearman_rho": rho,
+        "models": len(results),
+        "results": results,
+    }
+    (output / "correlation.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"Spearman rho (rotation vs linear) over {len(results)} models: {rho:.3f}")
+    return 0
