@@ -191,6 +191,8 @@ def test_flat_folder_has_no_labels(tmp_path: Path) -> None:
     assert len(image_set) == 3 and not image_set.has_labels
     assert image_set.num_classes is None
     assert image_set.names == ["more/three.jpeg", "one.png", "two.PNG"]
+    as_uri = load_dataset(config(f"file://{tmp_path}", image_size=8))
+    assert torch.equal(as_uri.images, image_set.images)
 
 
 def test_folder_limit_is_seeded(tmp_path: Path) -> None:
@@ -397,6 +399,10 @@ def test_npz_bad_content_named(tmp_path: Path) -> None:
     np.savez(mismatch, images=np.zeros((2, 8, 8), np.uint8), labels=np.zeros(3, np.int64))
     with pytest.raises(DatasetError, match="2 images but 3 labels"):
         load_dataset(config(str(mismatch)))
+    ambiguous = tmp_path / "ambiguous.npz"
+    np.savez(ambiguous, images=np.zeros((2, 3, 8, 3), np.uint8))
+    with pytest.raises(DatasetError, match=r"ambiguous\.npz: cannot tell channels"):
+        load_dataset(config(str(ambiguous)))
     garbage = tmp_path / "garbage.npz"
     garbage.write_bytes(b"not a zip file")
     with pytest.raises(DatasetError, match=r"garbage\.npz"):
@@ -443,6 +449,13 @@ def test_cifar10_missing_or_hostile(tmp_path: Path) -> None:
         load_dataset(config("torchvision:cifar10", root=str(tmp_path)))
     with pytest.raises(DatasetError, match=r"dataset\.root is not set"):
         load_dataset(config("torchvision:cifar10"))
+    for name in ("svhn", "stl10"):
+        with pytest.raises(DatasetError, match=r"not found.*dataset\.download: true"):
+            load_dataset(config(f"torchvision:{name}", root=str(tmp_path)))
+    with pytest.raises(DatasetError, match="unknown torchvision dataset 'mnist'"):
+        load_dataset(config("torchvision:mnist", root=str(tmp_path)))
+    with pytest.raises(DatasetError, match=r"dataset\.format: 'svhn' conflicts"):
+        load_dataset(config("torchvision:cifar10", root=str(tmp_path), format="svhn"))
     write_fake_cifar(tmp_path)
     evil = {"data": np.zeros((1, 3072), np.uint8), "labels": [0], "x": print}
     with (tmp_path / "cifar-10-batches-py" / "test_batch").open("wb") as handle:
@@ -531,6 +544,10 @@ def test_s3_sources(s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.Monkey
     assert folder.labels is not None and expected.labels is not None
     assert torch.equal(folder.labels, expected.labels)
 
+    client.delete_object(Bucket="data", Key="folders/pets/dog/h.png")
+    pruned = load_dataset(config("s3://data/folders/pets/", image_size=8))
+    assert pruned.names == [name for name in expected.names or [] if name != "dog/h.png"]
+
     with pytest.raises(DatasetError, match="s3://data/nothing/here: no S3 object"):
         load_dataset(config("s3://data/nothing/here"))
     with pytest.raises(DatasetError, match=r"s3://no-such-bucket/x: S3 request failed"):
@@ -548,6 +565,8 @@ def test_image_set_subset_and_validation() -> None:
     assert torch.equal(part.images, images[[3, 1]])
     assert part.labels is not None and part.labels.tolist() == [1, 1]
     assert part.has_labels and part.num_classes == 2
+    masked = image_set.subset(torch.tensor([True, False, False, True]))
+    assert masked.names == ["a", "d"]
     with pytest.raises(DatasetError, match="out of range"):
         image_set.subset([4])
     with pytest.raises(DatasetError, match="labels of shape"):

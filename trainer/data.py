@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 DIGITS_URI = "sklearn:digits"
 TORCHVISION_SCHEME = "torchvision:"
+FILE_SCHEME = "file://"
 SKIPPED_SHOWN = 20
 
 
@@ -101,7 +102,10 @@ def resolve_source(cfg: DatasetConfig) -> tuple[str, Path | None]:
         return _builtin_source(cfg)
     if cfg.format == "digits":
         raise DatasetError(f"dataset.format: 'digits' needs uri {DIGITS_URI!r}, got {cfg.uri!r}")
-    local = fetch_s3(cfg.uri) if is_s3_uri(cfg.uri) else Path(cfg.uri).expanduser()
+    if is_s3_uri(cfg.uri):
+        local = fetch_s3(cfg.uri)
+    else:
+        local = Path(cfg.uri.removeprefix(FILE_SCHEME)).expanduser()
     if not local.exists():
         raise DatasetError(f"dataset.uri: no such file or folder: {local}")
     return (infer_format(local) if cfg.format == "auto" else cfg.format), local

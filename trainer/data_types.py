@@ -89,8 +89,13 @@ class ImageSet:
         return self.labels is not None
 
     def subset(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> ImageSet:
-        """The images at `indices` (in that order); labels and names follow."""
-        index = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        """The images at `indices` (in that order, or a boolean mask); labels and names follow."""
+        array = np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices)
+        if array.dtype == np.bool_:
+            if array.shape != (len(self),):
+                raise DatasetError(f"{self.source}: boolean mask must have {len(self)} entries")
+            array = np.flatnonzero(array)
+        index = torch.as_tensor(array.astype(np.int64))
         if index.dim() != 1:
             raise DatasetError(f"{self.source}: subset indices must be 1-D")
         if len(index) and (int(index.min()) < -len(self) or int(index.max()) >= len(self)):

@@ -81,6 +81,15 @@ def _download(client: Any, bucket: str, key: str, size: int, etag: str, target: 
     marker.write_text(etag)
 
 
+def _prune(folder: Path, present: set[Path]) -> None:
+    """Delete cached files whose objects are gone from the prefix (hidden files are ours)."""
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.name.startswith(".") and path not in present:
+            logger.info("removing %s: no longer in S3", path)
+            path.unlink()
+            path.with_name(f".{path.name}.etag").unlink(missing_ok=True)
+
+
 def _error_code(error: Exception) -> str:
     response = getattr(error, "response", None) or {}
     return str(response.get("Error", {}).get("Code", ""))
@@ -110,6 +119,7 @@ def _fetch(client: Any, uri: str, cache: Path) -> Path:
         key += "/"
     target_dir = base / _safe_relative(uri, key) if key else base
     count = 0
+    present: set[Path] = set()
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
         for item in page.get("Contents", []):
             relative = item["Key"][len(key) :]
@@ -117,9 +127,11 @@ def _fetch(client: Any, uri: str, cache: Path) -> Path:
                 continue  # folder markers
             target = target_dir / _safe_relative(uri, relative)
             _download(client, bucket, item["Key"], int(item["Size"]), item["ETag"], target)
+            present.add(target)
             count += 1
     if count == 0:
         raise DatasetError(f"{uri}: no S3 object with this key and none under this prefix")
+    _prune(target_dir, present)
     logger.info("%s: %d object(s) cached under %s", uri, count, target_dir)
     return target_dir
 
