@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+from selfaugment.trainer.checkpoint import CheckpointError
 from selfaugment.trainer.config import ConfigError
+from selfaugment.trainer.data_types import DatasetError
+from selfaugment.trainer.policy_model import PolicyError
+from selfaugment.trainer.probes import ProbeError
 from selfaugment.trainer.run_state import RunMismatchError
 from selfaugment.trainer.runner import TaskFailedError
 from selfaugment.trainer.store import StoreError
+from selfaugment.trainer.tasks import TaskInputError
 
 USER_ERRORS: tuple[type[Exception], ...] = (
+    CheckpointError,
     ConfigError,
+    DatasetError,
+    PolicyError,
+    ProbeError,
     RunMismatchError,
     StoreError,
     TaskFailedError,
+    TaskInputError,
     FileNotFoundError,
 )

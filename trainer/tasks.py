@@ -298,9 +298,8 @@ def run_search(ctx: TaskContext) -> dict[str, Any]:
     heads = torch.load(ctx.fetch(fold_id, "heads.pt"), map_location="cpu", weights_only=True)
     _, heldout = ctx.fold_data(fold)
     scorer = _scorer(ctx, checkpoint, heads, heldout, base)
-    from selfaugment.trainer.policy import Policy
-
     from selfaugment.trainer.ops import OP_NAMES
+    from selfaugment.trainer.policy import Policy
 
     best: list[float] = []
 
@@ -354,7 +353,7 @@ def run_merge(ctx: TaskContext) -> dict[str, Any]:
         for trial in result["top"]
     ]
     merged = merge(candidates, name=f"selfaugment-{ctx.spec.search.objective}")
-    ctx.store.write_json(POLICY_KEY, merged.to_json())
+    ctx.store.write_bytes(POLICY_KEY, merged.to_json().encode())
     return {
         "candidates": len(candidates),
         "sub_policies": len(merged.sub_policies),
@@ -558,5 +557,3 @@ def _localise_uris(store: ArtifactStore, cfg: PretrainConfig, workdir: Path) -> 
         )
         update["augment"] = augment
     return cfg.model_copy(update=update) if update else cfg
-
-
