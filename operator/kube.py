@@ -1,0 +1,138 @@
+"""A small synchronous Kubernetes API client on top of the `kubernetes` package, returning dicts.
+
+Handlers are synchronous (kopf runs them in a thread pool), so blocking calls here never stall
+the operator's event loop. Credentials come from the same kubeconfig or in-cluster service
+account that kopf logs in with.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlencode
+
+MERGE_PATCH = "application/merge-patch+json"
+
+
+class KubeError(RuntimeError):
+    """An API call failed; `status` is the HTTP status (0 when the server was unreachable)."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _path(api_version: str, plural: str, namespace: str, name: str | None = None) -> str:
+    prefix = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
+    path = f"{prefix}/namespaces/{namespace}/{plural}"
+    return f"{path}/{name}" if name else path
+
+
+class Kube:
+    """Create, read, patch and delete namespaced objects as plain dicts."""
+
+    def __init__(self, api_client: Any | None = None) -> None:
+        if api_client is None:
+            import kubernetes
+
+            try:
+                kubernetes.config.load_incluster_config()
+            except kubernetes.config.ConfigException:
+                kubernetes.config.load_kube_config()
+            api_client = kubernetes.client.ApiClient()
+        self.api = api_client
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        query: Mapping[str, str] | None = None,
+        content_type: str = "application/json",
+    ) -> dict[str, Any]:
+        from kubernetes.client.rest import ApiException
+
+        if query:
+            path = f"{path}?{urlencode(query)}"
+        try:
+            response = self.api.call_api(
+                path,
+                method,
+                header_params={"Accept": "application/json", "Content-Type": content_type},
+                body=body,
+                auth_settings=["BearerToken"],
+                _preload_content=False,
+                _request_timeout=30,
+            )
+        except ApiException as error:
+            raise KubeError(
+                f"{method} {path}: {error.status} {error.reason}", error.status
+            ) from None
+        except Exception as error:  # connection errors: urllib3 raises many kinds
+            raise KubeError(f"{method} {path}: {type(error).__name__}: {error}") from None
+        response = response[0] if isinstance(response, tuple) else response
+        data = response.data
+        return json.loads(data) if data else {}
+
+    def get(
+        self, api_version: str, plural: str, namespace: str, name: str
+    ) -> dict[str, Any] | None:
+        """The object, or None when it does not exist."""
+        try:
+            return self._call("GET", _path(api_version, plural, namespace, name))
+        except KubeError as error:
+            if error.status == 404:
+                return None
+            raise
+
+    def list(
+        self, api_version: str, plural: str, namespace: str, labels: Mapping[str, str]
+    ) -> list[dict[str, Any]]:
+        """Objects whose labels include `labels` (also filtered here, whatever the server did)."""
+        selector = ",".join(f"{key}={value}" for key, value in labels.items())
+        query = {"labelSelector": selector} if selector else None
+        items = self._call("GET", _path(api_version, plural, namespace), query=query).get("items")
+        result = []
+        for item in items or []:
+            item_labels = item.get("metadata", {}).get("labels") or {}
+            if all(item_labels.get(key) == value for key, value in labels.items()):
+                result.append(item)
+        return result
+
+    def create(self, body: Mapping[str, Any]) -> bool:
+        """Create `body`; False when an object of that name already exists (idempotent)."""
+        metadata = body["metadata"]
+        path = _path(body["apiVersion"], _plural(body["kind"]), metadata["namespace"])
+        try:
+            self._call("POST", path, body=dict(body))
+        except KubeError as error:
+            if error.status == 409:
+                return False
+            raise
+        return True
+
+    def patch_status(
+        self, api_version: str, plural: str, namespace: str, name: str, status: Mapping[str, Any]
+    ) -> None:
+        path = _path(api_version, plural, namespace, name) + "/status"
+        self._call("PATCH", path, body={"status": dict(status)}, content_type=MERGE_PATCH)
+
+    def delete(self, api_version: str, plural: str, namespace: str, name: str) -> None:
+        """Delete with background propagation; a missing object is not an error."""
+        body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
+        try:
+            self._call("DELETE", _path(api_version, plural, namespace, name), body=body)
+        except KubeError as error:
+            if error.status != 404:
+                raise
+
+
+_PLURALS = {"Job": "jobs", "Service": "services", "Pretrain": "pretrains", "Event": "events"}
+
+
+def _plural(kind: str) -> str:
+    try:
+        return _PLURALS[kind]
+    except KeyError:
+        raise KubeError(f"no plural known for kind {kind!r}") from None

@@ -1,0 +1,273 @@
+"""Pure builders of the Kubernetes objects the operator creates (tested without a cluster).
+
+Jobs carry deterministic names, ownerReferences to their resource and labels by search, stage
+and task. Credentials are referenced (`valueFrom.secretKeyRef`), never copied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from selfaugment.operator import names
+from selfaugment.operator.settings import OperatorSettings
+from selfaugment.trainer.planner import GPU_KINDS, Task
+from selfaugment.trainer.pretrain_spec import PretrainSpec
+from selfaugment.trainer.spec import AugmentSearchSpec, ResourcesConfig, StorageConfig
+
+CONTAINER = "worker"
+SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+
+def label_value(name: str) -> str:
+    """A resource name as a label value (at most 63 characters, deterministic)."""
+    return names.dns_name(name)
+
+
+def owner_reference(body: Mapping[str, Any]) -> dict[str, Any]:
+    """An ownerReference to `body` (controller), so deletion cascades to the child."""
+    metadata = body.get("metadata", {})
+    return {
+        "apiVersion": body.get("apiVersion", names.API_VERSION),
+        "kind": body.get("kind", ""),
+        "name": metadata.get("name", ""),
+        "uid": metadata.get("uid", ""),
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def worker_env(storage: StorageConfig) -> list[dict[str, Any]]:
+    """Store endpoint and region as values; credentials as references to the Secret."""
+    env: list[dict[str, Any]] = [{"name": "PYTHONUNBUFFERED", "value": "1"}]
+    if storage.endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": storage.endpoint})
+    if storage.region:
+        env.append({"name": "AWS_DEFAULT_REGION", "value": storage.region})
+    if storage.secret_ref:
+        for key in SECRET_KEYS:
+            reference = {"name": storage.secret_ref, "key": key}
+            env.append({"name": key, "valueFrom": {"secretKeyRef": reference}})
+    return env
+
+
+def container_resources(resources: ResourcesConfig, gpus: int) -> dict[str, Any]:
+    requests: dict[str, Any] = {"cpu": resources.cpu, "memory": resources.memory}
+    limits: dict[str, Any] = {}
+    if gpus > 0:  # extended resources: request == limit
+        requests[resources.gpu_resource] = str(gpus)
+        limits[resources.gpu_resource] = str(gpus)
+    return {"requests": requests, "limits": limits} if limits else {"requests": requests}
+
+
+def pod_template(
+    command: list[str],
+    env: list[dict[str, Any]],
+    resources: ResourcesConfig,
+    gpus: int,
+    labels: dict[str, str],
+    settings: OperatorSettings,
+) -> dict[str, Any]:
+    """A pod template with scheduling settings from the spec over the operator's defaults."""
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": resources.image or settings.worker_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": command,
+        "env": env,
+        "resources": container_resources(resources, gpus),
+    }
+    spec: dict[str, Any] = {"restartPolicy": "Never", "containers": [container]}
+    if resources.node_selector:
+        spec["nodeSelector"] = dict(resources.node_selector)
+    if resources.tolerations:
+        spec["tolerations"] = [item.model_dump(exclude_none=True) for item in resources.tolerations]
+    if resources.affinity:
+        spec["affinity"] = dict(resources.affinity)
+    if resources.priority_class:
+        spec["priorityClassName"] = resources.priority_class
+    if settings.service_account:
+        spec["serviceAccountName"] = settings.service_account
+    return {"metadata": {"labels": dict(labels)}, "spec": spec}
+
+
+def _job(
+    name: str,
+    namespace: str,
+    owner: Mapping[str, Any],
+    labels: dict[str, str],
+    template: dict[str, Any],
+    backoff_limit: int,
+    queue: str | None,
+    settings: OperatorSettings,
+) -> dict[str, Any]:
+    job_labels = dict(labels)
+    spec: dict[str, Any] = {"backoffLimit": backoff_limit, "template": template}
+    if queue:  # Kueue admits the Job by unsuspending it
+        job_labels[names.KUEUE_QUEUE_LABEL] = queue
+        spec["suspend"] = True
+    if settings.job_ttl_seconds is not None:
+        spec["ttlSecondsAfterFinished"] = settings.job_ttl_seconds
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": job_labels,
+            "ownerReferences": [owner_reference(owner)],
+        },
+        "spec": spec,
+    }
+
+
+def search_labels(search: str, stage: str, task_id: str) -> dict[str, str]:
+    return {
+        names.LABEL_MANAGED: names.MANAGER,
+        names.LABEL_SEARCH: label_value(search),
+        names.LABEL_STAGE: stage,
+        names.LABEL_TASK: label_value(task_id),
+    }
+
+
+def task_command(storage_uri: str, task_id: str) -> list[str]:
+    return ["selfaugment", "worker", "run", "--store", storage_uri, "--task", task_id]
+
+
+def task_job(
+    search: Mapping[str, Any], spec: AugmentSearchSpec, task: Task, settings: OperatorSettings
+) -> dict[str, Any]:
+    """The batch/v1 Job that runs one planner task of an AugmentSearch."""
+    name = search["metadata"]["name"]
+    namespace = search["metadata"]["namespace"]
+    if not spec.storage.uri:
+        raise ValueError("spec.storage.uri is required to run a search on Kubernetes")
+    labels = search_labels(name, task.stage, task.id)
+    gpus = spec.resources.gpus if task.kind in GPU_KINDS else 0
+    template = pod_template(
+        task_command(spec.storage.uri, task.id),
+        worker_env(spec.storage),
+        spec.resources,
+        gpus,
+        labels,
+        settings,
+    )
+    return _job(
+        names.job_name(name, task.id),
+        namespace,
+        search,
+        labels,
+        template,
+        spec.parallelism.max_retries,
+        spec.resources.queue,
+        settings,
+    )
+
+
+def retrain_pretrain(search: Mapping[str, Any], spec: AugmentSearchSpec) -> dict[str, Any]:
+    """The Pretrain (owned by the search) that retrains the final model with the found policy."""
+    name = search["metadata"]["name"]
+    return {
+        "apiVersion": names.API_VERSION,
+        "kind": names.PRETRAIN_KIND,
+        "metadata": {
+            "name": names.pretrain_name(name),
+            "namespace": search["metadata"]["namespace"],
+            "labels": {names.LABEL_MANAGED: names.MANAGER, names.LABEL_SEARCH: label_value(name)},
+            "ownerReferences": [owner_reference(search)],
+        },
+        "spec": {
+            "search_ref": name,
+            "dataset": spec.dataset.model_dump(mode="json"),
+            "model": spec.model.model_dump(mode="json"),
+            "moco": spec.moco.model_dump(mode="json"),
+            "optim": {**spec.optim.model_dump(mode="json"), "epochs": spec.retrain.epochs},
+            "resources": spec.resources.model_dump(mode="json"),
+            "max_retries": spec.parallelism.max_retries,
+            "storage": spec.storage.model_dump(mode="json"),
+        },
+    }
+
+
+def pretrain_prefix(name: str, spec: PretrainSpec) -> str:
+    return spec.prefix or f"pretrains/{name}"
+
+
+def pretrain_command(name: str, spec: PretrainSpec) -> list[str]:
+    """The worker command; wrapped in torchrun when several processes train together."""
+    uri = spec.storage.uri or ""
+    if spec.search_ref:
+        base = task_command(uri, "retrain")
+    else:
+        base = ["selfaugment", "worker", "pretrain", "--store", uri]
+        base += ["--prefix", pretrain_prefix(name, spec)]
+    nodes, per_node = spec.distributed.nodes, spec.gpus_per_node()
+    if nodes == 1 and per_node == 1:
+        return base
+    if nodes == 1:
+        return ["torchrun", "--standalone", f"--nproc-per-node={per_node}", "--no-python", *base]
+    job = names.pretrain_job_name(name)
+    return [
+        "torchrun",
+        f"--nnodes={nodes}",
+        f"--nproc-per-node={per_node}",
+        "--node-rank=$(JOB_COMPLETION_INDEX)",
+        f"--master-addr={job}-0.{job}",
+        f"--master-port={spec.distributed.port}",
+        "--no-python",
+        *base,
+    ]
+
+
+def pretrain_job(
+    pretrain: Mapping[str, Any], spec: PretrainSpec, settings: OperatorSettings
+) -> dict[str, Any]:
+    """The Job of a Pretrain: one pod, or an indexed Job of `nodes` pods for torchrun."""
+    name = pretrain["metadata"]["name"]
+    namespace = pretrain["metadata"]["namespace"]
+    job = names.pretrain_job_name(name)
+    labels = {names.LABEL_MANAGED: names.MANAGER, names.LABEL_PRETRAIN: label_value(name)}
+    if spec.search_ref:
+        labels.update(search_labels(spec.search_ref, "retrain", "retrain"))
+    env = worker_env(spec.storage)
+    nodes = spec.distributed.nodes
+    gpus = spec.resources.gpus and spec.gpus_per_node()
+    if nodes > 1:
+        index = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+        env.append(
+            {"name": "JOB_COMPLETION_INDEX", "valueFrom": {"fieldRef": {"fieldPath": index}}}
+        )
+    template = pod_template(
+        pretrain_command(name, spec), env, spec.resources, gpus, labels, settings
+    )
+    manifest = _job(
+        job, namespace, pretrain, labels, template, spec.max_retries, spec.resources.queue, settings
+    )
+    if nodes > 1:  # pods reach each other as <job>-<index>.<service>
+        template["spec"]["subdomain"] = job
+        manifest["spec"].update(
+            {"completions": nodes, "parallelism": nodes, "completionMode": "Indexed"}
+        )
+    return manifest
+
+
+def pretrain_service(pretrain: Mapping[str, Any], spec: PretrainSpec) -> dict[str, Any]:
+    """Headless Service giving the pods of a multi-node Pretrain stable DNS names."""
+    name = pretrain["metadata"]["name"]
+    job = names.pretrain_job_name(name)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": job,
+            "namespace": pretrain["metadata"]["namespace"],
+            "labels": {names.LABEL_MANAGED: names.MANAGER, names.LABEL_PRETRAIN: label_value(name)},
+            "ownerReferences": [owner_reference(pretrain)],
+        },
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {names.LABEL_PRETRAIN: label_value(name)},
+            "ports": [{"name": "rendezvous", "port": spec.distributed.port}],
+        },
+    }

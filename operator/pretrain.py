@@ -1,0 +1,137 @@
+"""Reconciliation of one Pretrain: config in the store -> one Job (indexed for torchrun) -> status.
+
+Multi-node training uses a batch/v1 indexed Job with a headless Service for rendezvous rather
+than Kubeflow's PyTorchJob: it needs no extra operator on the cluster, Kueue admits batch/v1 Jobs
+natively, and `torchrun --node-rank=$(JOB_COMPLETION_INDEX)` gets a stable rank from the index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from selfaugment.operator import manifests, names
+from selfaugment.operator.runtime import Deps, open_run_store, read_optional
+from selfaugment.operator.status import (
+    JOB_FAILED,
+    JOB_SUCCEEDED,
+    JOB_SUSPENDED,
+    job_failure,
+    job_state,
+    merge_patch,
+    set_condition,
+)
+from selfaugment.trainer.config import ConfigError, parse_config
+from selfaugment.trainer.pretrain_spec import PretrainSpec
+from selfaugment.trainer.store import ArtifactStore
+
+
+def run_prefix(name: str, spec: PretrainSpec) -> str:
+    """Where the worker writes result/progress/checkpoint: the search's retrain task or prefix."""
+    return "tasks/retrain" if spec.search_ref else manifests.pretrain_prefix(name, spec)
+
+
+def _number(data: Mapping[str, Any] | None, *keys: str) -> float | None:
+    for key in keys:
+        value = (data or {}).get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+class PretrainReconciler:
+    """Reconciles one Pretrain body with the cluster and the store."""
+
+    def __init__(self, body: Mapping[str, Any], deps: Deps) -> None:
+        self.body = body
+        self.deps = deps
+        self.name: str = body["metadata"]["name"]
+        self.namespace: str = body["metadata"]["namespace"]
+        self.generation: int | None = body["metadata"].get("generation")
+        self.old: dict[str, Any] = dict(body.get("status") or {})
+        self.status: dict[str, Any] = {
+            "conditions": list(self.old.get("conditions") or []),
+            "observedGeneration": self.generation,
+        }
+
+    def _condition(self, kind: str, status: bool, reason: str, message: str = "") -> None:
+        self.status["conditions"] = set_condition(
+            self.status["conditions"], kind, status, reason, message, self.generation
+        )
+
+    def _fail(self, reason: str, message: str) -> None:
+        self.status["phase"] = "Failed"
+        self._condition("Failed", True, reason, message)
+        self._condition("Ready", False, reason, message)
+        if self.old.get("phase") != "Failed":
+            self.deps.post_event(self.body, "Warning", reason, message)
+
+    def run(self) -> None:
+        phase = self.old.get("phase")
+        if phase == "Succeeded" or (
+            phase == "Failed" and self.old.get("observedGeneration") == self.generation
+        ):
+            return
+        try:
+            spec = parse_config(PretrainSpec, dict(self.body.get("spec") or {}), source="spec")
+        except ConfigError as error:
+            self._condition("SpecValid", False, "InvalidSpec", str(error))
+            self._fail("InvalidSpec", str(error))
+            self._patch()
+            return
+        self._condition("SpecValid", True, "Valid", "spec is valid")
+        store = open_run_store(spec.storage)
+        prefix = run_prefix(self.name, spec)
+        if not spec.search_ref and not store.exists(f"{prefix}/config.json"):
+            store.write_json(f"{prefix}/config.json", spec.to_config().model_dump(mode="json"))
+        self._advance(spec, store, prefix)
+        self._patch()
+
+    def _advance(self, spec: PretrainSpec, store: ArtifactStore, prefix: str) -> None:
+        kube, settings = self.deps.kube, self.deps.settings
+        job_name = names.pretrain_job_name(self.name)
+        self.status["jobName"] = job_name
+        result = read_optional(store, f"{prefix}/result.json")
+        job = kube.get("batch/v1", "jobs", self.namespace, job_name)
+        if result is None and job is None:
+            if spec.distributed.nodes > 1:
+                kube.create(manifests.pretrain_service(self.body, spec))
+            if kube.create(manifests.pretrain_job(self.body, spec, settings)):
+                self.deps.post_event(self.body, "Normal", "JobCreated", f"created Job {job_name}")
+        progress = read_optional(store, f"{prefix}/progress.json")
+        epoch, epochs = _number(progress, "epoch"), _number(progress, "epochs")
+        self.status["epoch"] = int(epoch) if epoch is not None else None
+        self.status["epochs"] = int(epochs) if epochs is not None else spec.optim.epochs
+        self.status["loss"] = _number(progress, "loss")
+        if result is not None:
+            self.status["phase"] = "Succeeded"
+            self.status["loss"] = _number(result, "loss", "final_loss") or self.status["loss"]
+            self.status["rotationAccuracy"] = _number(result, "rotation_accuracy")
+            checkpoint = result.get("checkpoint") if isinstance(result, dict) else None
+            self.status["checkpoint"] = (
+                checkpoint
+                if isinstance(checkpoint, str) and "://" in checkpoint
+                else store.url(f"{prefix}/checkpoint.pt")
+            )
+            self._condition(
+                "Ready", True, "Succeeded", f"checkpoint at {self.status['checkpoint']}"
+            )
+            self._condition("Failed", False, "NoFailure")
+            if self.old.get("phase") != "Succeeded":
+                self.deps.post_event(self.body, "Normal", "Succeeded", "training finished")
+            return
+        state = job_state(job) if job is not None else None
+        if state == JOB_FAILED and job is not None:
+            self._fail("JobFailed", f"Job {job_name} failed: {job_failure(job)}")
+        elif state == JOB_SUCCEEDED:
+            self._fail("NoResult", f"Job {job_name} succeeded but wrote no {prefix}/result.json")
+        else:
+            self.status["phase"] = "Pending" if state in (None, JOB_SUSPENDED) else "Running"
+            self._condition("Ready", False, "Training", f"Job {job_name} {state or 'starting'}")
+            self._condition("Failed", False, "NoFailure")
+
+    def _patch(self) -> None:
+        if merge_patch(self.old, self.status) != self.old:
+            self.deps.kube.patch_status(
+                names.API_VERSION, names.PRETRAIN_PLURAL, self.namespace, self.name, self.status
+            )

@@ -1,0 +1,52 @@
+"""What reconcilers need from the outside world, bundled so tests can pass their own."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from selfaugment.operator.kube import Kube
+from selfaugment.operator.settings import OperatorSettings
+from selfaugment.trainer.metrics import SearchMetrics
+from selfaugment.trainer.spec import StorageConfig
+from selfaugment.trainer.store import ArtifactStore, StoreError, open_store
+
+#: post_event(body, type, reason, message): type is Normal or Warning.
+EventPoster = Callable[[Mapping[str, Any], str, str, str], None]
+
+
+class StoreUnavailable(RuntimeError):
+    """The artifact store could not be read; the reconciliation is retried later."""
+
+
+@dataclass
+class Deps:
+    """The Kubernetes client, operator defaults, metrics and the event poster."""
+
+    kube: Kube
+    settings: OperatorSettings
+    metrics: SearchMetrics
+    post_event: EventPoster
+
+
+def open_run_store(storage: StorageConfig) -> ArtifactStore:
+    """The run's store, read with the operator's own credentials (from its environment)."""
+    if not storage.uri:
+        raise StoreUnavailable("storage.uri is not set")
+    try:
+        return open_store(storage.uri, endpoint=storage.endpoint, region=storage.region)
+    except StoreError as error:
+        raise StoreUnavailable(str(error)) from None
+
+
+def read_optional(store: ArtifactStore, key: str) -> Any:
+    """The JSON object at `key`, or None when it does not exist (yet)."""
+    try:
+        if not store.exists(key):
+            return None
+        return store.read_json(key)
+    except StoreError as error:
+        if "no such artifact" in str(error):
+            return None
+        raise StoreUnavailable(str(error)) from None

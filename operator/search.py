@@ -1,0 +1,325 @@
+"""Reconciliation of one AugmentSearch: planner tasks -> Jobs (and the retrain Pretrain) -> status.
+
+Level-triggered and idempotent: every call re-reads the truth (results in the store, Jobs in the
+cluster), creates what is missing under deterministic names, and patches status only when it
+changed. An operator restart therefore resumes with no duplicate Jobs and no lost results.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from typing import Any
+
+from selfaugment.operator import manifests, names
+from selfaugment.operator.runtime import Deps, StoreUnavailable, open_run_store, read_optional
+from selfaugment.operator.status import (
+    JOB_FAILED,
+    JOB_SUCCEEDED,
+    JOB_SUSPENDED,
+    Eta,
+    job_failure,
+    job_state,
+    merge_patch,
+    now_iso,
+    parse_time,
+    set_condition,
+)
+from selfaugment.trainer.config import ConfigError, parse_config
+from selfaugment.trainer.planner import PlanState, Task, plan
+from selfaugment.trainer.spec import AugmentSearchSpec
+from selfaugment.trainer.store import ArtifactStore
+
+#: Spec sections that may change while a search runs (they only affect Jobs created later).
+MUTABLE_SECTIONS = frozenset({"resources", "parallelism"})
+SEARCH_KINDS = frozenset({"search", "randaugment"})
+
+
+def parse_search_spec(raw: Mapping[str, Any]) -> AugmentSearchSpec:
+    """Validate an AugmentSearch spec; ConfigError names the field (spec.<path>)."""
+    spec = parse_config(AugmentSearchSpec, dict(raw), source="spec")
+    if not spec.storage.uri:
+        raise ConfigError("spec: storage.uri: required on Kubernetes (an s3:// store)")
+    return spec
+
+
+def changed_sections(live: AugmentSearchSpec, started: AugmentSearchSpec) -> list[str]:
+    """Immutable top-level sections whose value differs from the spec the run started with."""
+    now, then = live.model_dump(mode="json"), started.model_dump(mode="json")
+    return sorted(key for key in now if key not in MUTABLE_SECTIONS and now[key] != then.get(key))
+
+
+def done_ids(store: ArtifactStore) -> set[str]:
+    """Ids of tasks whose `tasks/<id>/result.json` exists."""
+    done = set()
+    for key in store.list("tasks/"):
+        parts = key.split("/")
+        if len(parts) == 3 and parts[2] == "result.json":
+            done.add(parts[1])
+    return done
+
+
+def task_job_name(search: str, task: Task) -> str:
+    if task.kind == "retrain":
+        return names.pretrain_job_name(names.pretrain_name(search))
+    return names.job_name(search, task.id)
+
+
+def _trials(
+    spec: AugmentSearchSpec, state: PlanState, store: ArtifactStore
+) -> tuple[int, int, float | None]:
+    """Trials done, trials in all, best objective so far (from results and progress files)."""
+    total = 0
+    done_trials = 0
+    best: float | None = None
+    for task in state.tasks:
+        if task.kind not in SEARCH_KINDS:
+            continue
+        per_task = spec.search.trials if task.kind == "search" else 1
+        total += per_task
+        if task.id in state.done:
+            data = read_optional(store, f"tasks/{task.id}/result.json")
+            done_trials += per_task
+        else:
+            data = read_optional(store, f"tasks/{task.id}/progress.json")
+            done_trials += int(data.get("trials_done") or 0) if data else 0
+        value = data.get("best_objective") if data else None
+        if isinstance(value, int | float) and (best is None or value < best):
+            best = float(value)
+    return done_trials, total, best
+
+
+def _policies(spec: AugmentSearchSpec, store: ArtifactStore, state: PlanState) -> dict[str, Any]:
+    base = spec.search.base_policy if spec.search.base_policy != "auto" else None
+    if base is None and "fold-0" in state.done:
+        fold = read_optional(store, "tasks/fold-0/result.json") or {}
+        base = fold.get("base_policy") if isinstance(fold.get("base_policy"), str) else None
+    best: dict[str, Any] = {}
+    if store.exists("policy.json"):
+        policy = read_optional(store, "policy.json")
+        best["uri"] = store.url("policy.json")
+        entries = (
+            policy.get("sub_policies", policy.get("policies"))
+            if isinstance(policy, dict)
+            else policy
+        )
+        if isinstance(entries, list):
+            best["summary"] = f"{len(entries)} sub-policies"
+        elif isinstance(policy, dict) and isinstance(policy.get("name"), str):
+            best["summary"] = policy["name"]
+    return {"basePolicy": base, "bestPolicy": best}
+
+
+class SearchReconciler:
+    """Reconciles one AugmentSearch body with the cluster and the store."""
+
+    def __init__(self, body: Mapping[str, Any], deps: Deps) -> None:
+        self.body = body
+        self.deps = deps
+        self.name: str = body["metadata"]["name"]
+        self.namespace: str = body["metadata"]["namespace"]
+        self.generation: int | None = body["metadata"].get("generation")
+        self.old: dict[str, Any] = dict(body.get("status") or {})
+        self.status: dict[str, Any] = {
+            "conditions": list(self.old.get("conditions") or []),
+            "observedGeneration": self.generation,
+        }
+
+    # -- small helpers -------------------------------------------------------------------
+    def _condition(self, kind: str, status: bool, reason: str, message: str = "") -> None:
+        self.status["conditions"] = set_condition(
+            self.status["conditions"], kind, status, reason, message, self.generation
+        )
+
+    def _event(self, kind: str, reason: str, message: str) -> None:
+        self.deps.post_event(self.body, kind, reason, message)
+
+    def _fail(self, reason: str, message: str, condition: str = "Failed") -> None:
+        self.status["phase"] = "Failed"
+        if condition != "Failed":
+            self._condition(condition, False, reason, message)
+        self._condition("Failed", True, reason, message)
+        self._condition("Ready", False, reason, message)
+        self._condition("Progressing", False, reason, message)
+        if (
+            self.old.get("phase") != "Failed"
+            or self.old.get("conditions") != self.status["conditions"]
+        ):
+            self._event("Warning", reason, message)
+
+    def _patch(self) -> None:
+        if merge_patch(self.old, self.status) != self.old:
+            self.deps.kube.patch_status(
+                names.API_VERSION, names.SEARCH_PLURAL, self.namespace, self.name, self.status
+            )
+
+    # -- the reconciliation ----------------------------------------------------------------
+    def run(self) -> None:
+        phase = self.old.get("phase")
+        if phase == "Succeeded" or (
+            phase == "Failed" and self.old.get("observedGeneration") == self.generation
+        ):
+            return
+        try:
+            spec = parse_search_spec(self.body.get("spec") or {})
+        except ConfigError as error:
+            self._fail("InvalidSpec", str(error), condition="SpecValid")
+            self._patch()
+            return
+        self._condition("SpecValid", True, "Valid", "spec is valid")
+        store = open_run_store(spec.storage)
+        spec = self._started_spec(spec, store)
+        self._advance(spec, store)
+        self._patch()
+
+    def _started_spec(self, live: AugmentSearchSpec, store: ArtifactStore) -> AugmentSearchSpec:
+        """The spec the run started with (live resources/parallelism); written on first run."""
+        stored = read_optional(store, "spec.json")
+        if stored is None:
+            store.write_json("spec.json", live.model_dump(mode="json"))
+            return live
+        try:
+            started = parse_config(AugmentSearchSpec, stored, source=store.url("spec.json"))
+        except ConfigError as error:
+            raise StoreUnavailable(str(error)) from None
+        changed = changed_sections(live, started)
+        if changed:
+            message = (
+                f"spec fields {', '.join(f'spec.{key}' for key in changed)} cannot change once a "
+                "search started; the run continues with its original values"
+            )
+            was = next(
+                (c for c in self.old.get("conditions") or [] if c["type"] == "SpecImmutable"), None
+            )
+            self._condition("SpecImmutable", True, "ImmutableFieldChanged", message)
+            if was is None or was.get("status") != "True" or was.get("message") != message:
+                self._event("Warning", "ImmutableFieldChanged", message)
+        else:
+            self._condition("SpecImmutable", False, "Unchanged", "")
+        return started.model_copy(
+            update={"resources": live.resources, "parallelism": live.parallelism}
+        )
+
+    def _advance(self, spec: AugmentSearchSpec, store: ArtifactStore) -> None:
+        kube = self.deps.kube
+        state = plan(spec, done_ids(store))
+        jobs = {
+            job["metadata"]["name"]: job
+            for job in kube.list(
+                "batch/v1",
+                "jobs",
+                self.namespace,
+                {names.LABEL_SEARCH: manifests.label_value(self.name)},
+            )
+        }
+        running = 0
+        failure: tuple[Task, str] | None = None
+        for task in state.tasks:
+            if task.id in state.done:
+                continue
+            job = jobs.get(task_job_name(self.name, task))
+            if job is None:
+                if task.kind == "retrain" and self._pretrain_exists():
+                    running += 1
+                continue
+            current = job_state(job)
+            if current == JOB_FAILED:
+                failure = (task, f"Job {job['metadata']['name']} failed: {job_failure(job)}")
+            elif current == JOB_SUCCEEDED:
+                failure = (
+                    task,
+                    f"Job {job['metadata']['name']} succeeded but wrote no "
+                    f"tasks/{task.id}/result.json",
+                )
+            else:
+                running += 1
+        if failure is None:
+            for task in state.ready:
+                if running >= spec.parallelism.max_workers:
+                    break
+                if task_job_name(self.name, task) in jobs or (
+                    task.kind == "retrain" and self._pretrain_exists()
+                ):
+                    continue
+                self._start(task, spec)
+                running += 1
+        self._write_progress(spec, store, state, running, jobs, failure)
+
+    def _pretrain_exists(self) -> bool:
+        found = self.deps.kube.get(
+            names.API_VERSION,
+            names.PRETRAIN_PLURAL,
+            self.namespace,
+            names.pretrain_name(self.name),
+        )
+        return found is not None
+
+    def _start(self, task: Task, spec: AugmentSearchSpec) -> None:
+        kube, settings = self.deps.kube, self.deps.settings
+        if task.kind == "retrain":
+            manifest = manifests.retrain_pretrain(self.body, spec)
+            what = f"Pretrain {manifest['metadata']['name']}"
+        else:
+            manifest = manifests.task_job(self.body, spec, task, settings)
+            what = f"Job {manifest['metadata']['name']}"
+        if kube.create(manifest):
+            self._event("Normal", "TaskStarted", f"task {task.id} ({task.stage}): created {what}")
+        if not self.status.get("startTime") and not self.old.get("startTime"):
+            self.status["startTime"] = now_iso()
+
+    def _write_progress(
+        self,
+        spec: AugmentSearchSpec,
+        store: ArtifactStore,
+        state: PlanState,
+        running: int,
+        jobs: Mapping[str, Any],
+        failure: tuple[Task, str] | None,
+    ) -> None:
+        status = self.status
+        start = self.old.get("startTime") or status.get("startTime")
+        if start is None and state.done:
+            start = status["startTime"] = now_iso()
+        trials_done, trials_total, best = _trials(spec, state, store)
+        old_progress = self.old.get("progress") or {}
+        eta = old_progress.get("eta")
+        if old_progress.get("done") != len(state.done):  # only re-estimated when a task ends
+            started = parse_time(start) or dt.datetime.now(dt.timezone.utc)
+            eta = Eta(started, len(state.done), state.total).at(dt.datetime.now(dt.timezone.utc))
+        status["progress"] = {
+            "done": len(state.done),
+            "total": state.total,
+            "running": running,
+            "percent": int(state.percent),
+            "eta": eta,
+            "trialsDone": trials_done,
+            "trialsTotal": trials_total,
+        }
+        status["stage"] = state.stage
+        status["bestObjective"] = best
+        status["results"] = store.uri
+        status.update(_policies(spec, store, state))
+        if "retrain" in {task.id for task in state.ready} or "retrain" in state.done:
+            status["pretrainRef"] = names.pretrain_name(self.name)
+        if failure is not None:
+            task, reason = failure
+            status["failedTask"] = task.id
+            self._fail("TaskFailed", f"task {task.id} ({task.stage}) failed: {reason}")
+            return
+        self._condition("Failed", False, "NoFailure", "")
+        if state.finished:
+            status["phase"] = "Succeeded"
+            self._condition(
+                "Ready", True, "Succeeded", f"policy at {status['bestPolicy'].get('uri')}"
+            )
+            self._condition("Progressing", False, "Succeeded", "all tasks done")
+            if self.old.get("phase") != "Succeeded":
+                self._event("Normal", "Succeeded", f"search finished; results in {store.uri}")
+            return
+        suspended = jobs and all(job_state(job) == JOB_SUSPENDED for job in jobs.values())
+        status["phase"] = "Running" if start and not (suspended and not state.done) else "Pending"
+        message = f"stage {state.stage}: {len(state.done)}/{state.total} tasks done"
+        self._condition("Ready", False, "InProgress", message)
+        self._condition("Progressing", True, f"Stage{state.stage.capitalize()}", message)
+        if self.old.get("stage") != state.stage:
+            self._event("Normal", "StageStarted", message)

@@ -1,0 +1,123 @@
+"""Pure helpers for status: Job states, conditions (metav1.Condition style), progress and ETA."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+JOB_ACTIVE = "active"
+JOB_SUSPENDED = "suspended"
+JOB_SUCCEEDED = "succeeded"
+JOB_FAILED = "failed"
+
+
+def now_iso() -> str:
+    return (
+        dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    )
+
+
+def parse_time(text: str | None) -> dt.datetime | None:
+    if not text:
+        return None
+    try:
+        return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def _has_condition(job: Mapping[str, Any], kind: str) -> bool:
+    conditions = (job.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == kind and c.get("status") == "True" for c in conditions)
+
+
+def job_state(job: Mapping[str, Any]) -> str:
+    """active, suspended, succeeded or failed, from the Job's status as the controller sets it."""
+    status = job.get("status") or {}
+    completions = (job.get("spec") or {}).get("completions") or 1
+    if _has_condition(job, "Failed"):
+        return JOB_FAILED
+    if _has_condition(job, "Complete") or (status.get("succeeded") or 0) >= completions:
+        return JOB_SUCCEEDED
+    if (job.get("spec") or {}).get("suspend"):
+        return JOB_SUSPENDED
+    return JOB_ACTIVE
+
+
+def job_failure(job: Mapping[str, Any]) -> str:
+    """A one-line reason for a failed Job: condition reason and message, and attempts."""
+    status = job.get("status") or {}
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == "Failed" and condition.get("status") == "True":
+            reason = condition.get("reason") or "Failed"
+            message = condition.get("message") or ""
+            break
+    else:
+        reason, message = "Failed", ""
+    attempts = status.get("failed") or 0
+    detail = f"{reason}: {message}" if message else reason
+    return f"{detail} ({attempts} failed attempt{'s' if attempts != 1 else ''})"
+
+
+def set_condition(
+    conditions: list[dict[str, Any]],
+    kind: str,
+    status: bool,
+    reason: str,
+    message: str,
+    generation: int | None,
+) -> list[dict[str, Any]]:
+    """A new list with condition `kind` set; lastTransitionTime kept while status is unchanged."""
+    text = "True" if status else "False"
+    previous = next((c for c in conditions if c.get("type") == kind), None)
+    since = now_iso()
+    if previous is not None and previous.get("status") == text:
+        since = previous.get("lastTransitionTime") or since
+    condition = {
+        "type": kind,
+        "status": text,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": since,
+        "observedGeneration": generation,
+    }
+    return [c for c in conditions if c.get("type") != kind] + [condition]
+
+
+@dataclass(frozen=True)
+class Eta:
+    """An estimate of when a run finishes, from its start and its completed share."""
+
+    start: dt.datetime
+    done: int
+    total: int
+
+    def at(self, now: dt.datetime) -> str | None:
+        if self.done <= 0 or self.done >= self.total:
+            return None
+        elapsed = (now - self.start).total_seconds()
+        remaining = elapsed / self.done * (self.total - self.done)
+        finish = now + dt.timedelta(seconds=remaining)
+        return finish.replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+    def seconds_left(self, now: dt.datetime) -> float | None:
+        if self.done <= 0 or self.done >= self.total:
+            return None
+        elapsed = (now - self.start).total_seconds()
+        return elapsed / self.done * (self.total - self.done)
+
+
+def merge_patch(base: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+    """RFC 7386 JSON merge patch: what the API server stores after a merge-patch of `base`."""
+    result = dict(base)
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        elif isinstance(value, Mapping):
+            previous = result.get(key)
+            result[key] = merge_patch(previous if isinstance(previous, Mapping) else {}, value)
+        else:
+            result[key] = value
+    return result

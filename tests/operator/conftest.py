@@ -1,0 +1,439 @@
+"""An emulated cluster for the operator tests: API server, garbage collector, kubelet, S3.
+
+- `ClusterEmulator`: kmock's KubernetesEmulator plus what a real API server and controller
+  manager add that the operator relies on: uid/generation/creationTimestamp on objects, a
+  generation bump on spec changes, and owner-reference garbage collection.
+- `Kubelet`: plays kubelet and Job controller: runs each Job's container command as a local
+  process with the Job's environment (Secret references resolved as a kubelet would), retries
+  up to backoffLimit and patches the Job's status to Complete or Failed.
+- `moto`: an S3 server on loopback; `operator_process`: the real operator (`python -m
+  selfaugment.operator`) as a subprocess that tests can stop and start again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import itertools
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import kmock
+import pytest
+from kmock._internal import enums
+
+from selfaugment.operator import names
+from selfaugment.operator.crdgen import pretrain_crd, search_crd
+from selfaugment.operator.kube import Kube
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+FAKE_WORKER = Path(__file__).with_name("fake_worker.py")
+_versions = itertools.count(1)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _now() -> str:
+    return (
+        dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    )
+
+
+class ClusterEmulator(kmock.KubernetesEmulator):
+    """KubernetesEmulator with uids, generations and owner-reference garbage collection."""
+
+    async def _handle(self, request: Any) -> Any:
+        data = request.data if isinstance(request.data, dict) else None
+        if request.resource is not None and data is not None:
+            if request.action == enums.action.CREATE:
+                meta = data.setdefault("metadata", {})
+                if not meta.get("name") and meta.get("generateName"):
+                    meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
+                meta.setdefault("uid", str(uuid.uuid4()))
+                meta.setdefault("creationTimestamp", _now())
+                meta["generation"] = 1
+                meta["resourceVersion"] = str(next(_versions))
+                self.creations().append((str(request.resource.plural), meta.get("name")))
+            elif (
+                request.action == enums.action.UPDATE and "spec" in data and not request.subresource
+            ):
+                key = (request.resource, request.namespace, request.name)
+                current = self._objects[key] if key in list(self._objects.keys()) else None
+                if current is not None and not current.deleted:
+                    generation = current.get("metadata", {}).get("generation", 1)
+                    data.setdefault("metadata", {})["generation"] = generation + 1
+        response = await super()._handle(request)
+        if request.action in (enums.action.DELETE, enums.action.UPDATE):
+            await self._collect_garbage()
+        return response
+
+    def creations(self) -> list[tuple[str, str]]:
+        """(plural, name) of every create request, in order (to detect duplicates)."""
+        if not hasattr(self, "_creations"):
+            self._creations: list[tuple[str, str]] = []
+        return self._creations
+
+    async def _collect_garbage(self) -> None:
+        """Delete objects whose owners are all gone, as the garbage collector does."""
+        progress = True
+        while progress:
+            progress = False
+            async with self._lock:
+                items = [(key, obj) for key, obj in self._objects.items() if not obj.deleted]
+                live = {obj.get("metadata", {}).get("uid") for _, obj in items}
+                for key, obj in items:
+                    meta = obj.get("metadata", {})
+                    owners = meta.get("ownerReferences") or []
+                    if not owners or any(ref.get("uid") in live for ref in owners):
+                        continue
+                    if meta.get("finalizers"):
+                        if not meta.get("deletionTimestamp"):
+                            obj.patch({"metadata": {"deletionTimestamp": _now()}})
+                            await self._buses[key[0]].put({"type": "MODIFIED", "object": obj.raw})
+                        continue
+                    raw = obj.raw
+                    obj.delete()
+                    await self._buses[key[0]].put({"type": "DELETED", "object": raw})
+                    progress = True
+
+
+def _declare(emulator: ClusterEmulator) -> None:
+    for crd in (search_crd(), pretrain_crd()):
+        spec = crd["spec"]
+        emulator.resources[f"{names.GROUP}/{names.VERSION}/{spec['names']['plural']}"] = {
+            "kind": spec["names"]["kind"],
+            "singular": spec["names"]["singular"],
+            "namespaced": True,
+            "shortnames": spec["names"]["shortNames"],
+            "categories": spec["names"]["categories"],
+            "subresources": ["status"],
+            "verbs": ["get", "list", "watch", "create", "patch", "update", "delete"],
+        }
+    verbs = ["get", "list", "watch", "create", "patch", "update", "delete"]
+    for path, kind, namespaced in (
+        ("batch/v1/jobs", "Job", True),
+        ("v1/services", "Service", True),
+        ("v1/secrets", "Secret", True),
+        ("v1/events", "Event", True),
+        ("v1/namespaces", "Namespace", False),
+        ("apiextensions.k8s.io/v1/customresourcedefinitions", "CustomResourceDefinition", False),
+    ):
+        emulator.resources[path] = {"kind": kind, "namespaced": namespaced, "verbs": verbs}
+
+
+class Cluster:
+    """The emulated API server running in a background thread with its own event loop."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.kubeconfig = workdir / "kubeconfig"
+        self.kubeconfig.write_text(
+            "apiVersion: v1\nkind: Config\ncurrent-context: test\n"
+            f"clusters: [{{name: test, cluster: {{server: '{self.url}'}}}}]\n"
+            "users: [{name: test, user: {token: test-token}}]\n"
+            "contexts: [{name: test, context: {cluster: test, user: test, namespace: default}}]\n"
+        )
+        self.emulator: ClusterEmulator | None = None
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+        if not self._ready.wait(20):
+            raise RuntimeError("the Kubernetes emulator did not start")
+        self.kube = Kube(_api_client(self.url))
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self._main())
+
+    async def _main(self) -> None:
+        self._stop = asyncio.Event()
+        async with ClusterEmulator() as emulator, kmock.Server(emulator, port=self.port):
+            _declare(emulator)
+            self.emulator = emulator
+            self._ready.set()
+            await self._stop.wait()
+
+    def close(self) -> None:
+        if self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+    # -- conveniences for tests -------------------------------------------------------------
+    def search(self, name: str, namespace: str = "default") -> dict[str, Any] | None:
+        return self.kube.get(names.API_VERSION, names.SEARCH_PLURAL, namespace, name)
+
+    def pretrain(self, name: str, namespace: str = "default") -> dict[str, Any] | None:
+        return self.kube.get(names.API_VERSION, names.PRETRAIN_PLURAL, namespace, name)
+
+    def jobs(self, namespace: str = "default") -> list[dict[str, Any]]:
+        return self.kube.list("batch/v1", "jobs", namespace, {})
+
+    def events(self, namespace: str = "default") -> list[dict[str, Any]]:
+        return self.kube.list("v1", "events", namespace, {})
+
+    def create_secret(self, name: str, values: dict[str, str], namespace: str = "default") -> None:
+        data = {key: base64.b64encode(value.encode()).decode() for key, value in values.items()}
+        body = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": name, "namespace": namespace},
+            "data": data,
+        }
+        self.kube._call("POST", f"/api/v1/namespaces/{namespace}/secrets", body=body)
+
+    def apply(self, body: dict[str, Any]) -> None:
+        namespace = body["metadata"].setdefault("namespace", "default")
+        plural = {"AugmentSearch": names.SEARCH_PLURAL, "Pretrain": names.PRETRAIN_PLURAL}[
+            body["kind"]
+        ]
+        path = f"/apis/{names.API_VERSION}/namespaces/{namespace}/{plural}"
+        self.kube._call("POST", path, body=body)
+
+    def wait_for(self, what: str, check: Callable[[], Any], timeout: float = 60.0) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = check()
+            if value:
+                return value
+            time.sleep(0.25)
+        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _api_client(url: str) -> Any:
+    import kubernetes
+
+    configuration = kubernetes.client.Configuration()
+    configuration.host = url
+    configuration.api_key = {"authorization": "test-token"}
+    configuration.api_key_prefix = {"authorization": "Bearer"}
+    return kubernetes.client.ApiClient(configuration)
+
+
+class Kubelet:
+    """Runs each Job's container command as a local process and reports its outcome."""
+
+    def __init__(self, cluster: Cluster, logs: Path, commands: dict[str, list[str]]) -> None:
+        self.cluster = cluster
+        self.logs = logs
+        self.commands = commands  # executable name -> local command (e.g. the venv's script)
+        self.started: dict[str, int] = {}
+        self.extra_env: dict[str, str] = {}
+        self.seen_env: dict[str, dict[str, str]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                jobs = self.cluster.jobs()
+            except Exception:
+                jobs = []
+            for job in jobs:
+                uid = job["metadata"]["uid"]
+                if uid in self.started or job["spec"].get("suspend"):
+                    continue
+                self.started[uid] = 0
+                threading.Thread(target=self._run, args=(job,), daemon=True).start()
+            self._stop.wait(0.2)
+
+    def _env(self, container: dict[str, Any], namespace: str) -> dict[str, str]:
+        env = {
+            "PATH": f"{VENV_BIN}:/usr/bin:/bin",
+            "HOME": os.environ.get("HOME", "/tmp"),
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+            **self.extra_env,
+        }
+        for item in container.get("env", []):
+            if "value" in item:
+                env[item["name"]] = item["value"]
+            elif "secretKeyRef" in item.get("valueFrom", {}):
+                ref = item["valueFrom"]["secretKeyRef"]
+                secret = self.cluster.kube.get("v1", "secrets", namespace, ref["name"])
+                if secret is None:
+                    raise RuntimeError(f"secret {ref['name']} not found")
+                env[item["name"]] = base64.b64decode(secret["data"][ref["key"]]).decode()
+        return env
+
+    def _patch(self, job: dict[str, Any], status: dict[str, Any]) -> None:
+        meta = job["metadata"]
+        self.cluster.kube.patch_status("batch/v1", "jobs", meta["namespace"], meta["name"], status)
+
+    def _run(self, job: dict[str, Any]) -> None:
+        name = job["metadata"]["name"]
+        container = job["spec"]["template"]["spec"]["containers"][0]
+        command = list(container["command"])
+        command = [*self.commands.get(command[0], [command[0]]), *command[1:]]
+        env = self._env(container, job["metadata"]["namespace"])
+        self.seen_env[name] = env
+        failed = 0
+        limit = job["spec"].get("backoffLimit", 6)
+        self._patch(job, {"active": 1, "startTime": _now()})
+        while True:
+            with open(self.logs / f"{name}.log", "ab") as log:
+                code = subprocess.call(
+                    command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO
+                )
+            if code == 0:
+                done = {"type": "Complete", "status": "True", "lastTransitionTime": _now()}
+                self._patch(
+                    job,
+                    {
+                        "active": 0,
+                        "succeeded": 1,
+                        "failed": failed,
+                        "completionTime": _now(),
+                        "conditions": [done],
+                    },
+                )
+                return
+            failed += 1
+            if failed > limit:
+                condition = {
+                    "type": "Failed",
+                    "status": "True",
+                    "reason": "BackoffLimitExceeded",
+                    "message": "Job has reached the specified backoff limit",
+                    "lastTransitionTime": _now(),
+                }
+                self._patch(job, {"active": 0, "failed": failed, "conditions": [condition]})
+                return
+            self._patch(job, {"active": 1, "failed": failed})
+
+
+class OperatorProcess:
+    """The real operator as a subprocess, stoppable and restartable (logs kept in one file)."""
+
+    def __init__(self, cluster: Cluster, workdir: Path, env: dict[str, str]) -> None:
+        self.log = workdir / "operator.log"
+        self.metrics_port = free_port()
+        self.env = {
+            "PATH": f"{VENV_BIN}:/usr/bin:/bin",
+            "HOME": os.environ.get("HOME", "/tmp"),
+            "KUBECONFIG": str(cluster.kubeconfig),
+            "SELFAUGMENT_TIMER_INTERVAL": "2",
+            "SELFAUGMENT_METRICS_PORT": str(self.metrics_port),
+            "SELFAUGMENT_WORKER_IMAGE": "selfaugment-worker:test",
+            **env,
+        }
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "selfaugment.operator", "--verbose"],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+            )
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """An S3 server (moto) on loopback with the bucket `selfaugment`."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="operator-key",
+        aws_secret_access_key="operator-secret",
+    )
+    client.create_bucket(Bucket="selfaugment")
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture()
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    instance = Cluster(tmp_path)
+    yield instance
+    instance.close()
+
+
+@pytest.fixture()
+def operator_env(s3_endpoint: str) -> dict[str, str]:
+    """The operator's own store credentials (different from the Secret the workers get)."""
+    return {
+        "AWS_ACCESS_KEY_ID": "operator-key",
+        "AWS_SECRET_ACCESS_KEY": "operator-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+
+
+@pytest.fixture()
+def operator_process(
+    cluster: Cluster, tmp_path: Path, operator_env: dict[str, str]
+) -> Iterator[OperatorProcess]:
+    process = OperatorProcess(cluster, tmp_path, operator_env)
+    process.start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture()
+def kubelet_fake(cluster: Cluster, tmp_path: Path) -> Iterator[Kubelet]:
+    """A kubelet that runs `selfaugment` as tests/operator/fake_worker.py (mechanics tests only)."""
+    logs = tmp_path / "pods"
+    logs.mkdir()
+    instance = Kubelet(cluster, logs, {"selfaugment": [sys.executable, str(FAKE_WORKER)]})
+    yield instance
+    instance.close()
+
+
+@pytest.fixture()
+def kubelet_real(cluster: Cluster, tmp_path: Path) -> Iterator[Kubelet]:
+    """A kubelet that runs the real `selfaugment` console script of this environment."""
+    logs = tmp_path / "pods"
+    logs.mkdir()
+    instance = Kubelet(cluster, logs, {"selfaugment": [str(VENV_BIN / "selfaugment")]})
+    yield instance
+    instance.close()
