@@ -1,0 +1,116 @@
+"""Policy scoring by forward passes: side-effect free, seeded, consistent with the probe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from selfaugment.trainer.checkpoint import CHECKPOINT_KIND, save_checkpoint
+from selfaugment.trainer.config import (
+    DatasetConfig,
+    MocoConfig,
+    ModelConfig,
+    PretrainConfig,
+    ProbeConfig,
+)
+from selfaugment.trainer.data import load_dataset
+from selfaugment.trainer.moco import MoCo
+from selfaugment.trainer.models import build_backbone
+from selfaugment.trainer.probes import train_probe
+from selfaugment.trainer.scoring import PolicyScorer
+
+
+class StandInAugmenter:
+    """Test stand-in for the views + policy: 'identity', 'flip' (random) or 'invert'."""
+
+    def __init__(self, policy: str) -> None:
+        self.policy = policy
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        x = images.float() / 255.0
+        if self.policy == "invert":
+            return 1.0 - x
+        if self.policy == "flip":
+            flip = torch.rand(x.shape[0], generator=generator) < 0.5
+            return torch.where(flip[:, None, None, None], torch.flip(x, dims=(3,)), x)
+        return x
+
+
+@pytest.fixture(scope="module")
+def setup() -> tuple[MoCo, torch.Tensor, torch.Tensor]:
+    data = load_dataset(DatasetConfig(uri="sklearn:digits", image_size=16, channels=1, limit=400))
+    torch.manual_seed(0)
+    model = MoCo(build_backbone(ModelConfig(width=8), 1), MocoConfig(dim=16, queue_size=64))
+    model.train()
+    with torch.no_grad():  # a few training-mode steps: BN statistics, queue and key encoder move
+        for start in range(0, 128, 32):
+            batch = data.images[start : start + 32].float() / 255.0
+            model(batch, torch.flip(batch, dims=(3,)))
+    return model, data.images[:300], data.images[300:]
+
+
+def _state(model: MoCo) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_scores_leave_the_model_bit_identical_and_repeat(setup) -> None:
+    model, train, heldout = setup
+    probe = train_probe(model.backbone, "rotation", train, heldout, ProbeConfig(epochs=5))
+    model.train()
+    before = _state(model)
+    scorer = PolicyScorer(
+        model,
+        probe.head_state,
+        heldout,
+        "cpu",
+        batch_size=32,
+        seed=5,
+        augmenter_factory=StandInAugmenter,
+    )
+    first = scorer.score("flip")
+    second = scorer.score("flip")
+    inverted = scorer.score("invert")
+    after = _state(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert first == second
+    assert inverted != first
+    assert 0.0 <= first.rotation_accuracy <= 1.0 and first.infonce > 0.0
+    print(f"\nscores: flip {first}, invert {inverted}")
+
+
+def test_identity_score_matches_the_probe(setup) -> None:
+    model, train, heldout = setup
+    probe = train_probe(model.backbone, "rotation", train, heldout, ProbeConfig(epochs=5))
+    scorer = PolicyScorer(
+        model, probe.head_state, heldout, "cpu", batch_size=64, augmenter_factory=StandInAugmenter
+    )
+    score = scorer.score("identity")
+    assert score.rotation_accuracy == pytest.approx(probe.accuracy, abs=1e-6)
+    assert score.rotation_loss == pytest.approx(probe.loss, rel=1e-4)
+    loss, _ = model.contrastive_loss_eval(heldout.float() / 255.0, heldout.float() / 255.0)
+    assert score.infonce == pytest.approx(loss.item(), rel=1e-4)
+
+
+def test_from_checkpoint_and_bad_head(setup, tmp_path: Path) -> None:
+    model, train, heldout = setup
+    cfg = PretrainConfig(model=ModelConfig(width=8), moco=MocoConfig(dim=16, queue_size=64))
+    save_checkpoint(
+        tmp_path / "checkpoint.pt",
+        {
+            "schema_version": 1,
+            "kind": CHECKPOINT_KIND,
+            "config": cfg.model_dump(mode="json"),
+            "in_channels": 1,
+            "model": model.state_dict(),
+        },
+    )
+    probe = train_probe(model.backbone, "rotation", train, heldout, ProbeConfig(epochs=3))
+    direct = PolicyScorer(model, probe.head_state, heldout, augmenter_factory=StandInAugmenter)
+    loaded = PolicyScorer.from_checkpoint(
+        tmp_path / "checkpoint.pt", probe.head_state, heldout, augmenter_factory=StandInAugmenter
+    )
+    assert loaded.score("flip") == direct.score("flip")
+    with pytest.raises(ValueError, match="4-way"):
+        PolicyScorer(model, {"weight": torch.zeros(3, 64), "bias": torch.zeros(3)}, heldout)
