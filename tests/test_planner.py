@@ -47,7 +47,10 @@ def test_plan_walks_the_stages_in_order() -> None:
     assert [t.id for t in state.ready] == ["fold-1"]
     done |= {"fold-0", "fold-1"}
     state = plan(spec, done)
-    assert state.stage == "search" and [t.id for t in state.ready] == ["search-f0-r0", "search-f1-r0"]
+    assert state.stage == "search" and [t.id for t in state.ready] == [
+        "search-f0-r0",
+        "search-f1-r0",
+    ]
     done |= {"search-f0-r0", "search-f1-r0", "merge", "retrain"}
     state = plan(spec, done)
     assert state.stage == "report" and [t.id for t in state.ready] == ["report"]

@@ -1,0 +1,149 @@
+"""The search end to end on one machine: real worker processes, real data, real S3 protocol.
+
+A tiny configuration (digits, 240 images, a width-4 ResNet, one epoch per stage) keeps each run
+to a minute or so on 2 cores; every stage of the algorithm still runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+import yaml
+
+from selfaugment.trainer.config import load_config
+from selfaugment.trainer.run_state import done_task_ids
+from selfaugment.trainer.spec import AugmentSearchSpec
+from selfaugment.trainer.store import open_store
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+TINY = {
+    "dataset.limit": 240,
+    "model.width": 4,
+    "moco.queue_size": 128,
+    "optim.batch_size": 64,
+    "search.base_candidates": "[RandomResizedCrop, Rotate]",
+    "search.base_epochs": 1,
+    "search.fold_epochs": 1,
+    "search.folds": 2,
+    "search.trials": 3,
+    "search.startup_trials": 2,
+    "search.top_policies": 2,
+    "search.sub_policies": 2,
+    "retrain.epochs": 1,
+    "evaluation.epochs": 2,
+}
+
+
+def tiny_config(tmp_path: Path, **extra: object) -> Path:
+    overrides = [f"{key}={value}" for key, value in {**TINY, **extra}.items()]
+    spec = load_config(AugmentSearchSpec, EXAMPLES / "search-smoke.yaml", overrides)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(spec.model_dump(mode="json", exclude_defaults=True)))
+    return path
+
+
+def search_command(config: Path, output: Path) -> list[str]:
+    return [sys.executable, "-m", "selfaugment.cli", "search", "-f", str(config), "-o", str(output)]
+
+
+def result_seconds(run: Path) -> dict[str, float]:
+    return {
+        path.parent.name: json.loads(path.read_text())["seconds"]
+        for path in (run / "tasks").glob("*/result.json")
+    }
+
+
+@pytest.mark.slow
+def test_search_runs_every_stage_and_resumes_after_a_kill(tmp_path: Path) -> None:
+    config, run = tiny_config(tmp_path), tmp_path / "run"
+    process = subprocess.Popen(
+        search_command(config, run), start_new_session=True, stderr=subprocess.PIPE
+    )
+    # Kill the whole process group (runner and workers) once the folds are being trained.
+    deadline = time.monotonic() + 300
+    while not (run / "tasks" / "fold-0" / "progress.json").exists():
+        assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
+        assert time.monotonic() < deadline, "the search never reached the fold stage"
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    before = result_seconds(run)
+    assert {"base-randomresizedcrop", "base-rotate"} <= set(before)
+    assert "report" not in before
+
+    resumed = subprocess.run(
+        search_command(config, run), capture_output=True, text=True, timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = result_seconds(run)
+    # finished tasks were not redone: their results are the very same
+    assert {task: after[task] for task in before} == before
+    store = open_store(run)
+    spec = load_config(AugmentSearchSpec, config)
+    assert len(done_task_ids(store)) == 9
+    policy = json.loads((run / "policy.json").read_text())
+    assert policy["schema_version"] == 1 and policy["sub_policies"]
+    report = json.loads((run / "report.json").read_text())
+    assert report["base_policy"] in ("RandomResizedCrop", "Rotate")
+    assert set(report["folds"]) == {"fold-0", "fold-1"}
+    assert 0.0 <= report["final"]["rotation_accuracy"] <= 1.0
+    for plot in report["plots"]:
+        assert (run / plot).stat().st_size > 1000
+    assert "## Found policy" in (run / "report.md").read_text()
+    assert spec.search.trials == 3
+
+    status = subprocess.run(
+        [sys.executable, "-m", "selfaugment.cli", "status", str(run)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "stage: done" in status.stdout and "tasks 9/9" in status.stdout
+
+
+@pytest.mark.slow
+def test_search_stores_everything_in_s3(tmp_path: Path, s3_server: str) -> None:
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="searches")
+    config = tiny_config(
+        tmp_path,
+        **{
+            "search.base_policy": "RandomResizedCrop",
+            "storage.uri": "s3://searches/tiny",
+            "storage.endpoint": s3_server,
+        },
+    )
+    result = subprocess.run(
+        search_command(config, tmp_path / "local"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    listed = boto3.client("s3", endpoint_url=s3_server).list_objects_v2(Bucket="searches")
+    keys = {item["Key"] for item in listed["Contents"]}
+    for key in (
+        "tiny/spec.json",
+        "tiny/policy.json",
+        "tiny/report.json",
+        "tiny/report.md",
+        "tiny/tasks/fold-0/result.json",
+        "tiny/tasks/fold-0/checkpoint.pt",
+        "tiny/tasks/search-f1-r0/trials.json",
+        "tiny/tasks/retrain/checkpoint.pt",
+        "tiny/plots/objective_per_trial.png",
+    ):
+        assert key in keys, key
+    assert not any(key.startswith("tiny/tasks/base-") for key in keys)
+    # nothing but logs is written locally
+    local = {p.relative_to(tmp_path / "local").as_posix() for p in (tmp_path / "local").rglob("*")}
+    assert local and all(name.startswith("logs") for name in local)
+    assert "test-secret-key" not in json.dumps(sorted(keys))
