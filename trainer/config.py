@@ -95,6 +95,13 @@ class MocoConfig(StrictModel):
     mlp: bool = Field(
         True, description="Two-layer MLP projection head (MoCo v2) instead of linear."
     )
+    head_batchnorm: bool = Field(
+        False,
+        description=(
+            "BatchNorm1d after the hidden layer of the MLP head (as in SimCLR and MoCo v3, not "
+            "MoCo v2); lets very small models on small images escape the near-collapsed start."
+        ),
+    )
 
 
 class OptimConfig(StrictModel):

@@ -33,17 +33,18 @@ from selfaugment.trainer.runtime import concat_all_gather, distributed_active
 class QueryEncoder(nn.Module):
     """Backbone followed by the projection head (MLP D->D->dim with ReLU, or linear D->dim)."""
 
-    def __init__(self, backbone: ResNetBackbone, dim: int, mlp: bool) -> None:
+    def __init__(
+        self, backbone: ResNetBackbone, dim: int, mlp: bool, batchnorm: bool = False
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         feature_dim = backbone.feature_dim
-        self.head: nn.Module = (
-            nn.Sequential(
-                nn.Linear(feature_dim, feature_dim), nn.ReLU(), nn.Linear(feature_dim, dim)
-            )
-            if mlp
-            else nn.Linear(feature_dim, dim)
-        )
+        self.head: nn.Module = nn.Linear(feature_dim, dim)
+        if mlp:
+            hidden: list[nn.Module] = [nn.Linear(feature_dim, feature_dim)]
+            if batchnorm:
+                hidden.append(nn.BatchNorm1d(feature_dim))
+            self.head = nn.Sequential(*hidden, nn.ReLU(), nn.Linear(feature_dim, dim))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(images))  # B x dim (not normalised)
@@ -60,7 +61,7 @@ class MoCo(nn.Module):
         self.cfg = cfg
         self.momentum = cfg.momentum
         self.temperature = cfg.temperature
-        self.encoder_q = QueryEncoder(backbone, cfg.dim, cfg.mlp)
+        self.encoder_q = QueryEncoder(backbone, cfg.dim, cfg.mlp, cfg.head_batchnorm)
         self.encoder_k = copy.deepcopy(self.encoder_q)
         for param in self.encoder_k.parameters():
             param.requires_grad = False
