@@ -177,6 +177,7 @@ class SearchReconciler:
         stored = read_optional(store, "spec.json")
         if stored is None:
             store.write_json("spec.json", live.model_dump(mode="json"))
+            self._condition("SpecImmutable", False, "Unchanged", "")
             return live
         try:
             started = parse_config(AugmentSearchSpec, stored, source=store.url("spec.json"))

@@ -83,7 +83,9 @@ def set_condition(
         "lastTransitionTime": since,
         "observedGeneration": generation,
     }
-    return [c for c in conditions if c.get("type") != kind] + [condition]
+    if previous is None:
+        return [*conditions, condition]
+    return [condition if c.get("type") == kind else c for c in conditions]
 
 
 @dataclass(frozen=True)

@@ -8,14 +8,20 @@ real `selfaugment worker`.
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import urllib.request
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import boto3
 import pytest
+import yaml
 
 from selfaugment.operator import names
+
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.cluster
 
@@ -181,3 +187,213 @@ def test_search_succeeds_across_an_operator_restart(
     )
     health = urllib.request.urlopen(f"http://127.0.0.1:{operator_process.metrics_port}/healthz")
     assert health.status == 200
+
+
+def test_failed_task_is_retried_then_fails_the_search(
+    cluster, operator_process, kubelet_fake, s3_endpoint
+):
+    """Mechanics (fake worker told to fail search-f1-r0): the Job is retried up to
+    max_retries (backoffLimit), then the search fails with a condition naming the task."""
+    cluster.create_secret("store-credentials", SECRET_VALUES)
+    kubelet_fake.extra_env["FAKE_FAIL_TASKS"] = "search-f1-r0"
+    cluster.apply(search_manifest("failing", s3_endpoint, parallelism={"max_retries": 2}))
+    body = cluster.wait_for(
+        "Failed", lambda: phase_is(cluster, "failing", "Failed", "Succeeded"), 90
+    )
+    status = body["status"]
+    assert status["phase"] == "Failed"
+    assert status["failedTask"] == "search-f1-r0"
+    failed = {c["type"]: c for c in status["conditions"]}["Failed"]
+    assert failed["status"] == "True" and failed["reason"] == "TaskFailed"
+    assert "search-f1-r0" in failed["message"] and "BackoffLimitExceeded" in failed["message"]
+    assert "3 failed attempts" in failed["message"]  # 1 try + 2 retries
+    job = next(
+        j
+        for j in cluster.jobs()
+        if j["metadata"]["name"] == names.job_name("failing", "search-f1-r0")
+    )
+    assert job["spec"]["backoffLimit"] == 2 and job["status"]["failed"] == 3
+    warnings = [
+        e
+        for e in cluster.events()
+        if e.get("type") == "Warning" and e.get("reason") == "TaskFailed"
+    ]
+    assert warnings and "search-f1-r0" in warnings[0]["message"]
+    assert cluster.pretrain(names.pretrain_name("failing")) is None  # later stages never started
+
+
+def test_invalid_spec_fails_the_resource_not_the_operator(cluster, operator_process, s3_endpoint):
+    """A spec the model rejects gets phase Failed, a SpecValid=False condition and an Event
+    naming the field; the operator keeps serving other resources."""
+    bad = search_manifest("invalid", s3_endpoint)
+    bad["spec"]["search"]["folds"] = 0
+    cluster.apply(bad)
+    bad_pretrain = {
+        "apiVersion": names.API_VERSION,
+        "kind": names.PRETRAIN_KIND,
+        "metadata": {"name": "invalid-pretrain", "namespace": "default"},
+        "spec": {
+            "trainable": "heads",
+            "storage": {"uri": "s3://selfaugment/x", "endpoint": s3_endpoint},
+        },
+    }
+    cluster.apply(bad_pretrain)
+    body = cluster.wait_for("Failed", lambda: phase_is(cluster, "invalid", "Failed"))
+    condition = {c["type"]: c for c in body["status"]["conditions"]}["SpecValid"]
+    assert condition["status"] == "False" and condition["reason"] == "InvalidSpec"
+    assert "search.folds" in condition["message"]
+    events = [e for e in cluster.events() if e.get("reason") == "InvalidSpec"]
+    assert any("search.folds" in e["message"] for e in events)
+    pretrain = cluster.wait_for(
+        "Pretrain Failed",
+        lambda: (
+            (p := cluster.pretrain("invalid-pretrain"))
+            and (p.get("status") or {}).get("phase") == "Failed"
+            and p
+        ),
+    )
+    assert (
+        "trainable"
+        in {c["type"]: c for c in pretrain["status"]["conditions"]}["SpecValid"]["message"]
+    )
+    assert operator_process.alive()
+    assert not cluster.jobs()
+
+
+def test_spec_change_is_refused_and_deletion_removes_children(
+    cluster, operator_process, kubelet_fake, s3_endpoint
+):
+    """Mechanics (fake worker, slow): changing an immutable field sets SpecImmutable and an
+    Event; deleting the search garbage-collects its Jobs (ownerReferences)."""
+    cluster.create_secret("store-credentials", SECRET_VALUES)
+    kubelet_fake.extra_env["FAKE_SLEEP"] = "30"
+    cluster.apply(search_manifest("deleted", s3_endpoint))
+    cluster.wait_for("Jobs", lambda: len(cluster.jobs()) == 2)
+    cluster.kube._call(
+        "PATCH",
+        f"/apis/{names.API_VERSION}/namespaces/default/{names.SEARCH_PLURAL}/deleted",
+        body={"spec": {"search": {"trials": 5}}},
+        content_type="application/merge-patch+json",
+    )
+
+    def immutable() -> Any:
+        conditions = ((cluster.search("deleted") or {}).get("status") or {}).get("conditions", [])
+        return next(
+            (c for c in conditions if c["type"] == "SpecImmutable" and c["status"] == "True"), None
+        )
+
+    condition = cluster.wait_for("SpecImmutable", immutable)
+    assert "spec.search" in condition["message"]
+    assert any(e.get("reason") == "ImmutableFieldChanged" for e in cluster.events())
+    cluster.kube.delete(names.API_VERSION, names.SEARCH_PLURAL, "default", "deleted")
+    cluster.wait_for("search gone", lambda: cluster.search("deleted") is None)
+    assert cluster.jobs() == []
+
+
+def test_kubectl_apply_example(cluster):
+    """A real kubectl applies examples/augmentsearch.yaml to the emulated API server.
+
+    (--validate=false: the emulator serves no OpenAPI document; schema validation of the
+    example is in test_crdgen.py.)"""
+    kubectl = shutil.which("kubectl")
+    assert kubectl, (
+        "kubectl not found: install the Debian package kubectl (see Makefile APT_PACKAGES)"
+    )
+    example = REPO / "examples" / "augmentsearch.yaml"
+    result = subprocess.run(
+        [
+            kubectl,
+            "--kubeconfig",
+            str(cluster.kubeconfig),
+            "apply",
+            "--validate=false",
+            "-f",
+            str(example),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "cifar10-selfaugment" in result.stdout
+    body = cluster.search("cifar10-selfaugment")
+    expected = yaml.safe_load(example.read_text())
+    assert body["spec"] == expected["spec"]
+    assert body["metadata"]["uid"]
+
+
+def smoke_manifest(name: str, endpoint: str) -> dict[str, Any]:
+    """examples/search-smoke.yaml, shrunk further (2 base candidates, fewer epochs/trials)."""
+    spec = yaml.safe_load((REPO / "examples" / "search-smoke.yaml").read_text())
+    spec["dataset"]["limit"] = 256
+    spec["search"].update(
+        base_candidates=["RandomResizedCrop", "Rotate"],
+        base_epochs=1,
+        fold_epochs=1,
+        trials=4,
+        startup_trials=2,
+        top_policies=2,
+    )
+    spec["evaluation"]["epochs"] = 2
+    spec["retrain"]["epochs"] = 1
+    spec["runtime"] = {**spec.get("runtime", {}), "device": "cpu", "progress": False}
+    spec["parallelism"] = {"max_workers": 2, "max_retries": 0}
+    spec["storage"] = {
+        "uri": f"s3://selfaugment/runs/{name}",
+        "endpoint": endpoint,
+        "region": "us-east-1",
+        "secret_ref": "store-credentials",
+    }
+    return {
+        "apiVersion": names.API_VERSION,
+        "kind": names.SEARCH_KIND,
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": spec,
+    }
+
+
+def test_smoke_search_end_to_end(cluster, operator_process, kubelet_real, s3_endpoint):
+    """The real worker (`selfaugment worker run`) runs every stage of the smoke search in
+    Jobs; results land in S3 (moto); the search succeeds with a policy artifact and a
+    completed Pretrain."""
+    cluster.create_secret("store-credentials", SECRET_VALUES)
+    cluster.apply(smoke_manifest("smoke", s3_endpoint))
+    body = cluster.wait_for(
+        "finished", lambda: phase_is(cluster, "smoke", "Succeeded", "Failed"), 540
+    )
+    status = body["status"]
+    assert status["phase"] == "Succeeded", (
+        status,
+        sorted(p.name for p in (kubelet_real.logs).iterdir()),
+    )
+    assert status["progress"]["done"] == status["progress"]["total"]
+    assert status["basePolicy"] in ("RandomResizedCrop", "Rotate")
+    assert status["bestPolicy"]["uri"] == "s3://selfaugment/runs/smoke/policy.json"
+    assert isinstance(status["bestObjective"], float)
+    assert status["progress"]["trialsDone"] == status["progress"]["trialsTotal"] == 8
+    policy = json.loads(store_texts(s3_endpoint, "runs/smoke/policy.json"))
+    assert policy
+    pretrain = cluster.wait_for(
+        "Pretrain Succeeded",
+        lambda: (
+            (p := cluster.pretrain(names.pretrain_name("smoke")))
+            and (p.get("status") or {}).get("phase") == "Succeeded"
+            and p
+        ),
+    )
+    assert 0.0 <= pretrain["status"]["rotationAccuracy"] <= 1.0
+    assert pretrain["status"]["checkpoint"].startswith("s3://selfaugment/runs/smoke/")
+    stage_events = {
+        e["message"].split(":")[0] for e in cluster.events() if e.get("reason") == "StageStarted"
+    }
+    assert {
+        "stage base",
+        "stage folds",
+        "stage search",
+        "stage merge",
+        "stage retrain",
+        "stage report",
+    } <= stage_events
+    for value in SECRET_VALUES.values():
+        assert value not in operator_process.text()
+        assert value not in json.dumps(cluster.search("smoke"))

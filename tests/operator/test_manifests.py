@@ -1,0 +1,206 @@
+"""Pure manifest builders: names, ownership, labels, scheduling, credentials, torchrun."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+
+from selfaugment.operator import manifests, names
+from selfaugment.operator.settings import OperatorSettings
+from selfaugment.trainer.planner import all_tasks, task_by_id
+from selfaugment.trainer.pretrain_spec import PretrainSpec
+from selfaugment.trainer.spec import AugmentSearchSpec
+
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+SETTINGS = OperatorSettings(worker_image="registry/worker:1")
+SEARCH: dict[str, Any] = {
+    "apiVersion": names.API_VERSION,
+    "kind": names.SEARCH_KIND,
+    "metadata": {"name": "cifar", "namespace": "ml", "uid": "uid-1"},
+}
+
+
+def search_spec(**resources: Any) -> AugmentSearchSpec:
+    return AugmentSearchSpec.model_validate(
+        {
+            "resources": {"gpus": 2, **resources},
+            "parallelism": {"max_retries": 3},
+            "storage": {"uri": "s3://b/p", "endpoint": "http://minio:9000", "secret_ref": "creds"},
+        }
+    )
+
+
+def test_job_names_are_deterministic_dns_labels_within_63() -> None:
+    long = "a-very-long-search-name-" * 4
+    first = names.job_name(long, "search-f12-r1")
+    assert first == names.job_name(long, "search-f12-r1")
+    assert first != names.job_name(long, "search-f12-r0")
+    assert len(first) <= 63 and DNS_LABEL.match(first)
+    assert names.job_name("cifar", "base-rotate") == "cifar-base-rotate"
+    assert names.dns_name("My_Search.v2", "fold-0") != names.dns_name("my-search-v2", "fold-0")
+    pretrain_job = names.pretrain_job_name(long)
+    assert len(pretrain_job) <= 52 and DNS_LABEL.match(pretrain_job)
+
+
+def test_every_task_gets_a_distinct_job_name() -> None:
+    spec = AugmentSearchSpec()
+    job_names = {names.job_name("s", task.id) for task in all_tasks(spec)}
+    assert len(job_names) == len(all_tasks(spec))
+
+
+def test_task_job_is_owned_labelled_and_scheduled() -> None:
+    spec = search_spec(
+        node_selector={"pool": "gpu"},
+        tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        affinity={"nodeAffinity": {"x": 1}},
+        priority_class="high",
+        gpu_resource="amd.com/gpu",
+    )
+    job = manifests.task_job(SEARCH, spec, task_by_id(spec, "fold-1"), SETTINGS)
+    meta = job["metadata"]
+    assert meta["name"] == "cifar-fold-1" and meta["namespace"] == "ml"
+    owner = meta["ownerReferences"][0]
+    assert (owner["kind"], owner["name"], owner["uid"], owner["controller"]) == (
+        "AugmentSearch",
+        "cifar",
+        "uid-1",
+        True,
+    )
+    assert meta["labels"][names.LABEL_SEARCH] == "cifar"
+    assert meta["labels"][names.LABEL_STAGE] == "folds"
+    assert meta["labels"][names.LABEL_TASK] == "fold-1"
+    assert job["spec"]["backoffLimit"] == 3 and "suspend" not in job["spec"]
+    pod = job["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    assert pod["nodeSelector"] == {"pool": "gpu"}
+    assert pod["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    ]
+    assert pod["affinity"] == {"nodeAffinity": {"x": 1}} and pod["priorityClassName"] == "high"
+    container = pod["containers"][0]
+    assert container["image"] == "registry/worker:1"
+    assert container["command"] == [
+        "selfaugment",
+        "worker",
+        "run",
+        "--store",
+        "s3://b/p",
+        "--task",
+        "fold-1",
+    ]
+    assert container["resources"]["limits"] == {"amd.com/gpu": "2"}
+
+
+def test_cpu_only_tasks_request_no_gpu_and_image_comes_from_spec() -> None:
+    spec = search_spec(image="mine:2")
+    job = manifests.task_job(SEARCH, spec, task_by_id(spec, "merge"), SETTINGS)
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert "limits" not in container["resources"]
+    assert container["resources"]["requests"] == {"cpu": "2", "memory": "8Gi"}
+    assert container["image"] == "mine:2"
+
+
+def test_credentials_are_referenced_never_copied() -> None:
+    env = manifests.worker_env(search_spec().storage)
+    by_name = {item["name"]: item for item in env}
+    assert by_name["AWS_ENDPOINT_URL"]["value"] == "http://minio:9000"
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert "value" not in by_name[key]
+        assert by_name[key]["valueFrom"]["secretKeyRef"] == {"name": "creds", "key": key}
+
+
+def test_kueue_queue_creates_suspended_labelled_jobs() -> None:
+    spec = search_spec(queue="team-a")
+    job = manifests.task_job(SEARCH, spec, task_by_id(spec, "fold-0"), SETTINGS)
+    assert job["spec"]["suspend"] is True
+    assert job["metadata"]["labels"][names.KUEUE_QUEUE_LABEL] == "team-a"
+
+
+def test_search_without_storage_cannot_build_jobs() -> None:
+    spec = AugmentSearchSpec()
+    with pytest.raises(ValueError, match=r"storage\.uri"):
+        manifests.task_job(SEARCH, spec, task_by_id(spec, "fold-0"), SETTINGS)
+
+
+def test_retrain_pretrain_is_owned_by_the_search_and_valid() -> None:
+    spec = search_spec()
+    pretrain = manifests.retrain_pretrain(SEARCH, spec)
+    assert pretrain["metadata"]["name"] == "cifar-retrain"
+    assert pretrain["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    parsed = PretrainSpec.model_validate(pretrain["spec"])
+    assert parsed.search_ref == "cifar" and parsed.optim.epochs == spec.retrain.epochs
+    body = {**pretrain, "metadata": {**pretrain["metadata"], "uid": "uid-2"}}
+    job = manifests.pretrain_job(body, parsed, SETTINGS)
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    # two GPUs on one node: torchrun standalone around the search's retrain task
+    assert container["command"][:4] == [
+        "torchrun",
+        "--standalone",
+        "--nproc-per-node=2",
+        "--no-python",
+    ]
+    assert container["command"][4:] == manifests.task_command("s3://b/p", "retrain")
+    assert job["metadata"]["labels"][names.LABEL_TASK] == "retrain"
+
+
+PRETRAIN: dict[str, Any] = {
+    "apiVersion": names.API_VERSION,
+    "kind": names.PRETRAIN_KIND,
+    "metadata": {"name": "hier", "namespace": "ml", "uid": "uid-9"},
+}
+
+
+def test_single_gpu_pretrain_runs_the_worker_directly() -> None:
+    spec = PretrainSpec.model_validate({"resources": {"gpus": 1}, "storage": {"uri": "s3://b"}})
+    job = manifests.pretrain_job(PRETRAIN, spec, SETTINGS)
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == [
+        "selfaugment",
+        "worker",
+        "pretrain",
+        "--store",
+        "s3://b",
+        "--prefix",
+        "pretrains/hier",
+    ]
+    assert "completionMode" not in job["spec"]
+    assert spec.to_config().init_from is None
+
+
+def test_multi_node_pretrain_is_an_indexed_job_with_a_headless_service() -> None:
+    spec = PretrainSpec.model_validate(
+        {
+            "resources": {"gpus": 4},
+            "distributed": {"nodes": 3, "port": 29400},
+            "init_from": "s3://b/ckpt.pt",
+            "trainable": "batchnorm",
+            "storage": {"uri": "s3://b"},
+        }
+    )
+    job = manifests.pretrain_job(PRETRAIN, spec, SETTINGS)
+    service = manifests.pretrain_service(PRETRAIN, spec)
+    name = names.pretrain_job_name("hier")
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 3
+    pod = job["spec"]["template"]["spec"]
+    assert pod["subdomain"] == service["metadata"]["name"] == name
+    command = pod["containers"][0]["command"]
+    assert "--nnodes=3" in command and "--nproc-per-node=4" in command
+    assert "--node-rank=$(JOB_COMPLETION_INDEX)" in command
+    assert f"--master-addr={name}-0.{name}" in command and "--master-port=29400" in command
+    assert any(item["name"] == "JOB_COMPLETION_INDEX" for item in pod["containers"][0]["env"])
+    assert pod["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": "4"}
+    assert service["spec"]["clusterIP"] == "None"
+    assert (
+        service["spec"]["selector"].items() <= job["spec"]["template"]["metadata"]["labels"].items()
+    )
+    assert service["metadata"]["ownerReferences"][0]["uid"] == "uid-9"
+    config = spec.to_config()
+    assert (config.init_from, config.trainable) == ("s3://b/ckpt.pt", "batchnorm")
+
+
+def test_pretrain_spec_requires_a_store() -> None:
+    with pytest.raises(ValueError, match=r"storage\.uri"):
+        PretrainSpec.model_validate({})
