@@ -1,0 +1,227 @@
+"""Candidates scored per minute: the search's scorer against a plain per-trial pipeline.
+
+Both score the same random candidate policies with the same forward passes (rotation loss of
+the rotation head over 4 rotations, InfoNCE between two views under the frozen encoders) on
+the same held-out images and the same trained checkpoint:
+
+  baseline  per trial: load the checkpoint, build a DataLoader over the held-out images that
+            converts each image to PIL, applies crop/flip and the policy per image (the PIL
+            reference ops), converts back to tensors and collates (what a plain
+            implementation of Fast AutoAugment-style scoring does);
+  scorer    PolicyScorer: checkpoint loaded once, held-out images decoded once on the device,
+            the policy applied to whole batches by BatchAugmenter.
+
+Usage: python benchmarks/bench_scoring.py [--candidates 6] [--heldout 512] [--device cpu]
+Writes benchmarks/results/scoring-<device>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import functional as TF
+from torchvision.transforms import v2
+
+from selfaugment.trainer.checkpoint import checkpoint_config, load_checkpoint
+from selfaugment.trainer.config import DatasetConfig, PretrainConfig, ProbeConfig
+from selfaugment.trainer.data import holdout_split, load_dataset
+from selfaugment.trainer.moco import MoCo
+from selfaugment.trainer.models import build_backbone
+from selfaugment.trainer.ops import OP_NAMES
+from selfaugment.trainer.policy import OpSetting, Policy, apply_policy_pil
+from selfaugment.trainer.pretrain import run_pretrain
+from selfaugment.trainer.probes import train_probe
+from selfaugment.trainer.scoring import PolicyScorer, rotation_head_from_state
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def random_policy(rng: random.Random, sub_policies: int = 5, ops: int = 2) -> Policy:
+    return Policy(
+        [
+            [OpSetting(rng.choice(OP_NAMES), rng.random(), rng.random()) for _ in range(ops)]
+            for _ in range(sub_policies)
+        ]
+    )
+
+
+class PilViews(Dataset):
+    """Two augmented views per image, made per image with PIL (the baseline pipeline)."""
+
+    def __init__(self, images: torch.Tensor, policy: Policy, seed: int) -> None:
+        self.images = images
+        self.policy = policy
+        self.rng = random.Random(seed)
+        size = images.shape[-1]
+        self.crop = v2.Compose(
+            [v2.RandomResizedCrop(size, scale=(0.2, 1.0)), v2.RandomHorizontalFlip()]
+        )
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def _view(self, image: Image.Image) -> torch.Tensor:
+        return TF.to_tensor(apply_policy_pil(self.policy, self.crop(image), self.rng))
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        array = self.images[index]
+        mode = "L" if array.shape[0] == 1 else "RGB"
+        pil = Image.fromarray(
+            array[0].numpy() if mode == "L" else array.permute(1, 2, 0).numpy(), mode
+        )
+        return self._view(pil), self._view(pil)
+
+
+@torch.no_grad()
+def baseline_score(
+    checkpoint: Path, head_state: dict, images: torch.Tensor, policy: Policy, batch: int
+) -> dict[str, float]:
+    payload = load_checkpoint(checkpoint)
+    cfg = checkpoint_config(payload, str(checkpoint))
+    model = MoCo(build_backbone(cfg.model, images.shape[1]), cfg.moco)
+    model.load_state_dict(payload["model"])
+    model.eval()
+    head = rotation_head_from_state(head_state).eval()
+    loader = DataLoader(PilViews(images, policy, seed=0), batch_size=batch, shuffle=False)
+    rotation = infonce = 0.0
+    for view_q, view_k in loader:
+        for turns in range(4):
+            logits = head(model.backbone(torch.rot90(view_q, turns, (2, 3))))
+            targets = torch.full((view_q.shape[0],), turns, dtype=torch.long)
+            rotation += F.cross_entropy(logits, targets, reduction="sum").item()
+        loss, _ = model.contrastive_loss_eval(view_q, view_k)
+        infonce += loss.item() * view_q.shape[0]
+    count = images.shape[0]
+    return {"rotation_loss": rotation / (4 * count), "infonce": infonce / count}
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--candidates", type=int, default=6)
+    parser.add_argument("--heldout", type=int, default=512)
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.manual_seed(args.seed)
+    dataset = DatasetConfig(uri="sklearn:digits", image_size=args.image_size, channels=3)
+    data = load_dataset(dataset, seed=args.seed)
+    train_index, heldout_index = holdout_split(len(data), args.heldout / len(data), args.seed)
+    train, heldout = data.subset(train_index), data.subset(heldout_index)
+    config = PretrainConfig.model_validate(
+        {
+            "dataset": dataset.model_dump(),
+            "model": {"width": args.width},
+            "moco": {"dim": 32, "queue_size": 512},
+            "optim": {"epochs": 1, "batch_size": 128},
+            "runtime": {"device": args.device, "progress": False, "seed": args.seed},
+            "evaluation": {"tasks": []},
+        }
+    )
+    with tempfile.TemporaryDirectory() as directory:
+        run_pretrain(config, Path(directory), images=train)
+        checkpoint = Path(directory) / "checkpoint.pt"
+        payload = load_checkpoint(checkpoint)
+        backbone = build_backbone(config.model, 3)
+        backbone.load_state_dict(
+            {k.removeprefix("encoder_q.backbone."): v for k, v in payload["model"].items()
+             if k.startswith("encoder_q.backbone.")}
+        )
+        probe = train_probe(
+            backbone, "rotation", train.images, heldout.images, ProbeConfig(epochs=2)
+        )
+        rng = random.Random(args.seed)
+        policies = [random_policy(rng) for _ in range(args.candidates)]
+
+        started = time.perf_counter()
+        scorer = PolicyScorer.from_checkpoint(
+            checkpoint, probe.head_state, heldout.images, device=args.device,
+            batch_size=args.batch, seed=args.seed,
+        )
+        scorer.score(policies[0])  # warm-up
+        scorer_setup = time.perf_counter() - started
+        scorer_times = []
+        for policy in policies:
+            tick = time.perf_counter()
+            scorer.score(policy)
+            scorer_times.append(time.perf_counter() - tick)
+        baseline_times = []
+        for policy in policies:
+            tick = time.perf_counter()
+            baseline_score(checkpoint, probe.head_state, heldout.images, policy, args.batch)
+            baseline_times.append(time.perf_counter() - tick)
+
+    scorer_rate = 60.0 / statistics.median(scorer_times)
+    baseline_rate = 60.0 / statistics.median(baseline_times)
+    result = {
+        "command": "python " + " ".join(sys.argv),
+        "seed": args.seed,
+        "machine": machine(),
+        "setup": {
+            "dataset": "sklearn digits, upscaled, 3 channels",
+            "heldout_images": len(heldout),
+            "image_size": args.image_size,
+            "model": f"resnet18 width {args.width}, CIFAR stem",
+            "candidates": args.candidates,
+            "candidate_shape": "5 sub-policies x 2 ops, random",
+            "batch_size": args.batch,
+            "device": args.device,
+        },
+        "scorer_seconds_per_candidate": statistics.median(scorer_times),
+        "scorer_setup_seconds": scorer_setup,
+        "baseline_seconds_per_candidate": statistics.median(baseline_times),
+        "scorer_candidates_per_minute": scorer_rate,
+        "baseline_candidates_per_minute": baseline_rate,
+        "speedup": scorer_rate / baseline_rate,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    name = f"scoring-{args.device.split(':')[0]}"
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [
+        f"# Candidate scoring speed ({args.device})",
+        "",
+        f"Command: `{result['command']}` (seed {args.seed})",
+        "",
+        f"Machine: {result['machine']}",
+        "",
+        "| pipeline | seconds per candidate | candidates per minute |",
+        "|---|---|---|",
+        f"| plain per-trial DataLoader, per-image PIL policy | {result['baseline_seconds_per_candidate']:.3f} | {baseline_rate:.1f} |",
+        f"| PolicyScorer (in-memory, batched augmentation) | {result['scorer_seconds_per_candidate']:.3f} | {scorer_rate:.1f} |",
+        "",
+        f"Speed-up: **{result['speedup']:.1f}x** ({len(heldout)} held-out images, "
+        f"{args.image_size}px, {result['setup']['model']}).",
+    ]
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
