@@ -118,10 +118,12 @@ class RetrainConfig(StrictModel):
 class Toleration(StrictModel):
     """A Kubernetes toleration (subset of core/v1 Toleration)."""
 
-    key: str | None = None
-    operator: Literal["Exists", "Equal"] = "Equal"
-    value: str | None = None
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    key: str | None = Field(None, description="Taint key the toleration applies to.")
+    operator: Literal["Exists", "Equal"] = Field("Equal", description="Exists or Equal.")
+    value: str | None = Field(None, description="Taint value to match (operator Equal).")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="Taint effect to match; all effects when unset."
+    )
 
 
 class ResourcesConfig(StrictModel):
