@@ -362,9 +362,11 @@ def test_dashboard_configmap_carries_the_repository_dashboard(tmp_path):
     assert json.loads(config_map["data"]["selfaugment.json"]) == json.loads(source.read_text())
 
 
-def quickstart_commands() -> list[list[str]]:
-    """The shell commands of docs/cluster-quickstart.md's code blocks, split into words."""
-    text = (REPO / "docs" / "cluster-quickstart.md").read_text()
+def quickstart_commands(source: str) -> list[list[str]]:
+    """The shell commands of a quickstart's code blocks, split into words."""
+    text = (REPO / source).read_text()
+    if source == "README.md":
+        text = text.split("## Cluster quickstart", 1)[1].split("\n## ", 1)[0]
     commands = []
     for block in re.findall(r"```(?:bash|sh|console)\n(.*?)```", text, re.S):
         joined = re.sub(r"\\\n\s*", " ", block)
@@ -375,8 +377,9 @@ def quickstart_commands() -> list[list[str]]:
     return commands
 
 
-def test_cluster_quickstart_helm_install_renders_and_uses_the_examples(tmp_path):
-    commands = quickstart_commands()
+@pytest.mark.parametrize("source", ["docs/cluster-quickstart.md", "README.md"])
+def test_cluster_quickstart_helm_install_renders_and_uses_the_examples(tmp_path, source):
+    commands = quickstart_commands(source)
     installs = [c for c in commands if c[:2] == ["helm", "install"]]
     assert len(installs) == 1, installs
     install = installs[0]
@@ -395,7 +398,28 @@ def test_cluster_quickstart_helm_install_renders_and_uses_the_examples(tmp_path)
     # The operator's defaults (endpoint, Secret) are the ones the example search uses.
     assert env["AWS_ENDPOINT_URL"] == storage["endpoint"]
     assert env["SELFAUGMENT_S3_SECRET"] == storage["secret_ref"]
-    secrets = [c for c in commands if c[:3] == ["kubectl", "create", "secret"]]
-    assert secrets and storage["secret_ref"] in secrets[0]
+    # The store Secret exists where the operator runs and where the example search runs.
+    secret_namespaces = {
+        c[c.index("-n") + 1]
+        for c in commands
+        if c[:3] == ["kubectl", "create", "secret"] and storage["secret_ref"] in c and "-n" in c
+    }
+    release_namespace = next(
+        install[i + 1] for i, arg in enumerate(install) if arg in ("-n", "--namespace")
+    )
+    assert {release_namespace, search["metadata"]["namespace"]} <= secret_namespaces
     gets = [c for c in commands if c[:2] == ["kubectl", "get"]]
     assert any(names.SEARCH_PLURAL in c for c in gets)
+
+
+def test_alert_runbook_links_point_at_sections_of_the_operations_guide(tmp_path):
+    rule = one(render(tmp_path, {"prometheusRule": {"enabled": True}}), "PrometheusRule")
+    text = (REPO / "docs" / "operations.md").read_text()
+    anchors = {
+        re.sub(r"[^a-z0-9 -]", "", heading.lower()).replace(" ", "-")
+        for heading in re.findall(r"^#+ (.+)$", text, re.M)
+    }
+    for alert in rule["spec"]["groups"][0]["rules"]:
+        url = alert["annotations"]["runbook_url"]
+        assert url.split("#")[0].endswith("docs/operations.md"), url
+        assert url.split("#")[1] in anchors, url
