@@ -182,11 +182,14 @@ class ProbeConfig(StrictModel):
     )
 
 
+ProbeTask = Literal["rotation", "linear", "jigsaw"]
+
+
 class EvaluationConfig(StrictModel):
     """Which frozen-backbone evaluations to run after pretraining."""
 
-    tasks: list[Literal["rotation", "linear", "jigsaw"]] = Field(
-        default_factory=lambda: ["rotation"],
+    tasks: list[ProbeTask] = Field(
+        default_factory=lambda: list[ProbeTask](["rotation"]),
         description="'rotation' (label-free), 'linear' (needs labels), 'jigsaw' (2x2, 24-way).",
     )
     probe: ProbeConfig = Field(default_factory=ProbeConfig, description="Linear-head training.")

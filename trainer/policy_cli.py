@@ -22,15 +22,15 @@ def policy_command(args: argparse.Namespace) -> int:
                 continue
             print(f"ok {path}: {len(policy.sub_policies)} sub-policies")
         return 1 if failures else 0
-    policy = resolve_policy(args.policy)
+    resolved = resolve_policy(args.policy)
     if args.policy_command == "show":
-        print(describe(policy))
+        print(describe(resolved))
         return 0
     from selfaugment.trainer.data import load_dataset
     from selfaugment.trainer.render import render_policy_grid
 
     dataset = DatasetConfig(uri=args.dataset, image_size=args.image_size, limit=args.images)
     images = load_dataset(dataset, seed=args.seed).images
-    render_policy_grid(policy, images, args.output, samples_per_image=args.samples, seed=args.seed)
+    render_policy_grid(resolved, images, args.output, samples_per_image=args.samples, seed=args.seed)
     print(f"wrote {args.output}")
     return 0
