@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -114,3 +115,35 @@ def test_from_checkpoint_and_bad_head(setup, tmp_path: Path) -> None:
     assert loaded.score("flip") == direct.score("flip")
     with pytest.raises(ValueError, match="4-way"):
         PolicyScorer(model, {"weight": torch.zeros(3, 64), "bias": torch.zeros(3)}, heldout)
+
+
+def test_supervised_oracle_loss_uses_the_linear_head() -> None:
+    """With a linear head and labels, the scorer adds the supervised cross-entropy."""
+    torch.manual_seed(0)
+    backbone = build_backbone(ModelConfig(width=4), in_channels=1)
+    model = MoCo(backbone, MocoConfig(dim=8, queue_size=32))
+    images = (torch.rand(12, 1, 16, 16) * 255).to(torch.uint8)
+    labels = torch.arange(12) % 3
+    rotation = {"weight": torch.zeros(4, backbone.feature_dim), "bias": torch.zeros(4)}
+    linear = {"weight": torch.zeros(3, backbone.feature_dim), "bias": torch.zeros(3)}
+
+    def identity_views(_policy: object):
+        return lambda batch, generator=None: batch.float() / 255
+
+    scorer = PolicyScorer(
+        model,
+        rotation,
+        images,
+        batch_size=5,
+        augmenter_factory=identity_views,
+        linear_head=linear,
+        labels=labels,
+    )
+    score = scorer.score(None)
+    # zero heads predict uniformly: cross-entropy is log(classes)
+    assert score.supervised_loss == pytest.approx(math.log(3), rel=1e-5)
+    assert score.rotation_loss == pytest.approx(math.log(4), rel=1e-5)
+    plain = PolicyScorer(model, rotation, images, augmenter_factory=identity_views).score(None)
+    assert plain.supervised_loss is None and "supervised_loss" not in plain.to_dict()
+    with pytest.raises(ValueError, match="one label per held-out image"):
+        PolicyScorer(model, rotation, images, linear_head=linear, labels=labels[:3])

@@ -37,9 +37,10 @@ class PolicyScore:
     rotation_loss: float
     rotation_accuracy: float
     infonce: float
+    supervised_loss: float | None = None
 
     def to_dict(self) -> dict[str, float]:
-        return asdict(self)
+        return {key: value for key, value in asdict(self).items() if value is not None}
 
 
 def default_augmenter_factory(augment: AugmentConfig) -> AugmenterFactory:
@@ -81,6 +82,8 @@ class PolicyScorer:
         augment: AugmentConfig | None = None,
         augmenter_factory: AugmenterFactory | None = None,
         bf16: bool = False,
+        linear_head: dict[str, torch.Tensor] | None = None,
+        labels: torch.Tensor | None = None,
     ) -> None:
         if heldout_images.dim() != 4 or heldout_images.shape[0] == 0:
             raise ValueError(
@@ -99,6 +102,17 @@ class PolicyScorer:
             )
         self.rotation_head = rotation_head.to(self.device).eval()
         self.images = heldout_images.to(self.device)
+        # Optional supervised oracle: a linear classifier's cross-entropy on the labels.
+        self.linear_head: nn.Linear | None = None
+        self.labels: torch.Tensor | None = None
+        if linear_head is not None:
+            if labels is None or labels.shape[0] != heldout_images.shape[0]:
+                raise ValueError("a supervised linear head needs one label per held-out image")
+            weight = linear_head["weight"]
+            self.linear_head = nn.Linear(weight.shape[1], weight.shape[0])
+            self.linear_head.load_state_dict(linear_head)
+            self.linear_head.to(self.device).eval()
+            self.labels = labels.to(self.device).long()
         self.batch_size = batch_size
         self.seed = seed
         self.bf16 = bf16
@@ -135,7 +149,8 @@ class PolicyScorer:
         generator = torch.Generator(device=self.device).manual_seed(self.seed)
         backbone = self.model.backbone
         total = self.images.shape[0]
-        rotation_loss = rotation_correct = infonce = 0.0
+        rotation_loss = rotation_correct = infonce = supervised = 0.0
+        labels = self.labels
         for start in range(0, total, self.batch_size):
             batch = self.images[start : start + self.batch_size]
             view_q = augmenter(batch, generator)
@@ -143,7 +158,14 @@ class PolicyScorer:
             with autocast(self.device, self.bf16):
                 for quarter_turns in range(4):
                     rotated = torch.rot90(view_q, quarter_turns, (2, 3))
-                    logits = self.rotation_head(backbone(rotated).float())
+                    features = backbone(rotated).float()
+                    logits = self.rotation_head(features)
+                    if quarter_turns == 0 and self.linear_head is not None and labels is not None:
+                        supervised += F.cross_entropy(
+                            self.linear_head(features),
+                            labels[start : start + batch.shape[0]],
+                            reduction="sum",
+                        ).item()
                     targets = torch.full(
                         (batch.shape[0],), quarter_turns, dtype=torch.long, device=self.device
                     )
@@ -155,4 +177,5 @@ class PolicyScorer:
             rotation_loss=rotation_loss / (4 * total),
             rotation_accuracy=rotation_correct / (4 * total),
             infonce=infonce / total,
+            supervised_loss=supervised / total if self.linear_head is not None else None,
         )

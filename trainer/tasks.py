@@ -474,6 +474,8 @@ def _scorer(
         seed=ctx.seed,
         augmenter_factory=lambda policy: build_augmenter(views, policy),
         bf16=use_bf16(ctx.spec.runtime, device),
+        linear_head=heads.get("linear"),
+        labels=heldout.labels if "linear" in heads else None,
     )
 
 
