@@ -58,7 +58,8 @@ class SearchConfig(StrictModel):
     """The policy search (Algorithm 1 of the SelfAugment paper)."""
 
     algorithm: Literal["selfaugment", "selfrandaugment"] = Field(
-        "selfaugment", description="TPE policy search, or a RandAugment (N, M) grid scored by rotation."
+        "selfaugment",
+        description="TPE policy search, or a RandAugment (N, M) grid scored by rotation.",
     )
     base_policy: str = Field(
         "auto",
@@ -72,15 +73,21 @@ class SearchConfig(StrictModel):
         description="Transforms tried for the base policy: 'all' (15 ops + RandomResizedCrop) or a list.",
     )
     base_epochs: int = Field(
-        20, ge=1, description="MoCo epochs per base candidate (paper: about 10% of a full schedule)."
+        20,
+        ge=1,
+        description="MoCo epochs per base candidate (paper: about 10% of a full schedule).",
     )
     fold_epochs: int = Field(200, ge=1, description="MoCo epochs per fold with the base policy.")
     folds: int = Field(5, ge=1, le=20, description="K: data splits (paper: 5).")
     repeats: int = Field(2, ge=1, description="T: TPE repeats per fold (paper: 2).")
     trials: int = Field(200, ge=1, description="B: candidate policies per repeat (paper: 200).")
     sub_policies: int = Field(5, ge=1, description="N_T: sub-policies per candidate (paper: 5).")
-    ops_per_sub_policy: int = Field(2, ge=1, le=5, description="N_tau: ops per sub-policy (paper: 2).")
-    top_policies: int = Field(10, ge=1, description="P: best candidates kept per repeat (paper: 10).")
+    ops_per_sub_policy: int = Field(
+        2, ge=1, le=5, description="N_tau: ops per sub-policy (paper: 2)."
+    )
+    top_policies: int = Field(
+        10, ge=1, description="P: best candidates kept per repeat (paper: 10)."
+    )
     objective: Objective = Field(
         "minimax",
         description=(
@@ -91,7 +98,9 @@ class SearchConfig(StrictModel):
     weights: ObjectiveWeights = Field(default_factory=ObjectiveWeights)
     randaugment: RandAugmentGrid = Field(default_factory=RandAugmentGrid)
     startup_trials: int = Field(
-        20, ge=1, description=(
+        20,
+        ge=1,
+        description=(
             "Random trials before TPE starts modelling (hyperopt's n_startup_jobs; capped at trials)."
         ),
     )
@@ -110,7 +119,9 @@ class SearchConfig(StrictModel):
 class RetrainConfig(StrictModel):
     """Final retraining from scratch on all data with the found policy."""
 
-    epochs: int = Field(800, ge=1, description="MoCo epochs of the final model (paper CIFAR: 750+).")
+    epochs: int = Field(
+        800, ge=1, description="MoCo epochs of the final model (paper CIFAR: 750+)."
+    )
     batch_size: int | None = Field(None, ge=2, description="Overrides optim.batch_size when set.")
     lr: float | None = Field(None, gt=0.0, description="Overrides optim.lr when set.")
 

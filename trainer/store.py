@@ -163,8 +163,8 @@ class S3Store(ArtifactStore):
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
-        endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get(
-            "S3_ENDPOINT_URL"
+        endpoint = (
+            endpoint or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("S3_ENDPOINT_URL")
         )
         self.client = boto3.client(
             "s3",
