@@ -51,7 +51,7 @@ def default_models() -> list[StudyModel]:
         StudyModel(name="mocov2-style", policy="mocov2"),
         StudyModel(name="no augmentation", policy="none", crop=False, flip=False),
     ]
-    for op in ("Rotate", "Color", "Invert", "Equalize", "Cutout", "TranslateX", "Solarize"):
+    for op in ("Rotate", "Contrast", "Invert", "Equalize", "Cutout", "TranslateX", "Solarize"):
         models.append(StudyModel(name=f"{op} only", base=op, crop=False, flip=False))
     for n, m in ((1, 5), (2, 9), (3, 13), (2, 20)):
         models.append(StudyModel(name=f"RandAugment N={n} M={m}", policy=f"randaugment:{n}:{m}"))
