@@ -103,7 +103,7 @@ def reconcile_search(body: Mapping[str, Any]) -> None:
         fresh = RUNTIME.deps.kube.get(names.API_VERSION, names.SEARCH_PLURAL, *key) or raw
         reconciler = SearchReconciler(fresh, RUNTIME.deps)
         reconciler.run()
-        RUNTIME.gauges.record(*key, {**reconciler.old, **reconciler.status})
+        RUNTIME.gauges.record(*key, {**reconciler.old, **reconciler.status}, reconciler.observed)
 
     _guarded("AugmentSearch", key, work)
 

@@ -37,8 +37,13 @@ def owner_reference(body: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def worker_env(storage: StorageConfig) -> list[dict[str, Any]]:
-    """Store endpoint and region as values; credentials as references to the Secret."""
+def worker_env(storage: StorageConfig, settings: OperatorSettings) -> list[dict[str, Any]]:
+    """Store endpoint and region as values; credentials as references to the Secret.
+
+    An unset `storage.endpoint` / `storage.secret_ref` falls back to the operator's defaults
+    (SELFAUGMENT_S3_ENDPOINT / SELFAUGMENT_S3_SECRET).
+    """
+    storage = settings.resolve_storage(storage)
     env: list[dict[str, Any]] = [{"name": "PYTHONUNBUFFERED", "value": "1"}]
     if storage.endpoint:
         env.append({"name": "AWS_ENDPOINT_URL", "value": storage.endpoint})
@@ -51,12 +56,12 @@ def worker_env(storage: StorageConfig) -> list[dict[str, Any]]:
     return env
 
 
-def container_resources(resources: ResourcesConfig, gpus: int) -> dict[str, Any]:
+def container_resources(resources: ResourcesConfig, gpus: int, gpu_resource: str) -> dict[str, Any]:
     requests: dict[str, Any] = {"cpu": resources.cpu, "memory": resources.memory}
     limits: dict[str, Any] = {}
     if gpus > 0:  # extended resources: request == limit
-        requests[resources.gpu_resource] = str(gpus)
-        limits[resources.gpu_resource] = str(gpus)
+        requests[gpu_resource] = str(gpus)
+        limits[gpu_resource] = str(gpus)
     return {"requests": requests, "limits": limits} if limits else {"requests": requests}
 
 
@@ -68,20 +73,23 @@ def pod_template(
     labels: dict[str, str],
     settings: OperatorSettings,
 ) -> dict[str, Any]:
-    """A pod template with scheduling settings from the spec over the operator's defaults."""
+    """A pod template with scheduling settings from the spec over the operator's defaults
+    (image, GPU resource name, nodeSelector entries, tolerations added to the spec's)."""
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": resources.image or settings.worker_image,
         "imagePullPolicy": settings.image_pull_policy,
         "command": command,
         "env": env,
-        "resources": container_resources(resources, gpus),
+        "resources": container_resources(resources, gpus, settings.resolve_gpu_resource(resources)),
     }
     spec: dict[str, Any] = {"restartPolicy": "Never", "containers": [container]}
-    if resources.node_selector:
-        spec["nodeSelector"] = dict(resources.node_selector)
-    if resources.tolerations:
-        spec["tolerations"] = [item.model_dump(exclude_none=True) for item in resources.tolerations]
+    node_selector = settings.resolve_node_selector(resources)
+    if node_selector:
+        spec["nodeSelector"] = node_selector
+    tolerations = settings.resolve_tolerations(resources)
+    if tolerations:
+        spec["tolerations"] = tolerations
     if resources.affinity:
         spec["affinity"] = dict(resources.affinity)
     if resources.priority_class:
@@ -146,7 +154,7 @@ def task_job(
     gpus = spec.resources.gpus if task.kind in GPU_KINDS else 0
     template = pod_template(
         task_command(spec.storage.uri, task.id),
-        worker_env(spec.storage),
+        worker_env(spec.storage, settings),
         spec.resources,
         gpus,
         labels,
@@ -229,7 +237,7 @@ def pretrain_job(
     labels = {names.LABEL_MANAGED: names.MANAGER, names.LABEL_PRETRAIN: label_value(name)}
     if spec.search_ref:
         labels.update(search_labels(spec.search_ref, "retrain", "retrain"))
-    env = worker_env(spec.storage)
+    env = worker_env(spec.storage, settings)
     nodes = spec.distributed.nodes
     gpus = spec.resources.gpus and spec.gpus_per_node()
     if nodes > 1:

@@ -19,6 +19,7 @@ from selfaugment.operator.status import (
     job_failure,
     job_state,
     merge_patch,
+    number,
     set_condition,
 )
 from selfaugment.trainer.config import ConfigError, parse_config
@@ -29,14 +30,6 @@ from selfaugment.trainer.store import ArtifactStore
 def run_prefix(name: str, spec: PretrainSpec) -> str:
     """Where the worker writes result/progress/checkpoint: the search's retrain task or prefix."""
     return "tasks/retrain" if spec.search_ref else manifests.pretrain_prefix(name, spec)
-
-
-def _number(data: Mapping[str, Any] | None, *keys: str) -> float | None:
-    for key in keys:
-        value = (data or {}).get(key)
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-    return None
 
 
 class PretrainReconciler:
@@ -80,7 +73,7 @@ class PretrainReconciler:
             self._patch()
             return
         self._condition("SpecValid", True, "Valid", "spec is valid")
-        store = open_run_store(spec.storage)
+        store = open_run_store(spec.storage, self.deps.settings)
         prefix = run_prefix(self.name, spec)
         if not spec.search_ref and not store.exists(f"{prefix}/config.json"):
             store.write_json(f"{prefix}/config.json", spec.to_config().model_dump(mode="json"))
@@ -99,14 +92,14 @@ class PretrainReconciler:
             if kube.create(manifests.pretrain_job(self.body, spec, settings)):
                 self.deps.post_event(self.body, "Normal", "JobCreated", f"created Job {job_name}")
         progress = read_optional(store, f"{prefix}/progress.json")
-        epoch, epochs = _number(progress, "epoch"), _number(progress, "epochs")
+        epoch, epochs = number(progress, "epoch"), number(progress, "epochs")
         self.status["epoch"] = int(epoch) if epoch is not None else None
         self.status["epochs"] = int(epochs) if epochs is not None else spec.optim.epochs
-        self.status["loss"] = _number(progress, "loss")
+        self.status["loss"] = number(progress, "loss")
         if result is not None:
             self.status["phase"] = "Succeeded"
-            self.status["loss"] = _number(result, "loss", "final_loss") or self.status["loss"]
-            self.status["rotationAccuracy"] = _number(result, "rotation_accuracy")
+            self.status["loss"] = number(result, "loss", "final_loss") or self.status["loss"]
+            self.status["rotationAccuracy"] = number(result, "rotation_accuracy")
             checkpoint = result.get("checkpoint") if isinstance(result, dict) else None
             self.status["checkpoint"] = (
                 checkpoint

@@ -30,12 +30,14 @@ class Deps:
     post_event: EventPoster
 
 
-def open_run_store(storage: StorageConfig) -> ArtifactStore:
-    """The run's store, read with the operator's own credentials (from its environment)."""
+def open_run_store(storage: StorageConfig, settings: OperatorSettings) -> ArtifactStore:
+    """The run's store, read with the operator's own credentials (from its environment), at
+    `storage.endpoint` or else the operator's default endpoint (SELFAUGMENT_S3_ENDPOINT)."""
     if not storage.uri:
         raise StoreUnavailable("storage.uri is not set")
+    endpoint = settings.resolve_storage(storage).endpoint
     try:
-        return open_store(storage.uri, endpoint=storage.endpoint, region=storage.region)
+        return open_store(storage.uri, endpoint=endpoint, region=storage.region)
     except StoreError as error:
         raise StoreUnavailable(str(error)) from None
 

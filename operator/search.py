@@ -12,8 +12,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from selfaugment.operator import manifests, names
+from selfaugment.operator.observe import SearchObservation
 from selfaugment.operator.runtime import Deps, StoreUnavailable, open_run_store, read_optional
 from selfaugment.operator.status import (
+    JOB_ACTIVE,
     JOB_FAILED,
     JOB_SUCCEEDED,
     JOB_SUSPENDED,
@@ -22,6 +24,7 @@ from selfaugment.operator.status import (
     job_state,
     merge_patch,
     now_iso,
+    number,
     parse_time,
     set_condition,
 )
@@ -124,6 +127,8 @@ class SearchReconciler:
             "conditions": list(self.old.get("conditions") or []),
             "observedGeneration": self.generation,
         }
+        #: Jobs and running tasks' figures for the metrics (None when nothing was looked at).
+        self.observed: SearchObservation | None = None
 
     # -- small helpers -------------------------------------------------------------------
     def _condition(self, kind: str, status: bool, reason: str, message: str = "") -> None:
@@ -167,7 +172,7 @@ class SearchReconciler:
             self._patch()
             return
         self._condition("SpecValid", True, "Valid", "spec is valid")
-        store = open_run_store(spec.storage)
+        store = open_run_store(spec.storage, self.deps.settings)
         spec = self._started_spec(spec, store)
         self._advance(spec, store)
         self._patch()
@@ -215,6 +220,7 @@ class SearchReconciler:
         }
         running = 0
         failure: tuple[Task, str] | None = None
+        self.observed = SearchObservation(jobs=list(jobs.values()))
         for task in state.tasks:
             if task.id in state.done:
                 continue
@@ -234,6 +240,8 @@ class SearchReconciler:
                 )
             else:
                 running += 1
+                if current == JOB_ACTIVE:
+                    self._observe_training(store, task)
         if failure is None:
             for task in state.ready:
                 if running >= spec.parallelism.max_workers:
@@ -245,6 +253,14 @@ class SearchReconciler:
                 self._start(task, spec)
                 running += 1
         self._write_progress(spec, store, state, running, jobs, failure)
+
+    def _observe_training(self, store: ArtifactStore, task: Task) -> None:
+        """Epoch and loss of a running task from its `tasks/<id>/progress.json`, if any."""
+        figures = read_optional(store, f"tasks/{task.id}/progress.json")
+        epoch, loss = number(figures, "epoch"), number(figures, "loss")
+        if self.observed is not None and epoch is not None:
+            values = {"epoch": epoch} if loss is None else {"epoch": epoch, "loss": loss}
+            self.observed.training[task.id] = values
 
     def _pretrain_exists(self) -> bool:
         found = self.deps.kube.get(

@@ -1,9 +1,29 @@
-"""Operator-wide defaults, read once from the environment (the Helm chart sets them)."""
+"""Operator-wide defaults, read once from the environment (the Helm chart sets them).
+
+A resource's spec overrides them: see `resolve_storage`, `gpu_resource`, `node_selector` and
+`tolerations`, which the manifest builders and the store access use.
+"""
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
+
+from selfaugment.trainer.spec import ResourcesConfig, StorageConfig
+
+#: The spec's default of `resources.gpu_resource` (the CRD fills it in when a spec omits it).
+SPEC_GPU_RESOURCE = "nvidia.com/gpu"
+_TOLERATION_KEYS = {
+    "key": str,
+    "operator": str,
+    "value": str,
+    "effect": str,
+    "tolerationSeconds": int,
+}
+_OPERATORS = ("Exists", "Equal")
+_EFFECTS = ("", "NoSchedule", "PreferNoSchedule", "NoExecute")
 
 
 def _env_int(name: str, default: int) -> int:
@@ -26,6 +46,62 @@ def _env_float(name: str, default: float) -> float:
         raise ValueError(f"environment variable {name}={raw!r}: expected a number") from None
 
 
+def _env_json(name: str) -> Any:
+    """The JSON value of variable `name`, or None when unset or empty."""
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() in ("", "null"):
+        return None
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"environment variable {name}={raw!r}: invalid JSON ({error})") from None
+
+
+def parse_node_selector(name: str, value: Any) -> dict[str, str]:
+    """A nodeSelector (JSON object of strings); ValueError names the variable and the entry."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"environment variable {name}: expected a JSON object, got {type(value).__name__}"
+        )
+    for key, item in value.items():
+        if not isinstance(item, str):
+            raise ValueError(
+                f"environment variable {name}: entry {key!r}: expected a string, "
+                f"got {type(item).__name__}"
+            )
+    return dict(value)
+
+
+def parse_tolerations(name: str, value: Any) -> tuple[dict[str, Any], ...]:
+    """Tolerations (JSON list of core/v1 Toleration objects); ValueError names the entry."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ValueError(
+            f"environment variable {name}: expected a JSON list, got {type(value).__name__}"
+        )
+    result = []
+    for index, item in enumerate(value):
+        where = f"environment variable {name}: entry [{index}]"
+        if not isinstance(item, dict):
+            raise ValueError(f"{where}: expected an object, got {type(item).__name__}")
+        for key, entry in item.items():
+            kind = _TOLERATION_KEYS.get(key)
+            if kind is None:
+                allowed = ", ".join(_TOLERATION_KEYS)
+                raise ValueError(f"{where}: unknown field {key!r} (allowed: {allowed})")
+            if not isinstance(entry, kind) or isinstance(entry, bool):
+                raise ValueError(f"{where}.{key}: expected {kind.__name__}, got {entry!r}")
+        if item.get("operator", "Equal") not in _OPERATORS:
+            raise ValueError(f"{where}.operator: expected one of {_OPERATORS}")
+        if item.get("effect", "") not in _EFFECTS:
+            raise ValueError(f"{where}.effect: expected one of {_EFFECTS[1:]} or ''")
+        result.append(dict(item))
+    return tuple(result)
+
+
 @dataclass(frozen=True)
 class OperatorSettings:
     """Defaults that a resource's spec overrides."""
@@ -36,12 +112,20 @@ class OperatorSettings:
     timer_interval: float = 30.0
     metrics_port: int = 8080
     job_ttl_seconds: int | None = None
+    gpu_resource: str = SPEC_GPU_RESOURCE
+    worker_node_selector: dict[str, str] = field(default_factory=dict)
+    worker_tolerations: tuple[dict[str, Any], ...] = ()
+    s3_endpoint: str | None = None
+    s3_secret: str | None = None
 
     @classmethod
     def from_env(cls) -> OperatorSettings:
         """SELFAUGMENT_WORKER_IMAGE, _IMAGE_PULL_POLICY, _SERVICE_ACCOUNT, _TIMER_INTERVAL,
-        _METRICS_PORT, _JOB_TTL_SECONDS."""
+        _METRICS_PORT, _JOB_TTL_SECONDS, _GPU_RESOURCE, _WORKER_NODE_SELECTOR (JSON object),
+        _WORKER_TOLERATIONS (JSON list), _S3_ENDPOINT, _S3_SECRET."""
         ttl = os.environ.get("SELFAUGMENT_JOB_TTL_SECONDS")
+        selector = "SELFAUGMENT_WORKER_NODE_SELECTOR"
+        tolerations = "SELFAUGMENT_WORKER_TOLERATIONS"
         return cls(
             worker_image=os.environ.get("SELFAUGMENT_WORKER_IMAGE", cls.worker_image),
             image_pull_policy=os.environ.get(
@@ -51,4 +135,41 @@ class OperatorSettings:
             timer_interval=_env_float("SELFAUGMENT_TIMER_INTERVAL", cls.timer_interval),
             metrics_port=_env_int("SELFAUGMENT_METRICS_PORT", cls.metrics_port),
             job_ttl_seconds=_env_int("SELFAUGMENT_JOB_TTL_SECONDS", 0) if ttl else None,
+            gpu_resource=os.environ.get("SELFAUGMENT_GPU_RESOURCE") or cls.gpu_resource,
+            worker_node_selector=parse_node_selector(selector, _env_json(selector)),
+            worker_tolerations=parse_tolerations(tolerations, _env_json(tolerations)),
+            s3_endpoint=os.environ.get("SELFAUGMENT_S3_ENDPOINT") or None,
+            s3_secret=os.environ.get("SELFAUGMENT_S3_SECRET") or None,
         )
+
+    # -- a resource's spec over these defaults ---------------------------------------------
+    def resolve_storage(self, storage: StorageConfig) -> StorageConfig:
+        """`storage` with an unset endpoint and secret_ref taken from the operator's defaults."""
+        return storage.model_copy(
+            update={
+                "endpoint": storage.endpoint or self.s3_endpoint,
+                "secret_ref": storage.secret_ref or self.s3_secret,
+            }
+        )
+
+    def resolve_gpu_resource(self, resources: ResourcesConfig) -> str:
+        """The spec's GPU resource name when it differs from the spec default, else ours.
+
+        The CRD defaults `gpu_resource` to nvidia.com/gpu, so an omitted field and an explicit
+        nvidia.com/gpu look the same: both get the operator's default.
+        """
+        if resources.gpu_resource != SPEC_GPU_RESOURCE:
+            return resources.gpu_resource
+        return self.gpu_resource
+
+    def resolve_node_selector(self, resources: ResourcesConfig) -> dict[str, str]:
+        """The operator's default nodeSelector with the spec's entries over it."""
+        return {**self.worker_node_selector, **resources.node_selector}
+
+    def resolve_tolerations(self, resources: ResourcesConfig) -> list[dict[str, Any]]:
+        """The spec's tolerations, then the operator's defaults not already among them."""
+        result = [item.model_dump(exclude_none=True) for item in resources.tolerations]
+        for default in self.worker_tolerations:
+            if default not in result:
+                result.append(dict(default))
+        return result

@@ -28,6 +28,15 @@ def parse_time(text: str | None) -> dt.datetime | None:
         return None
 
 
+def number(data: Mapping[str, Any] | None, *keys: str) -> float | None:
+    """The first of `keys` in `data` whose value is a number (not a bool), as a float."""
+    for key in keys:
+        value = (data or {}).get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
 def _has_condition(job: Mapping[str, Any], kind: str) -> bool:
     conditions = (job.get("status") or {}).get("conditions") or []
     return any(c.get("type") == kind and c.get("status") == "True" for c in conditions)

@@ -171,18 +171,26 @@ def test_operator_reads_the_settings_the_chart_sets(tmp_path, monkeypatch):
     assert settings.job_ttl_seconds == workers["jobTTLSeconds"]
     assert settings.metrics_port == 9100
     assert settings.timer_interval == 12.5
-    # Worker defaults not (yet) in OperatorSettings travel as documented variables.
-    assert env["SELFAUGMENT_GPU_RESOURCE"] == "amd.com/gpu"
-    assert json.loads(env["SELFAUGMENT_WORKER_NODE_SELECTOR"]) == workers["nodeSelector"]
-    assert json.loads(env["SELFAUGMENT_WORKER_TOLERATIONS"]) == workers["tolerations"]
-    assert (
-        env["SELFAUGMENT_S3_ENDPOINT"]
-        == env["AWS_ENDPOINT_URL"]
-        == CUSTOM_VALUES["storage"]["endpoint"]
-    )
-    assert env["SELFAUGMENT_S3_SECRET"] == "minio-credentials"
+    # Worker defaults that a resource's spec overrides.
+    assert settings.gpu_resource == workers["gpuResource"] == "amd.com/gpu"
+    assert settings.worker_node_selector == workers["nodeSelector"]
+    assert list(settings.worker_tolerations) == workers["tolerations"]
+    assert settings.s3_endpoint == env["AWS_ENDPOINT_URL"] == CUSTOM_VALUES["storage"]["endpoint"]
+    assert settings.s3_secret == CUSTOM_VALUES["storage"]["credentialsSecret"]
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # by reference, never by value
         assert env[key] == {"secretKeyRef": {"name": "minio-credentials", "key": key}}
+
+
+def test_default_values_give_the_operator_defaults(tmp_path, monkeypatch):
+    """With the chart's defaults (empty JSON, no store settings) from_env parses cleanly."""
+    env = container_env(one(render(tmp_path), "Deployment"))
+    for key in list(__import__("os").environ):
+        if key.startswith("SELFAUGMENT_"):
+            monkeypatch.delenv(key)
+    for key, value in env.items():
+        if isinstance(value, str):
+            monkeypatch.setenv(key, value)
+    assert OperatorSettings.from_env() == OperatorSettings()
 
 
 def test_custom_values_render_namespaced_mode_monitors_and_scheduling(tmp_path):

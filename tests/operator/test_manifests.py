@@ -103,7 +103,7 @@ def test_cpu_only_tasks_request_no_gpu_and_image_comes_from_spec() -> None:
 
 
 def test_credentials_are_referenced_never_copied() -> None:
-    env = manifests.worker_env(search_spec().storage)
+    env = manifests.worker_env(search_spec().storage, SETTINGS)
     by_name = {item["name"]: item for item in env}
     assert by_name["AWS_ENDPOINT_URL"]["value"] == "http://minio:9000"
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):

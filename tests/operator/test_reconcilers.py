@@ -7,7 +7,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from selfaugment.operator import names, status
+from selfaugment.operator import observe as observe_module
+from selfaugment.operator.observe import SearchGauges, SearchObservation, job_attempts
 from selfaugment.operator.pretrain import PretrainReconciler
 from selfaugment.operator.runtime import Deps
 from selfaugment.operator.search import SearchReconciler, changed_sections, parse_search_spec
@@ -246,3 +250,196 @@ def test_merge_patch_and_eta() -> None:
     assert eta.seconds_left(now) == 200.0
     assert eta.at(now) == "2024-01-01T00:05:00Z"
     assert status.Eta(start, 0, 6).at(now) is None
+
+
+# -- metrics the reconciler feeds (as handlers.reconcile_search does) --------------------------
+LABELS = {"namespace": "default", "search": "s"}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def observe(kube: MemoryKube, deps: Deps, gauges: SearchGauges) -> SearchReconciler:
+    reconciler = SearchReconciler(kube.objects[(names.SEARCH_PLURAL, "default", "s")], deps)
+    reconciler.run()
+    gauges.record("default", "s", {**reconciler.old, **reconciler.status}, reconciler.observed)
+    return reconciler
+
+
+def sample(deps: Deps, name: str, **labels: str) -> float | None:
+    return deps.metrics.registry.get_sample_value(name, {**LABELS, **labels})
+
+
+def attempts(deps: Deps) -> tuple[float | None, float | None]:
+    return (
+        sample(deps, "selfaugment_task_failures_total"),
+        sample(deps, "selfaugment_task_retries_total"),
+    )
+
+
+def test_failures_and_retries_follow_job_status(tmp_path: Path) -> None:
+    kube, deps, _, _ = make(tmp_path)  # max_retries 2: backoffLimit 2
+    gauges = SearchGauges(deps.metrics)
+    observe(kube, deps, gauges)
+    assert attempts(deps) == (0.0, 0.0)  # exported before the first failure
+    job = kube.objects[("jobs", "default", "s-fold-1")]
+    assert job["spec"]["backoffLimit"] == 2
+    job["status"] = {"active": 1, "failed": 1}  # one pod failed, the controller retries it
+    observe(kube, deps, gauges)
+    assert attempts(deps) == (1.0, 1.0)
+    observe(kube, deps, gauges)  # nothing new: no double counting
+    assert attempts(deps) == (1.0, 1.0)
+    job["status"] = {"active": 1, "failed": 2}
+    observe(kube, deps, gauges)
+    assert attempts(deps) == (2.0, 2.0)
+    kube.finish("s-fold-1", ok=False)
+    job["status"]["failed"] = 3  # 1 try + 2 retries, then failed for good
+    reconciler = observe(kube, deps, gauges)
+    assert reconciler.status["phase"] == "Failed"
+    assert attempts(deps) == (3.0, 2.0)
+    terminal = observe(kube, deps, gauges)  # terminal: no Jobs looked at, counters kept
+    assert terminal.observed is None and attempts(deps) == (3.0, 2.0)
+
+
+def test_a_recreated_job_counts_afresh(tmp_path: Path) -> None:
+    kube, deps, _, _ = make(tmp_path)
+    gauges = SearchGauges(deps.metrics)
+    observe(kube, deps, gauges)
+    job = kube.objects[("jobs", "default", "s-fold-0")]
+    job["metadata"]["uid"] = "first"
+    job["status"] = {"active": 1, "failed": 2}
+    observe(kube, deps, gauges)
+    assert attempts(deps) == (2.0, 2.0)
+    # Deleted and created again under the same name (new uid): its count starts at 0.
+    job["metadata"]["uid"] = "second"
+    job["status"] = {"active": 1, "failed": 1}
+    observe(kube, deps, gauges)
+    assert attempts(deps) == (3.0, 3.0)
+
+
+def test_job_attempts_from_status() -> None:
+    def job(failed: int, limit: int, final: bool) -> dict[str, Any]:
+        conditions = [{"type": "Failed", "status": "True"}] if final else []
+        return {
+            "spec": {"backoffLimit": limit},
+            "status": {"failed": failed, "conditions": conditions},
+        }
+
+    assert job_attempts({}) == (0, 0)
+    assert job_attempts(job(2, 3, final=False)) == (2, 2)
+    assert job_attempts(job(4, 3, final=True)) == (4, 3)
+    # Failed before the limit (e.g. a podFailurePolicy FailJob rule): the last one is no retry.
+    assert job_attempts(job(1, 3, final=True)) == (1, 0)
+    # The count is already past the limit but the Failed condition is not set yet.
+    assert job_attempts(job(4, 3, final=False)) == (4, 3)
+
+
+def test_last_progress_is_stamped_when_tasks_or_trials_grow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = Clock()
+    monkeypatch.setattr(observe_module, "_now", clock)
+    kube, deps, _, store = make(tmp_path)
+    gauges = SearchGauges(deps.metrics)
+    name = "selfaugment_search_last_progress_timestamp_seconds"
+    observe(kube, deps, gauges)
+    assert sample(deps, name) == 1000.0  # first seen by this operator process
+    clock.now = 1100.0
+    observe(kube, deps, gauges)
+    assert sample(deps, name) == 1000.0  # no task finished: unchanged
+    store.write_json("tasks/fold-0/result.json", {"base_policy": "Rotate"})
+    kube.finish("s-fold-0")
+    observe(kube, deps, gauges)
+    assert sample(deps, name) == 1100.0
+    clock.now = 1200.0
+    progress = {"done": 1, "total": 9, "running": 2, "trialsDone": 0}
+    gauges.record("default", "s", {"phase": "Running", "progress": progress})
+    assert sample(deps, name) == 1100.0
+    gauges.record("default", "s", {"phase": "Running", "progress": {**progress, "trialsDone": 1}})
+    assert sample(deps, name) == 1200.0  # a trial finished within a running task
+
+
+def test_train_epoch_and_loss_of_running_tasks(tmp_path: Path) -> None:
+    kube, deps, _, store = make(tmp_path)
+    gauges = SearchGauges(deps.metrics)
+    assert observe(kube, deps, gauges).observed == SearchObservation([], {})  # no Jobs yet
+    store.write_json("tasks/fold-0/progress.json", {"epoch": 3, "epochs": 10, "loss": 5.5})
+    store.write_json("tasks/fold-2/progress.json", {"epoch": 1, "loss": 9.0})  # not started
+    reconciler = observe(kube, deps, gauges)
+    assert reconciler.observed is not None
+    assert reconciler.observed.training == {"fold-0": {"epoch": 3.0, "loss": 5.5}}
+    assert sample(deps, "selfaugment_train_epoch", task="fold-0") == 3.0
+    assert sample(deps, "selfaugment_train_loss", task="fold-0") == 5.5
+    assert sample(deps, "selfaugment_train_epoch", task="fold-1") is None  # no progress yet
+    assert sample(deps, "selfaugment_train_epoch", task="fold-2") is None  # no Job yet
+    store.write_json("tasks/fold-0/progress.json", {"epoch": 4, "epochs": 10, "loss": 5.1})
+    store.write_json("tasks/fold-1/progress.json", {"epoch": 0, "epochs": 10})
+    observe(kube, deps, gauges)
+    assert sample(deps, "selfaugment_train_epoch", task="fold-0") == 4.0
+    assert sample(deps, "selfaugment_train_loss", task="fold-0") == 5.1
+    assert sample(deps, "selfaugment_train_epoch", task="fold-1") == 0.0
+    assert sample(deps, "selfaugment_train_loss", task="fold-1") is None  # no loss before epoch 1
+    store.write_json("tasks/fold-0/result.json", {"base_policy": "Rotate"})
+    kube.finish("s-fold-0")
+    observe(kube, deps, gauges)  # fold-0 done: its series go; fold-2's Job is created
+    assert sample(deps, "selfaugment_train_epoch", task="fold-0") is None
+    assert sample(deps, "selfaugment_train_loss", task="fold-0") is None
+    assert sample(deps, "selfaugment_train_epoch", task="fold-1") == 0.0
+    assert sample(deps, "selfaugment_train_epoch", task="fold-2") is None
+    observe(kube, deps, gauges)  # fold-2's Job is active now
+    assert sample(deps, "selfaugment_train_epoch", task="fold-2") == 1.0
+
+
+def test_suspended_jobs_have_no_training_series(tmp_path: Path) -> None:
+    kube, deps, _, store = make(tmp_path, resources={"queue": "team-a"})
+    gauges = SearchGauges(deps.metrics)
+    observe(kube, deps, gauges)
+    store.write_json("tasks/fold-0/progress.json", {"epoch": 2, "loss": 6.0})
+    reconciler = observe(kube, deps, gauges)
+    assert reconciler.observed is not None and reconciler.observed.training == {}
+    assert sample(deps, "selfaugment_train_epoch", task="fold-0") is None
+
+
+def test_forget_removes_every_series_of_a_deleted_search(tmp_path: Path) -> None:
+    kube, deps, _, store = make(tmp_path)
+    gauges = SearchGauges(deps.metrics)
+    observe(kube, deps, gauges)
+    store.write_json("tasks/fold-0/progress.json", {"epoch": 1, "loss": 7.0})
+    kube.objects[("jobs", "default", "s-fold-1")]["status"] = {"active": 1, "failed": 1}
+    observe(kube, deps, gauges)
+    gauges.record("default", "other", {"phase": "Running", "progress": {"done": 1, "total": 2}})
+
+    def series(search: str) -> set[str]:
+        return {
+            s.name
+            for metric in deps.metrics.registry.collect()
+            for s in metric.samples
+            if s.labels.get("search") == search
+        }
+
+    exported = series("s")
+    for name in (
+        "selfaugment_search_last_progress_timestamp_seconds",
+        "selfaugment_task_failures_total",
+        "selfaugment_task_retries_total",
+        "selfaugment_train_epoch",
+        "selfaugment_train_loss",
+        "selfaugment_tasks",
+        "selfaugment_search_stage",
+    ):
+        assert name in exported, name
+    assert deps.metrics.registry.get_sample_value("selfaugment_searches", {"phase": "Running"}) == 2
+    gauges.forget("default", "s")
+    assert series("s") == set()
+    assert "selfaugment_search_progress_ratio" in series("other")  # others are untouched
+    assert deps.metrics.registry.get_sample_value("selfaugment_searches", {"phase": "Running"}) == 1
+    assert not gauges.progress_seen.get(("default", "s"))
+    assert ("default", "s") not in gauges.attempts_seen
+    # Seen again later (re-created with the same name): counters start from zero.
+    observe(kube, deps, gauges)
+    assert sample(deps, "selfaugment_task_failures_total") == 1.0
