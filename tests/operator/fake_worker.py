@@ -1,6 +1,6 @@
 """A test-only stand-in for `selfaugment worker` used by the operator *mechanics* tests.
 
-It trains nothing: it writes the result files the operator reads, so that restart, retry,
+It trains nothing: it writes the progress and result files the operator reads, so that restart, retry,
 failure, deletion and secret-handling tests take seconds. The real pipeline is exercised by
 the end-to-end test with the real worker. Environment knobs:
 FAKE_FAIL_TASKS (comma-separated task ids that exit 1), FAKE_SLEEP (seconds per task).
@@ -26,6 +26,8 @@ def main() -> int:
     args = parser.parse_args()
     store = open_store(args.store)
     key = f"tasks/{args.task}" if args.action == "run" else args.prefix
+    # Figures of a training task at its start, as the real worker writes them (read for metrics).
+    store.write_json(f"{key}/progress.json", {"epoch": 0, "epochs": 1, "loss": 9.5})
     time.sleep(float(os.environ.get("FAKE_SLEEP", "0.5")))
     if args.task in os.environ.get("FAKE_FAIL_TASKS", "").split(","):
         print(f"fake worker: task {args.task} fails on purpose", file=sys.stderr)

@@ -206,7 +206,7 @@ def test_prometheus_scrapes_the_operator_during_a_search(
     cluster.create_secret(search["spec"]["storage"]["secret_ref"], {
         "AWS_ACCESS_KEY_ID": "worker-key", "AWS_SECRET_ACCESS_KEY": "worker-secret",
     })  # fmt: skip
-    kubelet_fake.extra_env["FAKE_SLEEP"] = "1"
+    kubelet_fake.extra_env["FAKE_SLEEP"] = "2"  # long enough to scrape running tasks' epochs
     manifest = tmp_path / "augmentsearch.yaml"
     manifest.write_text(yaml.safe_dump(search))
     kubectl_apply(cluster, manifest)
@@ -242,6 +242,18 @@ def test_prometheus_scrapes_the_operator_during_a_search(
     assert prometheus.value(f"selfaugment_trials_done{{{labels}}}") > 0
     best = prometheus.value(f"selfaugment_best_objective{{{labels}}}")
     assert best == pytest.approx(body["status"]["bestObjective"])
+    # Job-derived series: counters exported (no failure here), last progress stamped.
+    assert prometheus.value(f"selfaugment_task_failures_total{{{labels}}}") == 0
+    assert prometheus.value(f"selfaugment_task_retries_total{{{labels}}}") == 0
+    stamped = prometheus.value(f"selfaugment_search_last_progress_timestamp_seconds{{{labels}}}")
+    assert stamped is not None and time.time() - 300 < stamped <= time.time()
+    # Running tasks had epoch/loss series while they ran, and none are left now.
+    trained = prometheus.query(f"max_over_time(selfaugment_train_epoch{{{labels}}}[10m])")
+    assert trained, "no selfaugment_train_epoch series scraped while tasks ran"
+    assert {series["metric"]["task"] for series in trained} <= {
+        "fold-0", "fold-1", "search-f0-r0", "search-f1-r0", "merge", "retrain", "report",
+    }  # fmt: skip
+    assert prometheus.query(f"selfaugment_train_loss{{{labels}}}") == []
     reconciles = prometheus.value(
         'sum(selfaugment_reconcile_duration_seconds_count{kind="AugmentSearch"})'
     )
@@ -282,5 +294,6 @@ def test_prometheus_scrapes_the_operator_during_a_search(
     for title, expr in dashboard_queries():
         result = prometheus.query(expr)  # raises on a PromQL error
         if title in ("Searches by phase", "Progress", "Stage per search", "Tasks by state",
-                     "Trials done", "Best objective", "Reconcile latency"):  # fmt: skip
+                     "Trials done", "Best objective", "Reconcile latency",
+                     "Time since last progress", "Task failures and retries"):  # fmt: skip
             assert result, f"dashboard panel {title!r}: no series for {expr}"
