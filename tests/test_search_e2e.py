@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import boto3
@@ -50,8 +52,32 @@ def tiny_config(tmp_path: Path, **extra: object) -> Path:
     return path
 
 
-def search_command(config: Path, output: Path) -> list[str]:
-    return [sys.executable, "-m", "selfaugment.cli", "search", "-f", str(config), "-o", str(output)]
+def search_command(config: Path, output: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "selfaugment.cli",
+        "search",
+        "-f",
+        str(config),
+        "-o",
+        str(output),
+        *extra,
+    ]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def scrape(port: int) -> str:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+            return str(response.read().decode())
+    except OSError:
+        return ""
 
 
 def result_seconds(run: Path) -> dict[str, float]:
@@ -63,21 +89,31 @@ def result_seconds(run: Path) -> dict[str, float]:
 
 @pytest.mark.slow
 def test_search_runs_every_stage_and_resumes_after_a_kill(tmp_path: Path) -> None:
-    config, run = tiny_config(tmp_path), tmp_path / "run"
+    config, run, port = tiny_config(tmp_path), tmp_path / "run", free_port()
     process = subprocess.Popen(
-        search_command(config, run), start_new_session=True, stderr=subprocess.PIPE
+        search_command(config, run, "--metrics-port", str(port)),
+        start_new_session=True,
+        stderr=subprocess.PIPE,
     )
     # Kill the whole process group (runner and workers) once the folds are being trained.
     deadline = time.monotonic() + 300
+    metrics = ""
     while not (run / "tasks" / "fold-0" / "progress.json").exists():
         assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
         assert time.monotonic() < deadline, "the search never reached the fold stage"
+        metrics = scrape(port) or metrics
         time.sleep(0.2)
+    metrics = scrape(port) or metrics
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     before = result_seconds(run)
     assert {"base-randomresizedcrop", "base-rotate"} <= set(before)
     assert "report" not in before
+    # Prometheus metrics were served while the search ran
+    labels = 'namespace="local",search="tiny"'
+    assert f"selfaugment_search_progress_ratio{{{labels}}}" in metrics
+    assert f'selfaugment_search_stage{{{labels},stage="folds"}} 1.0' in metrics
+    assert f'selfaugment_tasks{{{labels},state="succeeded"}}' in metrics
 
     resumed = subprocess.run(
         search_command(config, run), capture_output=True, text=True, timeout=600
