@@ -150,8 +150,11 @@ def main() -> int:
         payload = load_checkpoint(checkpoint)
         backbone = build_backbone(config.model, 3)
         backbone.load_state_dict(
-            {k.removeprefix("encoder_q.backbone."): v for k, v in payload["model"].items()
-             if k.startswith("encoder_q.backbone.")}
+            {
+                k.removeprefix("encoder_q.backbone."): v
+                for k, v in payload["model"].items()
+                if k.startswith("encoder_q.backbone.")
+            }
         )
         probe = train_probe(
             backbone, "rotation", train.images, heldout.images, ProbeConfig(epochs=2)
@@ -161,8 +164,12 @@ def main() -> int:
 
         started = time.perf_counter()
         scorer = PolicyScorer.from_checkpoint(
-            checkpoint, probe.head_state, heldout.images, device=args.device,
-            batch_size=args.batch, seed=args.seed,
+            checkpoint,
+            probe.head_state,
+            heldout.images,
+            device=args.device,
+            batch_size=args.batch,
+            seed=args.seed,
         )
         scorer.score(policies[0])  # warm-up
         scorer_setup = time.perf_counter() - started

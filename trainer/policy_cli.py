@@ -31,6 +31,8 @@ def policy_command(args: argparse.Namespace) -> int:
 
     dataset = DatasetConfig(uri=args.dataset, image_size=args.image_size, limit=args.images)
     images = load_dataset(dataset, seed=args.seed).images
-    render_policy_grid(resolved, images, args.output, samples_per_image=args.samples, seed=args.seed)
+    render_policy_grid(
+        resolved, images, args.output, samples_per_image=args.samples, seed=args.seed
+    )
     print(f"wrote {args.output}")
     return 0
