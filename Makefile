@@ -54,6 +54,7 @@ bench: install
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
 
-# Regenerate the CRDs (crds/) and the field reference (docs/reference/) from the spec models.
+# Regenerate the CRDs (crds/, and the chart's copy) and the field reference (docs/reference/).
 crds: install
 	$(BIN)/python -m selfaugment.operator.crdgen
+	cp crds/*.yaml helm/selfaugment-operator/crds/

@@ -68,6 +68,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         progress=not args.no_progress,
         config_name=args.config.stem if args.config else "search",
+        reuse_from=args.reuse_from,
     )
 
 
@@ -149,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--workers", type=int, default=None, help="concurrent worker processes")
     search.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics")
     search.add_argument("--no-progress", action="store_true", help="no progress bars")
+    search.add_argument(
+        "--reuse-from",
+        default=None,
+        metavar="RUN",
+        help="copy finished base and fold tasks from another run with the same training settings",
+    )
     search.set_defaults(handler=cmd_search)
 
     status = commands.add_parser("status", help="summarise a run directory or S3 prefix")

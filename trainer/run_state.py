@@ -161,3 +161,62 @@ def summarise(store: ArtifactStore, spec: AugmentSearchSpec | None = None) -> Ru
             if key in ("rotation_accuracy", "rotation_loss", "linear_accuracy", "final_loss")
         }
     return summary
+
+
+#: Search settings that only the search, merge, retrain and report stages read.
+_SEARCH_ONLY_FIELDS = {
+    "objective",
+    "weights",
+    "repeats",
+    "trials",
+    "sub_policies",
+    "ops_per_sub_policy",
+    "top_policies",
+    "startup_trials",
+    "score_batch_size",
+    "score_images",
+    "randaugment",
+}
+
+
+def training_digest(spec: AugmentSearchSpec) -> str:
+    """A digest of what the base and fold tasks depend on (not the search's objective).
+
+    Two runs with equal digests train identical base-candidate and fold models, so their
+    results can be shared. The supervised objective also trains a linear head per fold.
+    """
+    data = spec.model_dump(mode="json", exclude={"resources", "parallelism", "storage", "retrain"})
+    for name in _SEARCH_ONLY_FIELDS:
+        data["search"].pop(name, None)
+    data["runtime"].pop("progress", None)
+    data["runtime"].pop("num_workers", None)
+    data["fold_linear_head"] = spec.search.objective == "supervised"
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def reuse_results(
+    source: ArtifactStore, target: ArtifactStore, spec: AugmentSearchSpec
+) -> list[str]:
+    """Copy finished base and fold tasks from another run whose training digest matches.
+
+    Used to compare objectives without retraining the shared stages. Returns the copied ids;
+    raises RunMismatchError when the runs trained differently.
+    """
+    source_spec = load_spec(source)
+    if training_digest(source_spec) != training_digest(spec):
+        raise RunMismatchError(
+            f"{source.uri} trained its base and fold models with different settings; "
+            "only the search settings (objective, trials, ...) may differ to reuse them"
+        )
+    done = done_task_ids(target)
+    copied = []
+    for task_id in sorted(done_task_ids(source)):
+        if not task_id.startswith(("base-", "fold-")) or task_id in done:
+            continue
+        prefix = f"tasks/{task_id}/"
+        keys = [key for key in source.list(prefix) if "/work/" not in key]
+        keys.sort(key=lambda key: key.endswith("result.json"))  # the result goes last
+        for key in keys:
+            target.write_bytes(key, source.read_bytes(key))
+        copied.append(task_id)
+    return copied

@@ -7,7 +7,14 @@ import sys
 from pathlib import Path
 
 from selfaugment.trainer.metrics import create_metrics
-from selfaugment.trainer.run_state import POLICY_KEY, load_spec, read_progress, summarise
+from selfaugment.trainer.run_state import (
+    POLICY_KEY,
+    load_spec,
+    prepare_run,
+    read_progress,
+    reuse_results,
+    summarise,
+)
 from selfaugment.trainer.runner import LocalRunner
 from selfaugment.trainer.spec import AugmentSearchSpec
 from selfaugment.trainer.store import open_store
@@ -29,12 +36,18 @@ def run_search(
     metrics_port: int | None,
     progress: bool,
     config_name: str,
+    reuse_from: str | None = None,
 ) -> int:
     """Run (or resume) a search; prints where the policy and the report are."""
     output = output or Path("runs") / config_name
     store_uri = spec.storage.uri or str(output)
     store = open_store(store_uri, endpoint=spec.storage.endpoint, region=spec.storage.region)
     store_env = {"AWS_ENDPOINT_URL": spec.storage.endpoint} if spec.storage.endpoint else {}
+    if reuse_from:
+        prepare_run(store, spec)
+        source = open_store(reuse_from, endpoint=spec.storage.endpoint, region=spec.storage.region)
+        copied = reuse_results(source, store, spec)
+        print(f"reused {len(copied)} finished tasks from {source.uri}", file=sys.stderr)
     metrics = create_metrics()
     if metrics_port is not None:
         from prometheus_client import start_http_server

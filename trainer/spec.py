@@ -105,6 +105,14 @@ class SearchConfig(StrictModel):
         ),
     )
     score_batch_size: int = Field(256, ge=2, description="Batch size when scoring candidates.")
+    score_images: int | None = Field(
+        None,
+        ge=16,
+        description=(
+            "Score candidates on at most this many held-out images (a seeded subset of each "
+            "fold's held-out part); all of them when unset, as in the paper."
+        ),
+    )
     seed: int = Field(0, description="Seed of the splits, the TPE sampler and all training runs.")
 
     @model_validator(mode="after")

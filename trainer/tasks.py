@@ -18,6 +18,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from selfaugment.trainer.config import (
@@ -102,6 +103,14 @@ class TaskContext:
     def fold_data(self, fold: int) -> tuple[ImageSet, ImageSet]:
         train_index, heldout_index = self.splits[fold]
         return self.data.subset(train_index), self.data.subset(heldout_index)
+
+    def scoring_images(self, heldout: ImageSet) -> ImageSet:
+        """The held-out images candidates are scored on (`search.score_images` caps them)."""
+        limit = self.spec.search.score_images
+        if limit is None or limit >= len(heldout):
+            return heldout
+        chosen = np.random.default_rng(self.seed).choice(len(heldout), limit, replace=False)
+        return heldout.subset(np.sort(chosen))
 
     @property
     def seed(self) -> int:
@@ -272,7 +281,7 @@ def run_fold(ctx: TaskContext) -> dict[str, Any]:
         result["linear_accuracy"] = linear.accuracy
     heads_path = ctx.workdir / "heads.pt"
     torch.save(heads, heads_path)
-    scorer = _scorer(ctx, checkpoint, heads, heldout, base)
+    scorer = _scorer(ctx, checkpoint, heads, ctx.scoring_images(heldout), base)
     result["base_losses"] = scorer.score(None).to_dict()
     result["checkpoint"] = ctx.upload(checkpoint, "checkpoint.pt")
     ctx.upload(heads_path, "heads.pt")
@@ -297,7 +306,7 @@ def run_search(ctx: TaskContext) -> dict[str, Any]:
     checkpoint = ctx.fetch(fold_id, "checkpoint.pt")
     heads = torch.load(ctx.fetch(fold_id, "heads.pt"), map_location="cpu", weights_only=True)
     _, heldout = ctx.fold_data(fold)
-    scorer = _scorer(ctx, checkpoint, heads, heldout, base)
+    scorer = _scorer(ctx, checkpoint, heads, ctx.scoring_images(heldout), base)
     from selfaugment.trainer.ops import OP_NAMES
     from selfaugment.trainer.policy import Policy
 
