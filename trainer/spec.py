@@ -207,6 +207,13 @@ class AugmentSearchSpec(StrictModel):
     evaluation: ProbeConfig = Field(
         default_factory=ProbeConfig, description="Rotation (and linear) head training."
     )
+    evaluation_dataset: DatasetConfig | None = Field(
+        None,
+        description=(
+            "Held-out images on which the final model's probes are measured (e.g. a test split); "
+            "without it, `evaluation.holdout_fraction` of the training images is held out."
+        ),
+    )
     search: SearchConfig = Field(default_factory=SearchConfig)
     retrain: RetrainConfig = Field(default_factory=RetrainConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)

@@ -422,10 +422,12 @@ def run_retrain(ctx: TaskContext) -> dict[str, Any]:
     )
     pretrain, checkpoint = train_moco(ctx, cfg, ctx.data)
     backbone, _ = load_backbone(checkpoint)
-    tasks: list[Any] = ["rotation", "linear"] if ctx.data.has_labels else ["rotation"]
+    test = load_dataset(spec.evaluation_dataset, seed=ctx.seed) if spec.evaluation_dataset else None
+    labelled = ctx.data.has_labels and (test is None or test.has_labels)
+    tasks: list[Any] = ["rotation", "linear"] if labelled else ["rotation"]
     evaluation = EvaluationConfig(tasks=tasks, probe=spec.evaluation)
     probes = evaluate_tasks(
-        backbone, ctx.data, None, evaluation, device=_device(ctx), seed=ctx.seed
+        backbone, ctx.data, test, evaluation, device=_device(ctx), seed=ctx.seed
     )
     result: dict[str, Any] = {
         "policy": policy_name,
