@@ -6,6 +6,7 @@ from selfaugment.trainer.checkpoint import CheckpointError
 from selfaugment.trainer.config import ConfigError
 from selfaugment.trainer.data_types import DatasetError
 from selfaugment.trainer.policy_model import PolicyError
+from selfaugment.trainer.pretrain import PretrainError
 from selfaugment.trainer.probes import ProbeError
 from selfaugment.trainer.run_state import RunMismatchError
 from selfaugment.trainer.runner import TaskFailedError
@@ -17,6 +18,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     ConfigError,
     DatasetError,
     PolicyError,
+    PretrainError,
     ProbeError,
     RunMismatchError,
     StoreError,

@@ -184,6 +184,32 @@ def train_moco(ctx: TaskContext, cfg: PretrainConfig, images: ImageSet) -> tuple
     return result, output / "checkpoint.pt"
 
 
+def train_and_probe_rotation(
+    ctx: TaskContext, augment: AugmentConfig, epochs: int, fold: int
+) -> tuple[dict[str, Any], Path, Any, Any]:
+    """MoCo on the fold's training part, then a rotation head scored on its held-out part.
+
+    Returns (pretrain result, checkpoint, frozen backbone, rotation ProbeResult).
+    """
+    from selfaugment.trainer.checkpoint import load_backbone
+    from selfaugment.trainer.probes import train_probe
+
+    train, heldout = ctx.fold_data(fold)
+    cfg = stage_pretrain_config(ctx, augment, epochs)
+    pretrain, checkpoint = train_moco(ctx, cfg, train)
+    backbone, _ = load_backbone(checkpoint)
+    probe = train_probe(
+        backbone,
+        "rotation",
+        train.images,
+        heldout.images,
+        ctx.spec.evaluation,
+        device=_device(ctx),
+        seed=ctx.seed,
+    )
+    return pretrain, checkpoint, backbone, probe
+
+
 def select_base(spec: AugmentSearchSpec, results: dict[str, dict[str, Any]]) -> str:
     """The base transform: given in the spec, or the best held-out rotation accuracy."""
     if spec.search.base_policy != "auto":
@@ -202,24 +228,9 @@ def fold_augment(ctx: TaskContext, base: str, policy: str = "none") -> AugmentCo
 # -- task kinds --------------------------------------------------------------------------
 def run_base(ctx: TaskContext) -> dict[str, Any]:
     """One short MoCo run with a single transform (p = 1), scored by held-out rotation."""
-    from selfaugment.trainer.checkpoint import load_backbone
-    from selfaugment.trainer.probes import train_probe
-
     transform = ctx.task.params["transform"]
     augment = base_augment(transform, ctx.spec.augment.model_copy(update={"flip": False}))
-    train, heldout = ctx.fold_data(0)
-    cfg = stage_pretrain_config(ctx, augment, ctx.spec.search.base_epochs)
-    pretrain, checkpoint = train_moco(ctx, cfg, train)
-    backbone, _ = load_backbone(checkpoint)
-    probe = train_probe(
-        backbone,
-        "rotation",
-        train.images,
-        heldout.images,
-        ctx.spec.evaluation,
-        device=_device(ctx),
-        seed=ctx.seed,
-    )
+    pretrain, _, _, probe = train_and_probe_rotation(ctx, augment, ctx.spec.search.base_epochs, 0)
     return {
         "transform": transform,
         "rotation_accuracy": probe.accuracy,
@@ -231,26 +242,15 @@ def run_base(ctx: TaskContext) -> dict[str, Any]:
 
 def run_fold(ctx: TaskContext) -> dict[str, Any]:
     """MoCo with the base policy on the fold's training part; heads; base-policy losses."""
-    from selfaugment.trainer.checkpoint import load_backbone
     from selfaugment.trainer.probes import train_probe
 
     fold = int(ctx.task.params["fold"])
     base = select_base(ctx.spec, ctx.results("base-"))
-    train, heldout = ctx.fold_data(fold)
     augment = fold_augment(ctx, base)
-    cfg = stage_pretrain_config(ctx, augment, ctx.spec.search.fold_epochs)
-    pretrain, checkpoint = train_moco(ctx, cfg, train)
-    backbone, _ = load_backbone(checkpoint)
-    device = _device(ctx)
-    rotation = train_probe(
-        backbone,
-        "rotation",
-        train.images,
-        heldout.images,
-        ctx.spec.evaluation,
-        device=device,
-        seed=ctx.seed,
+    pretrain, checkpoint, backbone, rotation = train_and_probe_rotation(
+        ctx, augment, ctx.spec.search.fold_epochs, fold
     )
+    train, heldout = ctx.fold_data(fold)
     heads = {"rotation": rotation.head_state}
     result: dict[str, Any] = {
         "fold": fold,
@@ -274,7 +274,7 @@ def run_fold(ctx: TaskContext) -> dict[str, Any]:
             train_labels=train.labels,
             test_labels=heldout.labels,
             num_classes=train.num_classes,
-            device=device,
+            device=_device(ctx),
             seed=ctx.seed,
         )
         heads["linear"] = linear.head_state
@@ -373,24 +373,9 @@ def run_merge(ctx: TaskContext) -> dict[str, Any]:
 
 def run_randaugment(ctx: TaskContext) -> dict[str, Any]:
     """SelfRandAugment: one model per (N, M), scored by held-out rotation."""
-    from selfaugment.trainer.checkpoint import load_backbone
-    from selfaugment.trainer.probes import train_probe
-
     n, m = int(ctx.task.params["n"]), int(ctx.task.params["m"])
     augment = fold_augment(ctx, CROP_TRANSFORM, f"randaugment:{n}:{m}")
-    train, heldout = ctx.fold_data(0)
-    cfg = stage_pretrain_config(ctx, augment, ctx.spec.search.fold_epochs)
-    pretrain, checkpoint = train_moco(ctx, cfg, train)
-    backbone, _ = load_backbone(checkpoint)
-    probe = train_probe(
-        backbone,
-        "rotation",
-        train.images,
-        heldout.images,
-        ctx.spec.evaluation,
-        device=_device(ctx),
-        seed=ctx.seed,
-    )
+    pretrain, _, _, probe = train_and_probe_rotation(ctx, augment, ctx.spec.search.fold_epochs, 0)
     return {
         "n": n,
         "m": m,
