@@ -77,6 +77,7 @@ class LocalRunner:
         self.attempts: Counter[str] = Counter()
         self.task_seconds: list[float] = []
         self._bars: Any = None
+        self._last_view: tuple[int, int, str, str] | None = None
 
     # -- processes -------------------------------------------------------------------------
     def _threads_per_worker(self) -> int:
@@ -195,11 +196,13 @@ class LocalRunner:
                 )
             else:
                 details.append(task_id)
-        if self._bars is not None:
+        view = (done, state.total, state.stage, " | ".join(details)[:120])
+        if self._bars is not None and view != self._last_view:
+            self._last_view = view
             self._bars.n = done
             self._bars.total = state.total
-            self._bars.set_description(f"stage {state.stage}")
-            self._bars.set_postfix_str(" | ".join(details)[:120])
+            self._bars.set_description(f"stage {state.stage}", refresh=False)
+            self._bars.set_postfix_str(view[3], refresh=False)
             self._bars.refresh()
 
     # -- main loop -------------------------------------------------------------------------
