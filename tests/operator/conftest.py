@@ -264,6 +264,8 @@ class Kubelet:
         env = {
             "PATH": f"{VENV_BIN}:/usr/bin:/bin",
             "HOME": os.environ.get("HOME", "/tmp"),
+            # Pods start with a clean filesystem: no worker cache left by earlier test runs.
+            "SELFAUGMENT_CACHE": str(self.logs.parent / "pod-cache"),
             "OMP_NUM_THREADS": "1",
             "MKL_NUM_THREADS": "1",
             **self.extra_env,

@@ -69,6 +69,23 @@ def search_manifest(name: str, endpoint: str, **overrides: Any) -> dict[str, Any
     }
 
 
+def store_keys(endpoint: str, prefix: str) -> set[str]:
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="t",
+        aws_secret_access_key="t",
+    )
+    listing = client.list_objects_v2(Bucket="selfaugment", Prefix=prefix).get("Contents", [])
+    return {item["Key"].removeprefix(prefix) for item in listing}
+
+
+def scrape(operator_process: Any) -> str:
+    url = f"http://127.0.0.1:{operator_process.metrics_port}/metrics"
+    return str(urllib.request.urlopen(url).read().decode())
+
+
 def phase_is(cluster: Any, name: str, *phases: str) -> dict[str, Any] | None:
     body = cluster.search(name)
     status = (body or {}).get("status") or {}
@@ -221,6 +238,61 @@ def test_failed_task_is_retried_then_fails_the_search(
     ]
     assert warnings and "search-f1-r0" in warnings[0]["message"]
     assert cluster.pretrain(names.pretrain_name("failing")) is None  # later stages never started
+    # The Job's 3 failed pods and 2 retries reach the counters (once each, however many events).
+    labels = 'namespace="default",search="failing"'
+    cluster.wait_for(
+        "failure counters",
+        lambda: f"selfaugment_task_failures_total{{{labels}}} 3.0" in scrape(operator_process),
+        15,
+    )
+    assert f"selfaugment_task_retries_total{{{labels}}} 2.0" in scrape(operator_process)
+
+
+def test_operator_defaults_reach_the_store_and_the_workers(
+    cluster, operator_process, kubelet_fake, s3_endpoint
+):
+    """A spec without storage.endpoint/secret_ref: the operator opens the store at
+    SELFAUGMENT_S3_ENDPOINT and gives workers that endpoint and the SELFAUGMENT_S3_SECRET
+    Secret; the GPU resource, nodeSelector and tolerations defaults land in the Jobs."""
+    operator_process.stop()
+    operator_process.env.update(
+        SELFAUGMENT_S3_ENDPOINT=s3_endpoint,
+        SELFAUGMENT_S3_SECRET="default-credentials",
+        SELFAUGMENT_GPU_RESOURCE="amd.com/gpu",
+        SELFAUGMENT_WORKER_NODE_SELECTOR='{"pool": "gpu"}',
+        SELFAUGMENT_WORKER_TOLERATIONS='[{"key": "gpu", "operator": "Exists"}]',
+    )
+    operator_process.start()
+    cluster.create_secret("default-credentials", SECRET_VALUES)
+    manifest = search_manifest("defaults", s3_endpoint, resources={"gpus": 1})
+    del manifest["spec"]["storage"]["endpoint"], manifest["spec"]["storage"]["secret_ref"]
+    cluster.apply(manifest)
+    # fold-0 finished and the search went on: the operator read its result at the default.
+    cluster.wait_for(
+        "a task done",
+        lambda: (
+            ((cluster.search("defaults") or {}).get("status") or {})
+            .get("progress", {})
+            .get("done", 0)
+            >= 1
+        ),
+        60,
+    )
+    job = next(
+        j for j in cluster.jobs() if j["metadata"]["name"] == names.job_name("defaults", "fold-0")
+    )
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["AWS_ENDPOINT_URL"]["value"] == s3_endpoint
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "default-credentials"
+    assert container["resources"]["limits"] == {"amd.com/gpu": "1"}
+    assert pod["nodeSelector"] == {"pool": "gpu"}
+    assert pod["tolerations"] == [{"key": "gpu", "operator": "Exists"}]
+    seen = kubelet_fake.seen_env[names.job_name("defaults", "fold-0")]
+    assert seen["AWS_ACCESS_KEY_ID"] == SECRET_VALUES["AWS_ACCESS_KEY_ID"]
+    assert "AWS_ENDPOINT_URL" not in operator_process.env  # only the operator's own setting
+    assert "spec.json" in store_keys(s3_endpoint, "runs/defaults/")
 
 
 def test_invalid_spec_fails_the_resource_not_the_operator(cluster, operator_process, s3_endpoint):
