@@ -23,7 +23,9 @@ def free_port() -> int:
 
 
 @pytest.fixture()
-def s3_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+def s3_server(
+    monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     """A real S3 protocol server on loopback (moto's server); yields its endpoint URL.
 
     The environment gets dummy credentials and the endpoint, as a worker pod would.
@@ -38,6 +40,8 @@ def s3_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test-secret-key")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    # like a fresh pod: no scratch files from earlier runs
+    monkeypatch.setenv("SELFAUGMENT_CACHE", str(tmp_path_factory.mktemp("cache")))
     try:
         yield endpoint
     finally:

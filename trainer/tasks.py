@@ -37,6 +37,7 @@ from selfaugment.trainer.run_state import (
     progress_key,
     read_results,
     result_key,
+    spec_digest,
     task_key,
 )
 from selfaugment.trainer.spec import AugmentSearchSpec
@@ -50,13 +51,17 @@ class TaskInputError(RuntimeError):
     """A task cannot start: a dependency's result is missing or unusable."""
 
 
-def work_directory(store: ArtifactStore, name: str) -> Path:
-    """Local directory for a task's files: inside a local store, else a per-store cache."""
+def work_directory(store: ArtifactStore, name: str, run_key: str = "") -> Path:
+    """Local directory for a task's files: inside a local store, else a cache directory.
+
+    The cache directory is keyed by the store URI and `run_key` (the spec's digest), so a
+    different run under the same URI never resumes from another run's scratch checkpoint.
+    """
     local = store.local_path(name + "/.keep")
     if local is not None:
         path = local.parent
     else:
-        digest = hashlib.sha256(store.uri.encode()).hexdigest()[:12]
+        digest = hashlib.sha256(f"{store.uri}\n{run_key}".encode()).hexdigest()[:12]
         cache = Path(os.environ.get("SELFAUGMENT_CACHE", Path.home() / ".cache" / "selfaugment"))
         path = cache / "work" / digest / name
     path.mkdir(parents=True, exist_ok=True)
@@ -493,7 +498,7 @@ def run_task(store: ArtifactStore, task_id: str) -> dict[str, Any]:
         spec=spec,
         store=store,
         task=task,
-        workdir=work_directory(store, f"tasks/{task.id}/work"),
+        workdir=work_directory(store, f"tasks/{task.id}/work", spec_digest(spec)),
         progress=ProgressWriter(store, progress_key(task.id)),
     )
     started = time.time()
@@ -518,7 +523,7 @@ def run_pretrain_job(store: ArtifactStore, prefix: str) -> dict[str, Any]:
     prefix = prefix.strip("/")
     config_key = f"{prefix}/config.json"
     cfg = parse_config(PretrainConfig, store.read_json(config_key), store.url(config_key))
-    workdir = work_directory(store, f"{prefix}/work")
+    workdir = work_directory(store, f"{prefix}/work", cfg.model_dump_json())
     cfg = _localise_uris(store, cfg, workdir)
     progress = ProgressWriter(store, f"{prefix}/progress.json")
 
