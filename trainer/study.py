@@ -195,3 +195,51 @@ def run_correlation_study(
     (output / "correlation.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"Spearman rho (rotation vs linear) over {len(results)} models: {rho:.3f}")
     return 0
+
+
+def compare_runs(
+    study_dir: Path, runs: dict[str, Path], study_models: list[str], output: Path
+) -> dict[str, Any]:
+    """Table of rotation and supervised linear accuracy: study models next to search runs.
+
+    The study's models and the runs' final models must share data, model, epochs and probes
+    (examples/study-fashion-mnist.yaml and examples/search-fashion-mnist.yaml do), so the
+    numbers compare policies at an equal retraining budget.
+    """
+    study = json.loads((study_dir / "correlation.json").read_text())
+    by_name = {entry["name"]: entry for entry in study["results"]}
+    rows = []
+    for name in study_models:
+        entry = by_name[name]
+        rows.append(
+            {
+                "policy": name,
+                "source": f"{study_dir.as_posix()} (study model)",
+                "rotation_accuracy": entry["rotation_accuracy"],
+                "linear_accuracy": entry["linear_accuracy"],
+            }
+        )
+    for name, run in runs.items():
+        report = json.loads((run / "report.json").read_text())
+        rows.append(
+            {
+                "policy": name,
+                "source": f"{run.as_posix()} (final model)",
+                "rotation_accuracy": report["final"]["rotation_accuracy"],
+                "linear_accuracy": report["final"].get("linear_accuracy"),
+                "base_policy": report.get("base_policy"),
+            }
+        )
+    lines = [
+        "| policy | rotation accuracy (label-free) | supervised linear accuracy | from |",
+        "|---|---|---|---|",
+    ]
+    for row in rows:
+        linear = row["linear_accuracy"]
+        lines.append(
+            f"| {row['policy']} | {100 * row['rotation_accuracy']:.1f}% | "
+            f"{'-' if linear is None else f'{100 * linear:.1f}%'} | {row['source']} |"
+        )
+    summary = {"schema_version": SCHEMA_VERSION, "rows": rows, "markdown": "\n".join(lines)}
+    output.write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
