@@ -1,0 +1,86 @@
+"""The command line, in-process: pretrain -> eval, policy commands, clear errors (exit 2)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from selfaugment.cli import main
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+TINY = [
+    "dataset.image_size=16",
+    "dataset.channels=1",
+    "dataset.limit=192",
+    "model.width=4",
+    "moco.dim=16",
+    "moco.queue_size=64",
+    "optim.epochs=1",
+    "optim.batch_size=64",
+    "evaluation.probe.epochs=2",
+    "runtime.progress=false",
+]
+
+
+def _sets(overrides: list[str]) -> list[str]:
+    return [part for override in overrides for part in ("--set", override)]
+
+
+def test_pretrain_then_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "pretrain"
+    assert main(["pretrain", "-o", str(out), *_sets([*TINY, "augment.policy=mocov2"])]) == 0
+    result = json.loads((out / "pretrain.json").read_text())
+    assert result["schema_version"] == 1
+    assert 0.0 <= result["evaluation"]["rotation"]["accuracy"] <= 1.0
+    assert (out / "checkpoint.pt").exists() and (out / "metrics.jsonl").exists()
+
+    evaluation = tmp_path / "eval"
+    overrides = ["dataset.image_size=16", "dataset.channels=1", "dataset.limit=192"]
+    overrides += ["evaluation.tasks=[rotation, linear, jigsaw]", "evaluation.probe.epochs=2"]
+    code = main(
+        [
+            "eval",
+            "--checkpoint",
+            str(out / "checkpoint.pt"),
+            "-o",
+            str(evaluation),
+            *_sets(overrides),
+        ]
+    )
+    assert code == 0
+    report = json.loads((evaluation / "eval.json").read_text())
+    assert report["schema_version"] == 1
+    assert set(report["tasks"]) == {"rotation", "linear", "jigsaw"}
+
+
+def test_bad_config_names_the_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("optim:\n  epochs: 0\nmodel:\n  arch: resnet9\n")
+    assert main(["pretrain", "-f", str(config), "-o", str(tmp_path / "x")]) == 2
+    error = capsys.readouterr().err
+    assert "optim.epochs" in error and "model.arch" in error and "'resnet18'" in error
+    assert "Traceback" not in error
+
+
+def test_policy_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    policies = sorted(EXAMPLES.glob("*policy*.json"))
+    assert policies
+    assert main(["policy", "validate", *map(str, policies)]) == 0
+    bad = tmp_path / "bad.json"
+    bad.write_text(
+        '{"schema_version": 1, "sub_policies": [[{"op": "Rotat", "p": 1.5, "magnitude": 0.2}]]}'
+    )
+    assert main(["policy", "validate", str(bad)]) == 1
+    assert "Rotat" in capsys.readouterr().err
+
+    assert main(["policy", "show", "mocov2"]) == 0
+    assert "Brightness" in capsys.readouterr().out
+
+    grid = tmp_path / "grid.png"
+    args = ["policy", "render", "mocov2", "-o", str(grid), "--images", "3", "--samples", "4"]
+    assert main([*args, "--image-size", "16"]) == 0
+    with Image.open(grid) as image:
+        assert image.width >= 5 * 64 and image.height >= 3 * 64
