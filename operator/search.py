@@ -29,7 +29,7 @@ from selfaugment.operator.status import (
     set_condition,
 )
 from selfaugment.trainer.config import ConfigError, parse_config
-from selfaugment.trainer.planner import PlanState, Task, plan
+from selfaugment.trainer.planner import PlanState, Task, plan, stages_between
 from selfaugment.trainer.spec import AugmentSearchSpec
 from selfaugment.trainer.store import ArtifactStore
 
@@ -339,4 +339,7 @@ class SearchReconciler:
         self._condition("Ready", False, "InProgress", message)
         self._condition("Progressing", True, f"Stage{state.stage.capitalize()}", message)
         if self.old.get("stage") != state.stage:
+            # A short stage (merge) can start and end between two reconciles: say so too.
+            for skipped in stages_between(spec, self.old.get("stage"), state.stage):
+                self._event("Normal", "StageStarted", f"stage {skipped}: started and finished")
             self._event("Normal", "StageStarted", message)

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from selfaugment.trainer.planner import BASE_TRANSFORMS, all_tasks, plan, task_by_id
+from selfaugment.trainer.planner import (
+    BASE_TRANSFORMS,
+    all_tasks,
+    plan,
+    stages_between,
+    task_by_id,
+)
 from selfaugment.trainer.spec import AugmentSearchSpec
 
 
@@ -78,3 +84,13 @@ def test_selfrandaugment_plans_a_grid() -> None:
         "report",
     ]
     assert task_by_id(spec, "randaugment-n2-m9").params == {"n": 2, "m": 9}
+
+
+def test_stages_between_lists_stages_passed_unobserved() -> None:
+    spec = _spec()
+    assert stages_between(spec, "search", "retrain") == ["merge"]
+    assert stages_between(spec, "folds", "search") == []
+    assert stages_between(spec, "search", "done") == ["merge", "retrain", "report"]
+    assert stages_between(spec, None, "folds") == []
+    rand = _spec(algorithm="selfrandaugment")
+    assert stages_between(rand, "randaugment", "report") == ["retrain"]

@@ -149,17 +149,30 @@ def plan(spec: AugmentSearchSpec, done_ids: Mapping[str, Any] | set[str]) -> Pla
         for task in tasks
         if task.id not in done and all(dep in done for dep in task.depends_on)
     )
-    stages = (
-        STAGES_SELFRANDAUGMENT if spec.search.algorithm == "selfrandaugment" else STAGES_SELFAUGMENT
-    )
     current = "done"
-    for stage in stages:
+    for stage in stages(spec):
         if any(task.stage == stage and task.id not in done for task in tasks):
             current = stage
             break
     return PlanState(
         tasks=tuple(tasks), done=done, ready=ready, stage=current, finished=current == "done"
     )
+
+
+def stages(spec: AugmentSearchSpec) -> tuple[str, ...]:
+    """The stages of this search in order."""
+    if spec.search.algorithm == "selfrandaugment":
+        return STAGES_SELFRANDAUGMENT
+    return STAGES_SELFAUGMENT
+
+
+def stages_between(spec: AugmentSearchSpec, before: str | None, after: str) -> list[str]:
+    """Stages entered after `before` and left before `after` (both exclusive), in order."""
+    order = stages(spec)
+    if before not in order or after not in (*order, "done"):
+        return []
+    end = order.index(after) if after in order else len(order)
+    return list(order[order.index(before) + 1 : end])
 
 
 def task_by_id(spec: AugmentSearchSpec, task_id: str) -> Task:
