@@ -30,6 +30,7 @@ from selfaugment.operator.status import (
 )
 from selfaugment.trainer.config import ConfigError, parse_config
 from selfaugment.trainer.planner import PlanState, Task, plan, stages_between
+from selfaugment.trainer.run_state import done_task_ids
 from selfaugment.trainer.spec import AugmentSearchSpec
 from selfaugment.trainer.store import ArtifactStore
 
@@ -50,16 +51,6 @@ def changed_sections(live: AugmentSearchSpec, started: AugmentSearchSpec) -> lis
     """Immutable top-level sections whose value differs from the spec the run started with."""
     now, then = live.model_dump(mode="json"), started.model_dump(mode="json")
     return sorted(key for key in now if key not in MUTABLE_SECTIONS and now[key] != then.get(key))
-
-
-def done_ids(store: ArtifactStore) -> set[str]:
-    """Ids of tasks whose `tasks/<id>/result.json` exists."""
-    done = set()
-    for key in store.list("tasks/"):
-        parts = key.split("/")
-        if len(parts) == 3 and parts[2] == "result.json":
-            done.add(parts[1])
-    return done
 
 
 def task_job_name(search: str, task: Task) -> str:
@@ -208,7 +199,7 @@ class SearchReconciler:
 
     def _advance(self, spec: AugmentSearchSpec, store: ArtifactStore) -> None:
         kube = self.deps.kube
-        state = plan(spec, done_ids(store))
+        state = plan(spec, done_task_ids(store))
         jobs = {
             job["metadata"]["name"]: job
             for job in kube.list(
