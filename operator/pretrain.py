@@ -7,11 +7,9 @@ natively, and `torchrun --node-rank=$(JOB_COMPLETION_INDEX)` gets a stable rank 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 from selfaugment.operator import manifests, names
-from selfaugment.operator.runtime import Deps, open_run_store, read_optional
+from selfaugment.operator.reconciler import ResourceReconciler
+from selfaugment.operator.runtime import open_run_store, read_optional
 from selfaugment.operator.status import (
     JOB_FAILED,
     JOB_SUCCEEDED,
@@ -20,7 +18,6 @@ from selfaugment.operator.status import (
     job_state,
     merge_patch,
     number,
-    set_condition,
 )
 from selfaugment.trainer.config import ConfigError, parse_config
 from selfaugment.trainer.pretrain_spec import PretrainSpec
@@ -32,25 +29,8 @@ def run_prefix(name: str, spec: PretrainSpec) -> str:
     return "tasks/retrain" if spec.search_ref else manifests.pretrain_prefix(name, spec)
 
 
-class PretrainReconciler:
+class PretrainReconciler(ResourceReconciler):
     """Reconciles one Pretrain body with the cluster and the store."""
-
-    def __init__(self, body: Mapping[str, Any], deps: Deps) -> None:
-        self.body = body
-        self.deps = deps
-        self.name: str = body["metadata"]["name"]
-        self.namespace: str = body["metadata"]["namespace"]
-        self.generation: int | None = body["metadata"].get("generation")
-        self.old: dict[str, Any] = dict(body.get("status") or {})
-        self.status: dict[str, Any] = {
-            "conditions": list(self.old.get("conditions") or []),
-            "observedGeneration": self.generation,
-        }
-
-    def _condition(self, kind: str, status: bool, reason: str, message: str = "") -> None:
-        self.status["conditions"] = set_condition(
-            self.status["conditions"], kind, status, reason, message, self.generation
-        )
 
     def _fail(self, reason: str, message: str) -> None:
         self.status["phase"] = "Failed"

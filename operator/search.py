@@ -13,6 +13,7 @@ from typing import Any
 
 from selfaugment.operator import manifests, names
 from selfaugment.operator.observe import SearchObservation
+from selfaugment.operator.reconciler import ResourceReconciler
 from selfaugment.operator.runtime import Deps, StoreUnavailable, open_run_store, read_optional
 from selfaugment.operator.status import (
     JOB_ACTIVE,
@@ -26,7 +27,6 @@ from selfaugment.operator.status import (
     now_iso,
     number,
     parse_time,
-    set_condition,
 )
 from selfaugment.trainer.config import ConfigError, parse_config
 from selfaugment.trainer.planner import PlanState, Task, plan, stages_between
@@ -104,31 +104,15 @@ def _policies(spec: AugmentSearchSpec, store: ArtifactStore, state: PlanState) -
     return {"basePolicy": base, "bestPolicy": best}
 
 
-class SearchReconciler:
+class SearchReconciler(ResourceReconciler):
     """Reconciles one AugmentSearch body with the cluster and the store."""
 
     def __init__(self, body: Mapping[str, Any], deps: Deps) -> None:
-        self.body = body
-        self.deps = deps
-        self.name: str = body["metadata"]["name"]
-        self.namespace: str = body["metadata"]["namespace"]
-        self.generation: int | None = body["metadata"].get("generation")
-        self.old: dict[str, Any] = dict(body.get("status") or {})
-        self.status: dict[str, Any] = {
-            "conditions": list(self.old.get("conditions") or []),
-            "observedGeneration": self.generation,
-        }
+        super().__init__(body, deps)
         #: Jobs and running tasks' figures for the metrics (None when nothing was looked at).
         self.observed: SearchObservation | None = None
 
     # -- small helpers -------------------------------------------------------------------
-    def _condition(self, kind: str, status: bool, reason: str, message: str = "") -> None:
-        self.status["conditions"] = set_condition(
-            self.status["conditions"], kind, status, reason, message, self.generation
-        )
-
-    def _event(self, kind: str, reason: str, message: str) -> None:
-        self.deps.post_event(self.body, kind, reason, message)
 
     def _fail(self, reason: str, message: str, condition: str = "Failed") -> None:
         self.status["phase"] = "Failed"
