@@ -116,7 +116,9 @@ def test_search_succeeds_across_an_operator_restart(
     """Mechanics (fake worker): every stage runs, the operator restarts mid-search, no Job is
     created twice, the retrain Pretrain completes, Secret values never leak."""
     cluster.create_secret("store-credentials", SECRET_VALUES)
-    kubelet_fake.extra_env["FAKE_SLEEP"] = "1"
+    # Tasks last long enough that the restart lands inside the search stage: kopf posts Events
+    # asynchronously, and a stopping operator drops the ones still queued.
+    kubelet_fake.extra_env["FAKE_SLEEP"] = "4"
     cluster.apply(search_manifest("restart", s3_endpoint))
     cluster.wait_for(
         "two tasks done",
@@ -176,9 +178,8 @@ def test_search_succeeds_across_an_operator_restart(
     stages = [
         e["message"].split(":")[0] for e in cluster.events() if e.get("reason") == "StageStarted"
     ]
-    assert {"stage folds", "stage search", "stage merge", "stage retrain", "stage report"} <= set(
-        stages
-    )
+    expected = {"stage folds", "stage search", "stage merge", "stage retrain", "stage report"}
+    assert expected <= set(stages), [(e.get("reason"), e.get("message")) for e in cluster.events()]
 
     leak_surfaces = [
         json.dumps(cluster.search("restart")),
