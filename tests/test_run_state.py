@@ -18,7 +18,7 @@ from selfaugment.trainer.run_state import (
     summarise,
     training_digest,
 )
-from selfaugment.trainer.spec import AugmentSearchSpec
+from selfaugment.trainer.spec import AugmentSearchSpec, ParallelismConfig
 from selfaugment.trainer.store import open_store
 
 
@@ -30,7 +30,8 @@ def _spec(**search: object) -> AugmentSearchSpec:
 def test_resume_requires_the_same_spec_but_not_the_same_resources(tmp_path: Path) -> None:
     store = open_store(tmp_path)
     prepare_run(store, _spec())
-    prepare_run(store, _spec().model_copy(update={"parallelism": {"max_workers": 8}}))
+    busier = _spec().model_copy(update={"parallelism": ParallelismConfig(max_workers=8)})
+    prepare_run(store, busier)
     with pytest.raises(RunMismatchError, match="different spec"):
         prepare_run(store, _spec(trials=50))
 
