@@ -42,13 +42,18 @@ def task_key(task_id: str, name: str) -> str:
     return f"tasks/{task_id}/{name}"
 
 
-def spec_digest(spec: AugmentSearchSpec) -> str:
-    """A digest of the parts of the spec that change results (not resources or parallelism)."""
-    data = spec.model_dump(mode="json", exclude={"resources", "parallelism", "storage"})
+def _digest(spec: AugmentSearchSpec, exclude: Any, **extra: object) -> str:
+    """sha256 of the spec without `exclude` and without runtime settings that change no result."""
+    data = spec.model_dump(mode="json", exclude=exclude)
     data["runtime"].pop("progress", None)
     data["runtime"].pop("num_workers", None)
-    text = json.dumps(data, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    data.update(extra)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def spec_digest(spec: AugmentSearchSpec) -> str:
+    """A digest of the parts of the spec that change results (not resources or parallelism)."""
+    return _digest(spec, {"resources", "parallelism", "storage"})
 
 
 def prepare_run(store: ArtifactStore, spec: AugmentSearchSpec) -> None:
@@ -185,13 +190,17 @@ def training_digest(spec: AugmentSearchSpec) -> str:
     Two runs with equal digests train identical base-candidate and fold models, so their
     results can be shared. The supervised objective also trains a linear head per fold.
     """
-    data = spec.model_dump(mode="json", exclude={"resources", "parallelism", "storage", "retrain"})
-    for name in _SEARCH_ONLY_FIELDS:
-        data["search"].pop(name, None)
-    data["runtime"].pop("progress", None)
-    data["runtime"].pop("num_workers", None)
-    data["fold_linear_head"] = spec.search.objective == "supervised"
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    return _digest(
+        spec,
+        {
+            "resources": True,
+            "parallelism": True,
+            "storage": True,
+            "retrain": True,
+            "search": _SEARCH_ONLY_FIELDS,
+        },
+        fold_linear_head=spec.search.objective == "supervised",
+    )
 
 
 def reuse_results(

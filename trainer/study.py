@@ -111,9 +111,9 @@ def _train_and_probe(study: dict[str, Any], entry: dict[str, Any], out: str) -> 
         runtime=cfg.runtime.model_copy(update={"progress": False}),
         evaluation=EvaluationConfig(tasks=[]),
     )
-    pretrain = run_pretrain(pretrain_cfg, directory)
-    backbone, _ = load_backbone(directory / "checkpoint.pt")
     train = load_dataset(cfg.dataset, seed=cfg.runtime.seed)
+    pretrain = run_pretrain(pretrain_cfg, directory, images=train)
+    backbone, _ = load_backbone(directory / "checkpoint.pt")
     test = load_dataset(cfg.test_dataset, seed=cfg.runtime.seed) if cfg.test_dataset else None
     evaluation = EvaluationConfig(tasks=["rotation", "linear"], probe=cfg.probe)
     probes = evaluate_tasks(
