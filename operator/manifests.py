@@ -16,6 +16,14 @@ from selfaugment.trainer.pretrain_spec import PretrainSpec
 from selfaugment.trainer.spec import AugmentSearchSpec, ResourcesConfig, StorageConfig
 
 CONTAINER = "worker"
+#: The worker's writable directory (HOME, temporary files, the worker cache).
+SCRATCH_PATH = "/tmp"
+CONTAINER_SECURITY: dict[str, Any] = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "privileged": False,
+    "capabilities": {"drop": ["ALL"]},
+}
 SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 
 
@@ -65,6 +73,31 @@ def container_resources(resources: ResourcesConfig, gpus: int, gpu_resource: str
     return {"requests": requests, "limits": limits} if limits else {"requests": requests}
 
 
+def pod_security(settings: OperatorSettings) -> dict[str, Any]:
+    """Pod securityContext: non-root (the worker image's user unless the platform assigns
+    one), files group-owned by that group, the runtime's default seccomp profile."""
+    security: dict[str, Any] = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    if settings.worker_run_as_user is not None:
+        security["runAsUser"] = settings.worker_run_as_user
+        security["runAsGroup"] = settings.worker_run_as_user
+        security["fsGroup"] = settings.worker_run_as_user
+    return security
+
+
+def pod_volumes(resources: ResourcesConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The pod's volumes and the container's mounts: writable scratch on /tmp (the root
+    filesystem is read-only), an in-memory /dev/shm, then the spec's own volumes."""
+    volumes: list[dict[str, Any]] = [{"name": "scratch", "emptyDir": {}}]
+    mounts: list[dict[str, Any]] = [{"name": "scratch", "mountPath": SCRATCH_PATH}]
+    if resources.shared_memory:
+        memory = {"medium": "Memory", "sizeLimit": resources.shared_memory}
+        volumes.append({"name": "dshm", "emptyDir": memory})
+        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+    volumes += [dict(volume) for volume in resources.volumes]
+    mounts += [mount.manifest() for mount in resources.volume_mounts]
+    return volumes, mounts
+
+
 def pod_template(
     command: list[str],
     env: list[dict[str, Any]],
@@ -75,15 +108,23 @@ def pod_template(
 ) -> dict[str, Any]:
     """A pod template with scheduling settings from the spec over the operator's defaults
     (image, GPU resource name, nodeSelector entries, tolerations added to the spec's)."""
+    volumes, mounts = pod_volumes(resources)
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": resources.image or settings.worker_image,
         "imagePullPolicy": settings.image_pull_policy,
         "command": command,
-        "env": env,
+        "env": [*env, {"name": "HOME", "value": SCRATCH_PATH}],
         "resources": container_resources(resources, gpus, settings.resolve_gpu_resource(resources)),
+        "volumeMounts": mounts,
+        "securityContext": CONTAINER_SECURITY,
     }
-    spec: dict[str, Any] = {"restartPolicy": "Never", "containers": [container]}
+    spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "containers": [container],
+        "volumes": volumes,
+        "securityContext": pod_security(settings),
+    }
     node_selector = settings.resolve_node_selector(resources)
     if node_selector:
         spec["nodeSelector"] = node_selector

@@ -13,6 +13,8 @@ from typing import Any
 
 from selfaugment.trainer.spec import ResourcesConfig, StorageConfig
 
+#: The user of docker/Dockerfile.worker.
+WORKER_UID = 10001
 #: The spec's default of `resources.gpu_resource` (the CRD fills it in when a spec omits it).
 SPEC_GPU_RESOURCE = "nvidia.com/gpu"
 _TOLERATION_KEYS = {
@@ -34,6 +36,16 @@ def _env_int(name: str, default: int) -> int:
         return int(raw)
     except ValueError:
         raise ValueError(f"environment variable {name}={raw!r}: expected an integer") from None
+
+
+def _env_optional_int(name: str, default: int) -> int | None:
+    """An integer; unset gives `default`, empty or "none" gives None."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    if raw.strip().lower() in ("", "none", "null"):
+        return None
+    return _env_int(name, default)
 
 
 def _env_float(name: str, default: float) -> float:
@@ -117,12 +129,16 @@ class OperatorSettings:
     worker_tolerations: tuple[dict[str, Any], ...] = ()
     s3_endpoint: str | None = None
     s3_secret: str | None = None
+    #: UID (and GID) of worker pods: the worker image's user; None lets the platform assign
+    #: one (OpenShift's restricted SCC), pods still must run as non-root.
+    worker_run_as_user: int | None = WORKER_UID
 
     @classmethod
     def from_env(cls) -> OperatorSettings:
         """SELFAUGMENT_WORKER_IMAGE, _IMAGE_PULL_POLICY, _SERVICE_ACCOUNT, _TIMER_INTERVAL,
         _METRICS_PORT, _JOB_TTL_SECONDS, _GPU_RESOURCE, _WORKER_NODE_SELECTOR (JSON object),
-        _WORKER_TOLERATIONS (JSON list), _S3_ENDPOINT, _S3_SECRET."""
+        _WORKER_TOLERATIONS (JSON list), _S3_ENDPOINT, _S3_SECRET, _WORKER_RUN_AS_USER (empty:
+        the platform assigns the UID)."""
         ttl = os.environ.get("SELFAUGMENT_JOB_TTL_SECONDS")
         selector = "SELFAUGMENT_WORKER_NODE_SELECTOR"
         tolerations = "SELFAUGMENT_WORKER_TOLERATIONS"
@@ -140,6 +156,7 @@ class OperatorSettings:
             worker_tolerations=parse_tolerations(tolerations, _env_json(tolerations)),
             s3_endpoint=os.environ.get("SELFAUGMENT_S3_ENDPOINT") or None,
             s3_secret=os.environ.get("SELFAUGMENT_S3_SECRET") or None,
+            worker_run_as_user=_env_optional_int("SELFAUGMENT_WORKER_RUN_AS_USER", WORKER_UID),
         )
 
     # -- a resource's spec over these defaults ---------------------------------------------

@@ -242,6 +242,10 @@ def format_validation_error(error: ValidationError, source: str) -> str:
             message = "unknown field"
         elif problem["type"] == "literal_error" and "expected" in problem.get("ctx", {}):
             message = f"must be one of {problem['ctx']['expected']}"
+        elif problem["type"] == "value_error":
+            # A model's own check: its message names the field and the value already.
+            lines.append(f"{source}: {location}: {message.removeprefix('Value error, ')}")
+            continue
         lines.append(f"{source}: {location}: {message} (got {problem.get('input')!r})")
     return "\n".join(lines)
 

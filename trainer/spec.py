@@ -145,6 +145,29 @@ class Toleration(StrictModel):
     )
 
 
+class VolumeMount(StrictModel):
+    """Where a volume of `resources.volumes` appears in the worker container (core/v1 VolumeMount)."""
+
+    name: str = Field(..., min_length=1, description="Name of an entry of `resources.volumes`.")
+    mount_path: str = Field(..., pattern=r"^/", description="Absolute path in the container.")
+    read_only: bool = Field(False, description="Mount read-only (datasets should be).")
+    sub_path: str | None = Field(None, description="Mount only this path inside the volume.")
+
+    def manifest(self) -> dict[str, Any]:
+        """The core/v1 VolumeMount object."""
+        mount: dict[str, Any] = {"name": self.name, "mountPath": self.mount_path}
+        if self.read_only:
+            mount["readOnly"] = True
+        if self.sub_path:
+            mount["subPath"] = self.sub_path
+        return mount
+
+
+#: Volumes every worker pod has (scratch space on a read-only root filesystem, /dev/shm).
+RESERVED_VOLUMES = ("scratch", "dshm")
+RESERVED_MOUNT_PATHS = ("/tmp", "/dev/shm")
+
+
 class ResourcesConfig(StrictModel):
     """What each worker gets (used by the operator; the local runner reads `gpus`)."""
 
@@ -160,6 +183,53 @@ class ResourcesConfig(StrictModel):
     queue: str | None = Field(
         None, description="Kueue LocalQueue name: Jobs are created suspended for Kueue to admit."
     )
+    volumes: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description=(
+            "Extra pod volumes (core/v1 Volume objects, e.g. a PersistentVolumeClaim holding the "
+            "dataset); mount them with `volume_mounts`."
+        ),
+    )
+    volume_mounts: list[VolumeMount] = Field(
+        default_factory=list, description="Where `volumes` appear in the worker container."
+    )
+    shared_memory: str | None = Field(
+        "1Gi",
+        description=(
+            "Size of the in-memory /dev/shm of worker pods (data loader workers and NCCL need "
+            "more than the container runtime's 64Mi); null keeps the runtime's default."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _check_volumes(self) -> ResourcesConfig:
+        declared: list[str] = []
+        for index, volume in enumerate(self.volumes):
+            name = volume.get("name")
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"volumes[{index}].name: required (a non-empty string)")
+            if name in RESERVED_VOLUMES:
+                raise ValueError(
+                    f"volumes[{index}].name: {name!r} is reserved for the worker pod "
+                    f"(reserved: {', '.join(RESERVED_VOLUMES)})"
+                )
+            if name in declared:
+                raise ValueError(f"volumes[{index}].name: {name!r} is declared twice")
+            declared.append(name)
+        for index, mount in enumerate(self.volume_mounts):
+            if mount.name not in declared:
+                allowed = ", ".join(declared) or "none declared"
+                raise ValueError(
+                    f"volume_mounts[{index}].name: {mount.name!r} is not in volumes "
+                    f"(declared: {allowed})"
+                )
+            path = mount.mount_path.rstrip("/") or "/"
+            if path in RESERVED_MOUNT_PATHS or path == "/":
+                raise ValueError(
+                    f"volume_mounts[{index}].mount_path: {mount.mount_path!r} is used by the "
+                    f"worker pod (reserved: /, {', '.join(RESERVED_MOUNT_PATHS)})"
+                )
+        return self
 
 
 class ParallelismConfig(StrictModel):

@@ -36,6 +36,7 @@ CUSTOM_VALUES: dict[str, Any] = {
         "nodeSelector": {"pool": "gpu"},
         "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
         "jobTTLSeconds": 3600,
+        "runAsUser": None,
     },
     "storage": {
         "endpoint": "http://minio.minio.svc:9000",
@@ -177,6 +178,7 @@ def test_operator_reads_the_settings_the_chart_sets(tmp_path, monkeypatch):
     assert list(settings.worker_tolerations) == workers["tolerations"]
     assert settings.s3_endpoint == env["AWS_ENDPOINT_URL"] == CUSTOM_VALUES["storage"]["endpoint"]
     assert settings.s3_secret == CUSTOM_VALUES["storage"]["credentialsSecret"]
+    assert settings.worker_run_as_user is None  # null: the platform assigns the UID
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # by reference, never by value
         assert env[key] == {"secretKeyRef": {"name": "minio-credentials", "key": key}}
 

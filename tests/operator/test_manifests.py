@@ -204,3 +204,100 @@ def test_multi_node_pretrain_is_an_indexed_job_with_a_headless_service() -> None
 def test_pretrain_spec_requires_a_store() -> None:
     with pytest.raises(ValueError, match=r"storage\.uri"):
         PretrainSpec.model_validate({})
+
+
+DATA_VOLUME = {"name": "datasets", "persistentVolumeClaim": {"claimName": "datasets"}}
+
+
+def test_worker_pods_are_non_root_read_only_with_scratch_and_shared_memory() -> None:
+    spec = search_spec()
+    job = manifests.task_job(SEARCH, spec, task_by_id(spec, "fold-0"), SETTINGS)
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 10001
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    # with a read-only root the worker writes only to /tmp (HOME, cache) and /dev/shm
+    assert {"name": "HOME", "value": "/tmp"} in container["env"]
+    mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
+    assert mounts == {"/tmp": "scratch", "/dev/shm": "dshm"}
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "1Gi"}
+
+
+def test_platform_assigned_uid_and_no_shared_memory_volume() -> None:
+    spec = search_spec(shared_memory=None)
+    settings = OperatorSettings(worker_run_as_user=None)
+    pod = manifests.task_job(SEARCH, spec, task_by_id(spec, "fold-0"), settings)["spec"]["template"]
+    assert "runAsUser" not in pod["spec"]["securityContext"]
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert [volume["name"] for volume in pod["spec"]["volumes"]] == ["scratch"]
+
+
+def test_spec_volumes_are_mounted_in_task_and_retrain_pods() -> None:
+    spec = search_spec(
+        volumes=[DATA_VOLUME],
+        volume_mounts=[{"name": "datasets", "mount_path": "/data", "read_only": True}],
+    )
+    job = manifests.task_job(SEARCH, spec, task_by_id(spec, "base-rotate"), SETTINGS)
+    pod = job["spec"]["template"]["spec"]
+    assert DATA_VOLUME in pod["volumes"]
+    mount = {"name": "datasets", "mountPath": "/data", "readOnly": True}
+    assert mount in pod["containers"][0]["volumeMounts"]
+    # the retraining Pretrain inherits the volumes through the search's resources
+    pretrain = manifests.retrain_pretrain(SEARCH, spec)
+    parsed = PretrainSpec.model_validate(pretrain["spec"])
+    body = {**pretrain, "metadata": {**pretrain["metadata"], "uid": "uid-2"}}
+    retrain_pod = manifests.pretrain_job(body, parsed, SETTINGS)["spec"]["template"]["spec"]
+    assert DATA_VOLUME in retrain_pod["volumes"]
+    assert mount in retrain_pod["containers"][0]["volumeMounts"]
+
+
+@pytest.mark.parametrize(
+    ("resources", "message"),
+    [
+        (
+            {"volume_mounts": [{"name": "data", "mount_path": "/data"}]},
+            "volume_mounts[0].name: 'data' is not in volumes (declared: none declared)",
+        ),
+        ({"volumes": [{"emptyDir": {}}]}, "volumes[0].name: required"),
+        ({"volumes": [{"name": "scratch", "emptyDir": {}}]}, "'scratch' is reserved"),
+        ({"volumes": [DATA_VOLUME, DATA_VOLUME]}, "volumes[1].name: 'datasets' is declared twice"),
+        (
+            {
+                "volumes": [DATA_VOLUME],
+                "volume_mounts": [{"name": "datasets", "mount_path": "/tmp/"}],
+            },
+            "volume_mounts[0].mount_path: '/tmp/' is used by the worker pod",
+        ),
+        (
+            {
+                "volumes": [DATA_VOLUME],
+                "volume_mounts": [{"name": "datasets", "mount_path": "data"}],
+            },
+            "resources.volume_mounts.0.mount_path",
+        ),
+    ],
+)
+def test_bad_volumes_are_rejected_naming_the_entry(resources: dict[str, Any], message: str) -> None:
+    from selfaugment.trainer.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError) as error:
+        parse_config(AugmentSearchSpec, {"resources": resources}, "search.yaml")
+    assert message in str(error.value)
+    assert str(error.value).startswith("search.yaml: resources")
+
+
+def test_worker_uid_setting_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SELFAUGMENT_WORKER_RUN_AS_USER", raising=False)
+    assert OperatorSettings.from_env().worker_run_as_user == 10001
+    monkeypatch.setenv("SELFAUGMENT_WORKER_RUN_AS_USER", "")
+    assert OperatorSettings.from_env().worker_run_as_user is None
+    monkeypatch.setenv("SELFAUGMENT_WORKER_RUN_AS_USER", "2000")
+    assert OperatorSettings.from_env().worker_run_as_user == 2000
+    monkeypatch.setenv("SELFAUGMENT_WORKER_RUN_AS_USER", "root")
+    with pytest.raises(ValueError, match="SELFAUGMENT_WORKER_RUN_AS_USER"):
+        OperatorSettings.from_env()
