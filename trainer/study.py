@@ -16,7 +16,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from selfaugment.trainer.config import (
     SCHEMA_VERSION,
@@ -75,6 +75,26 @@ class StudyConfig(StrictModel):
     probe: ProbeConfig = Field(default_factory=ProbeConfig, description="Linear-head training.")
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     models: list[StudyModel] = Field(default_factory=default_models, description="Models.")
+    extra_models: list[StudyModel] = Field(
+        default_factory=list,
+        description="Models appended to `models` (e.g. the policies a search found).",
+    )
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> StudyConfig:
+        seen: dict[str, str] = {}
+        for index, model in enumerate(self.all_models()):
+            slug = _slug(model.name)
+            if slug in seen:
+                raise ValueError(
+                    f"models[{index}].name: {model.name!r} clashes with {seen[slug]!r} "
+                    "(each model needs its own result folder)"
+                )
+            seen[slug] = model.name
+        return self
+
+    def all_models(self) -> list[StudyModel]:
+        return [*self.models, *self.extra_models]
 
 
 def _slug(name: str) -> str:
@@ -138,9 +158,15 @@ def _train_and_probe(study: dict[str, Any], entry: dict[str, Any], out: str) -> 
 
 
 def spearman(x: list[float], y: list[float]) -> float:
+    return spearman_with_p(x, y)[0]
+
+
+def spearman_with_p(x: list[float], y: list[float]) -> tuple[float, float]:
+    """Spearman's rho and its two-sided p-value (no correlation as the null hypothesis)."""
     from scipy.stats import spearmanr
 
-    return float(spearmanr(x, y).statistic)
+    result = spearmanr(x, y)
+    return float(result.statistic), float(result.pvalue)
 
 
 def _scatter(results: list[dict[str, Any]], rho: float, path: Path) -> None:
@@ -172,7 +198,7 @@ def run_correlation_study(
     study = cfg.model_dump(mode="json")
     threads = max(1, (os.cpu_count() or 1) // max(1, workers))
     os.environ["SELFAUGMENT_THREADS"] = str(threads)
-    entries = [model.model_dump(mode="json") for model in cfg.models]
+    entries = [model.model_dump(mode="json") for model in cfg.all_models()]
     results: list[dict[str, Any]] = []
     if workers <= 1:
         for entry in entries:
@@ -182,18 +208,22 @@ def run_correlation_study(
         with ProcessPoolExecutor(max_workers=workers) as pool:
             futures = [pool.submit(_train_and_probe, study, e, str(output)) for e in entries]
             results = [future.result() for future in futures]
-    rho = spearman(
+    rho, p_value = spearman_with_p(
         [r["rotation_accuracy"] for r in results], [r["linear_accuracy"] for r in results]
     )
     _scatter(results, rho, output / "correlation.png")
     summary = {
         "schema_version": SCHEMA_VERSION,
         "spearman_rho": rho,
+        "spearman_p": p_value,
         "models": len(results),
         "results": results,
     }
     (output / "correlation.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"Spearman rho (rotation vs linear) over {len(results)} models: {rho:.3f}")
+    print(
+        f"Spearman rho (rotation vs linear) over {len(results)} models: {rho:.3f} "
+        f"(p = {p_value:.3g})"
+    )
     return 0
 
 

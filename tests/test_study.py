@@ -1,0 +1,132 @@
+"""`selfaugment study correlation` and `compare_runs` on real data (scikit-learn's digits).
+
+Models are tiny (width-4 ResNet-18, 1 epoch on 160 images) so the study runs in seconds; the
+figures are not meaningful, the mechanics are: one result per model, resume without retraining,
+extra models with a policy file, Spearman's rho and p-value, the scatter plot, the comparison
+table.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from scipy.stats import spearmanr
+
+from selfaugment.cli import main
+from selfaugment.trainer.config import ConfigError, parse_config
+from selfaugment.trainer.study import StudyConfig, compare_runs, spearman_with_p
+
+TINY = {
+    "dataset": {"uri": "sklearn:digits", "image_size": 16, "channels": 1, "limit": 160},
+    "model": {"arch": "resnet18", "width": 4, "cifar_stem": True},
+    "moco": {"dim": 16, "queue_size": 128, "head_batchnorm": True},
+    "optim": {"epochs": 1, "batch_size": 64, "lr": 0.06},
+    "probe": {"epochs": 1, "batch_size": 128},
+    "runtime": {"seed": 0, "progress": False},
+    "models": [
+        {"name": "crop+flip", "policy": "none"},
+        {"name": "no augmentation", "crop": False, "flip": False},
+        {"name": "Solarize only", "base": "Solarize", "crop": False, "flip": False},
+    ],
+}
+
+
+def test_study_trains_probes_correlates_and_resumes(tmp_path: Path) -> None:
+    policy = tmp_path / "found.json"
+    policy.write_text(
+        json.dumps(
+            {
+                "schema_version": 1,
+                "name": "found",
+                "sub_policies": [[{"op": "Contrast", "p": 0.8, "magnitude": 0.5}]],
+            }
+        )
+    )
+    config = {**TINY, "extra_models": [{"name": "found policy", "policy": str(policy)}]}
+    config_path = tmp_path / "study.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "study"
+    assert main(["study", "correlation", "-f", str(config_path), "-o", str(out)]) == 0
+
+    summary = json.loads((out / "correlation.json").read_text())
+    names = [entry["name"] for entry in summary["results"]]
+    assert names == ["crop+flip", "no augmentation", "Solarize only", "found policy"]
+    assert summary["models"] == 4
+    for entry in summary["results"]:
+        assert 0.0 <= entry["rotation_accuracy"] <= 1.0
+        assert 0.0 <= entry["linear_accuracy"] <= 1.0
+    found = summary["results"][-1]
+    assert found["augment"]["policy"] == str(policy)
+    rotation = [entry["rotation_accuracy"] for entry in summary["results"]]
+    linear = [entry["linear_accuracy"] for entry in summary["results"]]
+    expected = spearmanr(rotation, linear)
+    assert summary["spearman_rho"] == pytest.approx(float(expected.statistic), nan_ok=True)
+    assert summary["spearman_p"] == pytest.approx(float(expected.pvalue), nan_ok=True)
+    assert (out / "correlation.png").stat().st_size > 1000
+    assert json.loads((out / "study-config.json").read_text())["extra_models"][0]["name"] == (
+        "found policy"
+    )
+
+    # Rerunning reuses every model's result instead of training again.
+    results = sorted((out / "models").glob("*/result.json"))
+    assert len(results) == 4
+    stamps = {path: path.stat().st_mtime_ns for path in results}
+    checkpoints = {path.parent / "checkpoint.pt" for path in results}
+    for checkpoint in checkpoints:
+        checkpoint.unlink()  # a retrained model would write its checkpoint again
+    assert main(["study", "correlation", "-f", str(config_path), "-o", str(out)]) == 0
+    assert {path: path.stat().st_mtime_ns for path in results} == stamps
+    assert not any(checkpoint.exists() for checkpoint in checkpoints)
+    assert json.loads((out / "correlation.json").read_text())["results"] == summary["results"]
+
+
+def test_model_names_must_give_distinct_result_folders() -> None:
+    config = {**TINY, "extra_models": [{"name": "Crop+Flip", "policy": "mocov2"}]}
+    with pytest.raises(
+        ConfigError, match=r"models\[3\]\.name: 'Crop\+Flip' clashes with 'crop\+flip'"
+    ):
+        parse_config(StudyConfig, config, "study.yaml")
+
+
+def test_spearman_with_p_matches_known_values() -> None:
+    rho, p_value = spearman_with_p([1, 2, 3, 4, 5], [2, 1, 4, 3, 5])
+    assert rho == pytest.approx(0.8)
+    assert p_value == pytest.approx(0.104, abs=1e-3)
+    rho, _ = spearman_with_p([1, 2, 3], [3, 2, 1])
+    assert rho == pytest.approx(-1.0)
+
+
+def test_compare_runs_puts_study_models_next_to_search_results(tmp_path: Path) -> None:
+    study = tmp_path / "study"
+    study.mkdir()
+    results = [
+        {"name": "base", "rotation_accuracy": 0.70, "linear_accuracy": 0.741},
+        {"name": "mocov2-style", "rotation_accuracy": 0.78, "linear_accuracy": 0.77},
+    ]
+    (study / "correlation.json").write_text(json.dumps({"results": results}))
+    run = tmp_path / "run"
+    run.mkdir()
+    final = {"rotation_accuracy": 0.763, "linear_accuracy": 0.772}
+    (run / "report.json").write_text(json.dumps({"final": final, "base_policy": "Solarize"}))
+    unlabelled = tmp_path / "unlabelled"
+    unlabelled.mkdir()
+    (unlabelled / "report.json").write_text(json.dumps({"final": {"rotation_accuracy": 0.5}}))
+    output = tmp_path / "table.json"
+    summary = compare_runs(
+        study, {"minimax": run, "no labels": unlabelled}, ["mocov2-style", "base"], output
+    )
+    assert [row["policy"] for row in summary["rows"]] == [
+        "mocov2-style",
+        "base",
+        "minimax",
+        "no labels",
+    ]
+    lines = summary["markdown"].splitlines()
+    assert lines[2].startswith("| mocov2-style | 78.0% | 77.0% |")
+    assert lines[4].startswith("| minimax | 76.3% | 77.2% |")
+    assert lines[5].startswith("| no labels | 50.0% | - |")
+    assert summary["rows"][2]["base_policy"] == "Solarize"
+    assert json.loads(output.read_text()) == summary
