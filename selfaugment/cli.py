@@ -80,11 +80,14 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from selfaugment.trainer.config import PretrainConfig, load_config
-    from selfaugment.trainer.pretrain import run_pretrain
+    from selfaugment.trainer.pretrain import epoch_logger, run_pretrain
 
     _threads_from_env()
     config = load_config(PretrainConfig, args.config, args.overrides)
-    result = run_pretrain(config, args.output)
+    on_epoch = None
+    if config.runtime.progress:
+        on_epoch = epoch_logger(config.optim.epochs, lambda line: print(line, file=sys.stderr))
+    result = run_pretrain(config, args.output, progress_callback=on_epoch)
     print(json.dumps(_headline(result), indent=2))
     return 0
 

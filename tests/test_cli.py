@@ -31,7 +31,11 @@ def _sets(overrides: list[str]) -> list[str]:
 
 def test_pretrain_then_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "pretrain"
-    assert main(["pretrain", "-o", str(out), *_sets([*TINY, "augment.policy=mocov2"])]) == 0
+    overrides = [*TINY, "augment.policy=mocov2", "optim.epochs=2", "runtime.progress=true"]
+    assert main(["pretrain", "-o", str(out), *_sets(overrides)]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[1] for line in lines] == ["1/2", "2/2"]  # one line per epoch
+    assert "img/s" in lines[0] and lines[-1].endswith("eta 0m00s")
     result = json.loads((out / "pretrain.json").read_text())
     assert result["schema_version"] == 1
     assert 0.0 <= result["evaluation"]["rotation"]["accuracy"] <= 1.0

@@ -243,3 +243,17 @@ def test_real_digits_loss_drops_and_rotation_beats_chance(tmp_path: Path) -> Non
 def test_default_views_come_from_the_augment_config(tmp_path: Path) -> None:
     report = run_pretrain(_tiny_config(epochs=1), tmp_path, _random_images(64))  # mocov2 views
     assert np.isfinite(report["final_loss"])
+
+
+def test_epoch_logger_reports_speed_and_eta_from_recent_epochs() -> None:
+    from selfaugment.trainer.pretrain import epoch_logger
+
+    lines: list[str] = []
+    on_epoch = epoch_logger(10, lines.append)
+    for epoch, seconds in ((1, 30.0), (2, 90.0)):
+        on_epoch(
+            {"epoch": epoch, "loss": 6.5, "lr": 0.03, "images_per_second": 1234.5, "time": seconds}
+        )
+    assert lines[0] == "epoch 1/10  loss 6.5000  lr 0.03  1,234 img/s  epoch 0m30s  eta 4m30s"
+    # the ETA uses the mean of the recent epochs: 8 epochs left x 60 s
+    assert lines[1].endswith("epoch 1m30s  eta 8m00s")

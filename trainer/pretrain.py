@@ -49,6 +49,34 @@ from selfaugment.trainer.runtime import (
 
 Augmenter = Callable[[torch.Tensor, torch.Generator | None], torch.Tensor]
 ProgressCallback = Callable[[dict[str, Any]], None]
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def epoch_logger(epochs: int, write: Callable[[str], None]) -> ProgressCallback:
+    """A progress callback writing one line per epoch (loss, lr, speed, ETA): readable in a
+    terminal, in `kubectl logs` and in a worker's log file alike."""
+    timings: list[float] = []
+
+    def on_epoch(record: dict[str, Any]) -> None:
+        timings.append(float(record.get("time", 0.0)))
+        epoch = int(record["epoch"])
+        recent = timings[-5:]
+        eta = (epochs - epoch) * sum(recent) / len(recent)
+        write(
+            f"epoch {epoch}/{epochs}  loss {record['loss']:.4f}  lr {record['lr']:.4g}  "
+            f"{record.get('images_per_second', 0.0):,.0f} img/s  "
+            f"epoch {_duration(record.get('time', 0.0))}  eta {_duration(eta)}"
+        )
+
+    return on_epoch
+
+
 CHECKPOINT_NAME = "checkpoint.pt"
 # Config fields that may differ between a checkpoint and the run resuming it.
 RESUME_IGNORED = {

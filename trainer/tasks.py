@@ -178,15 +178,23 @@ def train_moco(ctx: TaskContext, cfg: PretrainConfig, images: ImageSet) -> tuple
     from selfaugment.trainer.pretrain import run_pretrain
 
     output = ctx.workdir / "pretrain"
-
-    def on_epoch(figures: dict[str, Any]) -> None:
-        ctx.progress.update(
-            epoch=figures.get("epoch"), epochs=cfg.optim.epochs, loss=figures.get("loss")
-        )
-
     ctx.progress.update(force=True, epoch=0, epochs=cfg.optim.epochs)
+    on_epoch = epoch_reporter(ctx.progress, cfg.optim.epochs)
     result = run_pretrain(cfg, output, images=images, progress_callback=on_epoch)
     return result, output / "checkpoint.pt"
+
+
+def epoch_reporter(progress: ProgressWriter, epochs: int) -> Callable[[dict[str, Any]], None]:
+    """Per epoch: a log line (the worker's log, `kubectl logs`) and the task's progress.json."""
+    from selfaugment.trainer.pretrain import epoch_logger
+
+    log_epoch = epoch_logger(epochs, log.info)
+
+    def on_epoch(figures: dict[str, Any]) -> None:
+        log_epoch(figures)
+        progress.update(epoch=figures.get("epoch"), epochs=epochs, loss=figures.get("loss"))
+
+    return on_epoch
 
 
 def train_and_probe_rotation(
@@ -525,13 +533,7 @@ def run_pretrain_job(store: ArtifactStore, prefix: str) -> dict[str, Any]:
     cfg = parse_config(PretrainConfig, store.read_json(config_key), store.url(config_key))
     workdir = work_directory(store, f"{prefix}/work", cfg.model_dump_json())
     cfg = _localise_uris(store, cfg, workdir)
-    progress = ProgressWriter(store, f"{prefix}/progress.json")
-
-    def on_epoch(figures: dict[str, Any]) -> None:
-        progress.update(
-            epoch=figures.get("epoch"), epochs=cfg.optim.epochs, loss=figures.get("loss")
-        )
-
+    on_epoch = epoch_reporter(ProgressWriter(store, f"{prefix}/progress.json"), cfg.optim.epochs)
     result = run_pretrain(cfg, workdir / "pretrain", progress_callback=on_epoch)
     key = f"{prefix}/checkpoint.pt"
     store.upload_file(workdir / "pretrain" / "checkpoint.pt", key)
