@@ -83,6 +83,40 @@ def test_study_trains_probes_correlates_and_resumes(tmp_path: Path) -> None:
     assert json.loads((out / "correlation.json").read_text())["results"] == summary["results"]
 
 
+def test_changed_probes_reprobe_without_retraining(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = {**TINY, "models": TINY["models"][:2]}
+    config_path = tmp_path / "study.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "study"
+    assert main(["study", "correlation", "-f", str(config_path), "-o", str(out)]) == 0
+    checkpoints = sorted((out / "models").glob("*/checkpoint.pt"))
+    stamps = {path: path.stat().st_mtime_ns for path in checkpoints}
+    first = json.loads((out / "correlation.json").read_text())["results"]
+
+    # More probe epochs: the stored results no longer match, the trained models still do.
+    config["probe"] = {**config["probe"], "epochs": 3}
+    config_path.write_text(yaml.safe_dump(config))
+    assert main(["study", "correlation", "-f", str(config_path), "-o", str(out)]) == 0
+    second = json.loads((out / "correlation.json").read_text())["results"]
+    assert {path: path.stat().st_mtime_ns for path in checkpoints} == stamps
+    assert [entry["setup"]["probes"]["probe"]["epochs"] for entry in second] == [3, 3]
+    assert [entry["final_loss"] for entry in second] == [entry["final_loss"] for entry in first]
+    assert [entry["setup"]["training"] for entry in second] == [
+        entry["setup"]["training"] for entry in first
+    ]
+
+    # Another seed is another model: refused in this folder (naming the model), not mixed in.
+    config["runtime"] = {**config["runtime"], "seed": 1}
+    config_path.write_text(yaml.safe_dump(config))
+    capsys.readouterr()
+    assert main(["study", "correlation", "-f", str(config_path), "-o", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert "models/crop-flip/checkpoint.pt: was written with a different config" in error
+    assert "runtime.seed" in error
+
+
 def test_model_names_must_give_distinct_result_folders() -> None:
     config = {**TINY, "extra_models": [{"name": "Crop+Flip", "policy": "mocov2"}]}
     with pytest.raises(

@@ -9,6 +9,7 @@ Each model's result is written as soon as it exists, so an interrupted study res
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -102,6 +103,33 @@ def _slug(name: str) -> str:
     return "-".join(part for part in keep.split("-") if part)
 
 
+def model_setup(cfg: StudyConfig, augment: AugmentConfig) -> dict[str, Any]:
+    """What one model's figures depend on: a stored result is reused only when it matches.
+
+    Training: data, network, MoCo, optimiser, augmentation (with a policy file's digest, so an
+    edited file counts as a new policy) and seed. Probes: their settings and the test images.
+    """
+    training = {
+        "dataset": cfg.dataset.model_dump(mode="json"),
+        "model": cfg.model.model_dump(mode="json"),
+        "moco": cfg.moco.model_dump(mode="json"),
+        "optim": cfg.optim.model_dump(mode="json"),
+        "augment": augment.model_dump(mode="json"),
+        "seed": cfg.runtime.seed,
+    }
+    for field in ("policy", "base"):
+        path = Path(getattr(augment, field))
+        if path.suffix == ".json" and path.is_file():
+            training[f"{field}_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    probes = {
+        "probe": cfg.probe.model_dump(mode="json"),
+        "test_dataset": None
+        if cfg.test_dataset is None
+        else cfg.test_dataset.model_dump(mode="json"),
+    }
+    return {"training": training, "probes": probes}
+
+
 def _train_and_probe(study: dict[str, Any], entry: dict[str, Any], out: str) -> dict[str, Any]:
     """Worker: train one model, run rotation and linear probes, write result.json."""
     import torch
@@ -117,11 +145,16 @@ def _train_and_probe(study: dict[str, Any], entry: dict[str, Any], out: str) -> 
     model = StudyModel.model_validate(entry)
     directory = Path(out) / "models" / _slug(model.name)
     result_path = directory / "result.json"
-    if result_path.exists():
-        return dict(json.loads(result_path.read_text()))
     augment = cfg.augment.model_copy(
         update={"policy": model.policy, "base": model.base, "crop": model.crop, "flip": model.flip}
     )
+    setup = model_setup(cfg, augment)
+    if result_path.exists():
+        stored = dict(json.loads(result_path.read_text()))
+        if stored.get("setup") == setup:
+            return stored
+        # Otherwise measure again: a finished checkpoint with the same training config is
+        # resumed at its last epoch (only the probes run); a different one is an error.
     pretrain_cfg = PretrainConfig(
         dataset=cfg.dataset,
         model=cfg.model,
@@ -146,6 +179,7 @@ def _train_and_probe(study: dict[str, Any], entry: dict[str, Any], out: str) -> 
     )
     result = {
         "name": model.name,
+        "setup": setup,
         "augment": augment.model_dump(mode="json"),
         "final_loss": pretrain.get("final_loss"),
         "rotation_accuracy": probes["rotation"].accuracy,
@@ -203,7 +237,8 @@ def run_correlation_study(
     if workers <= 1:
         for entry in entries:
             results.append(_train_and_probe(study, entry, str(output)))
-            print(f"{entry['name']}: {json.dumps(results[-1])}", file=sys.stderr)
+            figures = {key: value for key, value in results[-1].items() if key.endswith("accuracy")}
+            print(f"{entry['name']}: {json.dumps(figures)}", file=sys.stderr)
     else:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             futures = [pool.submit(_train_and_probe, study, e, str(output)) for e in entries]
