@@ -6,6 +6,7 @@
     selfaugment eval -f eval.yaml -o DIR
     selfaugment policy validate|show|render ...
     selfaugment study correlation -f study.yaml -o DIR
+    selfaugment study compare DIR --model NAME[=RUN_DIR] ...
     selfaugment worker run --store URI --task ID       (what the runner and the operator start)
     selfaugment worker pretrain --store URI --prefix P (a standalone Pretrain resource's job)
 
@@ -131,8 +132,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from selfaugment.trainer.study import run_correlation_study
+    from selfaugment.trainer.study import run_compare, run_correlation_study
 
+    if args.study_command == "compare":
+        return run_compare(args.study, args.model, args.output)
     return run_correlation_study(args.config, args.output, args.overrides, workers=args.workers)
 
 
@@ -202,6 +205,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(correlation)
     correlation.add_argument("-o", "--output", type=Path, required=True)
     correlation.add_argument("--workers", type=int, default=1)
+    compare = study_commands.add_parser(
+        "compare", help="table of policies at equal budget: study models, search runs beside"
+    )
+    compare.add_argument("study", type=Path, help="output folder of `study correlation`")
+    compare.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        metavar="NAME[=RUN_DIR]",
+        help="a study model, with the search run that found its policy (repeatable)",
+    )
+    compare.add_argument("-o", "--output", type=Path, help="JSON file to write the table to")
     study.set_defaults(handler=cmd_study)
 
     worker = commands.add_parser("worker", help="run one task (used by runners and Jobs)")

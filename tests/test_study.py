@@ -1,4 +1,4 @@
-"""`selfaugment study correlation` and `compare_runs` on real data (scikit-learn's digits).
+"""`selfaugment study correlation` and `study compare` on real data (scikit-learn's digits).
 
 Models are tiny (width-4 ResNet-18, 1 epoch on 160 images) so the study runs in seconds; the
 figures are not meaningful, the mechanics are: one result per model, resume without retraining,
@@ -17,7 +17,7 @@ from scipy.stats import spearmanr
 
 from selfaugment.cli import main
 from selfaugment.trainer.config import ConfigError, parse_config
-from selfaugment.trainer.study import StudyConfig, compare_runs, spearman_with_p
+from selfaugment.trainer.study import StudyConfig, spearman_with_p
 
 TINY = {
     "dataset": {"uri": "sklearn:digits", "image_size": 16, "channels": 1, "limit": 160},
@@ -133,34 +133,36 @@ def test_spearman_with_p_matches_known_values() -> None:
     assert rho == pytest.approx(-1.0)
 
 
-def test_compare_runs_puts_study_models_next_to_search_results(tmp_path: Path) -> None:
+def test_study_compare_puts_each_search_run_beside_its_study_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     study = tmp_path / "study"
     study.mkdir()
     results = [
         {"name": "base", "rotation_accuracy": 0.70, "linear_accuracy": 0.741},
         {"name": "mocov2-style", "rotation_accuracy": 0.78, "linear_accuracy": 0.77},
+        {"name": "minimax", "rotation_accuracy": 0.75, "linear_accuracy": 0.765},
     ]
     (study / "correlation.json").write_text(json.dumps({"results": results}))
     run = tmp_path / "run"
     run.mkdir()
     final = {"rotation_accuracy": 0.763, "linear_accuracy": 0.772}
     (run / "report.json").write_text(json.dumps({"final": final, "base_policy": "Solarize"}))
-    unlabelled = tmp_path / "unlabelled"
-    unlabelled.mkdir()
-    (unlabelled / "report.json").write_text(json.dumps({"final": {"rotation_accuracy": 0.5}}))
     output = tmp_path / "table.json"
-    summary = compare_runs(
-        study, {"minimax": run, "no labels": unlabelled}, ["mocov2-style", "base"], output
-    )
-    assert [row["policy"] for row in summary["rows"]] == [
-        "mocov2-style",
-        "base",
-        "minimax",
-        "no labels",
-    ]
-    lines = summary["markdown"].splitlines()
-    assert lines[2].startswith("| mocov2-style | 78.0% | 77.0% |")
-    assert lines[4].startswith("| minimax | 76.3% | 77.2% |")
-    assert lines[5].startswith("| no labels | 50.0% | - |")
+    models = ["--model", "mocov2-style", "--model", "base", "--model", f"minimax={run}"]
+    assert main(["study", "compare", str(study), *models, "-o", str(output)]) == 0
+    summary = json.loads(output.read_text())
+    assert [row["policy"] for row in summary["rows"]] == ["mocov2-style", "base", "minimax"]
     assert summary["rows"][2]["base_policy"] == "Solarize"
-    assert json.loads(output.read_text()) == summary
+    lines = summary["markdown"].splitlines()
+    assert lines[2] == "| mocov2-style | 78.0% | 77.0% | - |"
+    assert lines[4] == "| minimax | 75.0% | 76.5% | 76.3% / 77.2% |"
+    assert capsys.readouterr().out.strip() == summary["markdown"]
+
+    # Unknown names and unfinished runs are refused, naming them.
+    assert main(["study", "compare", str(study), "--model", "Mocov2"]) == 2
+    assert "no study model named 'Mocov2' (models: base, mocov2-style, minimax)" in (
+        capsys.readouterr().err
+    )
+    assert main(["study", "compare", str(study), "--model", f"base={tmp_path}"]) == 2
+    assert "report.json not found" in capsys.readouterr().err

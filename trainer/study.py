@@ -22,6 +22,7 @@ from pydantic import Field, model_validator
 from selfaugment.trainer.config import (
     SCHEMA_VERSION,
     AugmentConfig,
+    ConfigError,
     DatasetConfig,
     EvaluationConfig,
     MocoConfig,
@@ -263,48 +264,78 @@ def run_correlation_study(
 
 
 def compare_runs(
-    study_dir: Path, runs: dict[str, Path], study_models: list[str], output: Path
+    study_dir: Path, models: list[str], runs: dict[str, Path], output: Path | None = None
 ) -> dict[str, Any]:
-    """Table of rotation and supervised linear accuracy: study models next to search runs.
+    """Table of rotation and supervised linear accuracy per policy at an equal budget.
 
-    The study's models and the runs' final models must share data, model, epochs and probes
-    (examples/study-fashion-mnist.yaml and examples/search-fashion-mnist.yaml do), so the
-    numbers compare policies at an equal retraining budget.
+    Each row is a model of the study at `study_dir` (same data, network, epochs, seed and
+    probes for all), and, where `runs` maps its name to a search run, that run's own final
+    model too (retrained by the search, probed on the search's evaluation images): two
+    trainings of one policy, which shows how far figures move between runs.
     """
     study = json.loads((study_dir / "correlation.json").read_text())
     by_name = {entry["name"]: entry for entry in study["results"]}
+    unknown = [name for name in [*models, *runs] if name not in by_name]
+    if unknown:
+        known = ", ".join(by_name)
+        raise ConfigError(f"{study_dir}: no study model named {unknown[0]!r} (models: {known})")
     rows = []
-    for name in study_models:
+    for name in dict.fromkeys([*models, *runs]):
         entry = by_name[name]
-        rows.append(
-            {
-                "policy": name,
-                "source": f"{study_dir.as_posix()} (study model)",
-                "rotation_accuracy": entry["rotation_accuracy"],
-                "linear_accuracy": entry["linear_accuracy"],
-            }
-        )
-    for name, run in runs.items():
-        report = json.loads((run / "report.json").read_text())
-        rows.append(
-            {
-                "policy": name,
-                "source": f"{run.as_posix()} (final model)",
-                "rotation_accuracy": report["final"]["rotation_accuracy"],
-                "linear_accuracy": report["final"].get("linear_accuracy"),
-                "base_policy": report.get("base_policy"),
-            }
-        )
+        row: dict[str, Any] = {
+            "policy": name,
+            "rotation_accuracy": entry["rotation_accuracy"],
+            "linear_accuracy": entry["linear_accuracy"],
+        }
+        if name in runs:
+            report = json.loads((runs[name] / "report.json").read_text())
+            row["run"] = runs[name].as_posix()
+            row["base_policy"] = report.get("base_policy")
+            row["run_rotation_accuracy"] = report["final"]["rotation_accuracy"]
+            row["run_linear_accuracy"] = report["final"].get("linear_accuracy")
+        rows.append(row)
+    summary = {
+        "schema_version": SCHEMA_VERSION,
+        "study": study_dir.as_posix(),
+        "rows": rows,
+        "markdown": comparison_table(rows),
+    }
+    if output is not None:
+        output.write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def comparison_table(rows: list[dict[str, Any]]) -> str:
+    def percent(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:.1f}%"
+
     lines = [
-        "| policy | rotation accuracy (label-free) | supervised linear accuracy | from |",
+        "| policy | rotation accuracy (label-free) | supervised linear accuracy "
+        "| search's own final model: rotation / linear |",
         "|---|---|---|---|",
     ]
     for row in rows:
-        linear = row["linear_accuracy"]
+        own = "-"
+        if "run" in row:
+            own = f"{percent(row['run_rotation_accuracy'])} / {percent(row['run_linear_accuracy'])}"
         lines.append(
-            f"| {row['policy']} | {100 * row['rotation_accuracy']:.1f}% | "
-            f"{'-' if linear is None else f'{100 * linear:.1f}%'} | {row['source']} |"
+            f"| {row['policy']} | {percent(row['rotation_accuracy'])} "
+            f"| {percent(row['linear_accuracy'])} | {own} |"
         )
-    summary = {"schema_version": SCHEMA_VERSION, "rows": rows, "markdown": "\n".join(lines)}
-    output.write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return "\n".join(lines)
+
+
+def run_compare(study_dir: Path, models: list[str], output: Path | None) -> int:
+    """`selfaugment study compare`: models as NAME or NAME=RUN_DIR."""
+    names: list[str] = []
+    runs: dict[str, Path] = {}
+    for item in models:
+        name, _, run = item.partition("=")
+        names.append(name)
+        if run:
+            if not (Path(run) / "report.json").is_file():
+                raise ConfigError(f"--model {item}: {run}/report.json not found (a finished run?)")
+            runs[name] = Path(run)
+    summary = compare_runs(study_dir, names, runs, output)
+    print(summary["markdown"])
+    return 0
