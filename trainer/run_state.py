@@ -184,43 +184,52 @@ _SEARCH_ONLY_FIELDS = {
 }
 
 
+_TRAINING_EXCLUDE: dict[str, Any] = {
+    "resources": True,
+    "parallelism": True,
+    "storage": True,
+    "retrain": True,
+    "search": _SEARCH_ONLY_FIELDS,
+}
+
+
+def base_digest(spec: AugmentSearchSpec) -> str:
+    """A digest of what the base-candidate tasks depend on (not the search's objective)."""
+    return _digest(spec, _TRAINING_EXCLUDE)
+
+
 def training_digest(spec: AugmentSearchSpec) -> str:
     """A digest of what the base and fold tasks depend on (not the search's objective).
 
     Two runs with equal digests train identical base-candidate and fold models, so their
-    results can be shared. The supervised objective also trains a linear head per fold.
+    results can be shared. The supervised objective also trains a linear head per fold, so
+    with another objective only the base tasks can be shared.
     """
-    return _digest(
-        spec,
-        {
-            "resources": True,
-            "parallelism": True,
-            "storage": True,
-            "retrain": True,
-            "search": _SEARCH_ONLY_FIELDS,
-        },
-        fold_linear_head=spec.search.objective == "supervised",
-    )
+    return _digest(spec, _TRAINING_EXCLUDE, fold_linear_head=spec.search.objective == "supervised")
 
 
 def reuse_results(
     source: ArtifactStore, target: ArtifactStore, spec: AugmentSearchSpec
 ) -> list[str]:
-    """Copy finished base and fold tasks from another run whose training digest matches.
+    """Copy finished base and fold tasks from another run that trained them the same way.
 
-    Used to compare objectives without retraining the shared stages. Returns the copied ids;
-    raises RunMismatchError when the runs trained differently.
+    Used to compare objectives without retraining the shared stages: the base tasks when the
+    base digests match, the fold tasks too when the training digests match. Returns the copied
+    ids; raises RunMismatchError when nothing can be shared.
     """
     source_spec = load_spec(source)
-    if training_digest(source_spec) != training_digest(spec):
+    if base_digest(source_spec) != base_digest(spec):
         raise RunMismatchError(
             f"{source.uri} trained its base and fold models with different settings; "
             "only the search settings (objective, trials, ...) may differ to reuse them"
         )
+    stages: tuple[str, ...] = ("base-",)
+    if training_digest(source_spec) == training_digest(spec):
+        stages = ("base-", "fold-")
     done = done_task_ids(target)
     copied = []
     for task_id in sorted(done_task_ids(source)):
-        if not task_id.startswith(("base-", "fold-")) or task_id in done:
+        if not task_id.startswith(stages) or task_id in done:
             continue
         prefix = f"tasks/{task_id}/"
         keys = [key for key in source.list(prefix) if "/work/" not in key]
