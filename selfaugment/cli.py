@@ -7,6 +7,7 @@
     selfaugment policy validate|show|render ...
     selfaugment study correlation -f study.yaml -o DIR
     selfaugment study compare DIR --model NAME[=RUN_DIR] ...
+    selfaugment study pool DIR DIR ... -o DIR
     selfaugment worker run --store URI --task ID       (what the runner and the operator start)
     selfaugment worker pretrain --store URI --prefix P (a standalone Pretrain resource's job)
 
@@ -132,10 +133,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from selfaugment.trainer.study import run_compare, run_correlation_study
+    from selfaugment.trainer.study import run_compare, run_correlation_study, run_pool
 
     if args.study_command == "compare":
         return run_compare(args.study, args.model, args.output)
+    if args.study_command == "pool":
+        return run_pool(args.studies, args.output)
     return run_correlation_study(args.config, args.output, args.overrides, workers=args.workers)
 
 
@@ -217,6 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a study model, with the search run that found its policy (repeatable)",
     )
     compare.add_argument("-o", "--output", type=Path, help="JSON file to write the table to")
+    pool = study_commands.add_parser(
+        "pool", help="pool correlation studies that differ only in the seed (noise, mean rho)"
+    )
+    pool.add_argument("studies", type=Path, nargs="+", help="output folders of `study correlation`")
+    pool.add_argument("-o", "--output", type=Path, required=True, help="folder to write to")
     study.set_defaults(handler=cmd_study)
 
     worker = commands.add_parser("worker", help="run one task (used by runners and Jobs)")

@@ -166,3 +166,55 @@ def test_study_compare_puts_each_search_run_beside_its_study_model(
     )
     assert main(["study", "compare", str(study), "--model", f"base={tmp_path}"]) == 2
     assert "report.json not found" in capsys.readouterr().err
+
+
+def _fake_study(folder: Path, seed: int, figures: dict[str, tuple[float, float]]) -> Path:
+    """A finished study folder as `study correlation` writes it (no training)."""
+    folder.mkdir()
+    results = [
+        {
+            "name": name,
+            "setup": {"training": {"augment": name, "seed": seed}, "probes": {"epochs": 30}},
+            "rotation_accuracy": rotation,
+            "linear_accuracy": linear,
+        }
+        for name, (rotation, linear) in figures.items()
+    ]
+    (folder / "correlation.json").write_text(json.dumps({"results": results}))
+    return folder
+
+
+def test_study_pool_averages_seeds_and_reports_their_spread(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seed0 = _fake_study(
+        tmp_path / "s0", 0, {"a": (0.70, 0.72), "b": (0.75, 0.74), "c": (0.80, 0.73)}
+    )
+    seed1 = _fake_study(
+        tmp_path / "s1", 1, {"a": (0.72, 0.70), "b": (0.73, 0.79), "c": (0.82, 0.76)}
+    )
+    out = tmp_path / "pooled"
+    assert main(["study", "pool", str(seed0), str(seed1), "-o", str(out)]) == 0
+    summary = json.loads((out / "correlation.json").read_text())
+    by_name = {entry["name"]: entry for entry in summary["results"]}
+    assert by_name["c"]["linear_accuracy"] == pytest.approx(0.745)
+    assert by_name["c"]["linear_std"] == pytest.approx(0.0212132, abs=1e-6)  # sample std
+    assert by_name["a"]["seeds"] == [0, 1]
+    assert summary["per_study_rho"] == {
+        seed0.as_posix(): pytest.approx(0.5),
+        seed1.as_posix(): pytest.approx(0.5),
+    }
+    # means: rotation a < b < c, linear a < c < b
+    assert summary["spearman_rho"] == pytest.approx(0.5)
+    assert (out / "correlation.png").stat().st_size > 1000
+    assert "Spearman rho of the means 0.500" in capsys.readouterr().out
+
+    # Studies that differ in more than the seed, or in their models, are not pooled.
+    other = _fake_study(tmp_path / "s2", 2, {"a": (0.7, 0.7), "b": (0.7, 0.7), "d": (0.7, 0.7)})
+    assert main(["study", "pool", str(seed0), str(other), "-o", str(out)]) == 2
+    assert "has other models than" in capsys.readouterr().err
+    changed = json.loads((seed1 / "correlation.json").read_text())
+    changed["results"][0]["setup"]["probes"]["epochs"] = 5
+    (seed1 / "correlation.json").write_text(json.dumps(changed))
+    assert main(["study", "pool", str(seed0), str(seed1), "-o", str(out)]) == 2
+    assert "model 'a': the studies differ in more than the seed" in capsys.readouterr().err

@@ -213,7 +213,12 @@ def _scatter(results: list[dict[str, Any]], rho: float, path: Path) -> None:
     figure, axes = plt.subplots(figsize=(7, 5), dpi=110)
     xs = [100 * r["rotation_accuracy"] for r in results]
     ys = [100 * r["linear_accuracy"] for r in results]
-    axes.scatter(xs, ys)
+    if all("rotation_std" in r for r in results):  # pooled over seeds: one std error bars
+        x_err = [100 * r["rotation_std"] for r in results]
+        y_err = [100 * r["linear_std"] for r in results]
+        axes.errorbar(xs, ys, xerr=x_err, yerr=y_err, fmt="o", elinewidth=0.8, capsize=2)
+    else:
+        axes.scatter(xs, ys)
     for x, y, r in zip(xs, ys, results, strict=True):
         axes.annotate(r["name"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     axes.set_xlabel("rotation accuracy (%, label-free)")
@@ -338,4 +343,96 @@ def run_compare(study_dir: Path, models: list[str], output: Path | None) -> int:
             runs[name] = Path(run)
     summary = compare_runs(study_dir, names, runs, output)
     print(summary["markdown"])
+    return 0
+
+
+def pool_studies(studies: list[Path], output: Path) -> dict[str, Any]:
+    """Pool studies that differ only in their seed: per model the mean and standard deviation
+    of both accuracies, the correlation of the means, and each seed's own correlation.
+
+    The spread between seeds says how much of a ranking is noise: two policies whose linear
+    accuracies differ by less than about two standard deviations are not told apart.
+    """
+    if len(studies) < 2:
+        raise ConfigError("study pool: give at least two study folders (one per seed)")
+    loaded = {}
+    for study in studies:
+        path = study / "correlation.json"
+        if not path.is_file():
+            raise ConfigError(f"{path}: not found (a finished `study correlation` folder?)")
+        loaded[study] = {entry["name"]: entry for entry in json.loads(path.read_text())["results"]}
+    first, *others = studies
+    names = list(loaded[first])
+    for study in others:
+        if set(loaded[study]) != set(names):
+            missing = sorted(set(names) ^ set(loaded[study]))
+            raise ConfigError(f"{study}: has other models than {first} ({', '.join(missing)})")
+    for name in names:
+        setups = {study: _without_seed(loaded[study][name].get("setup")) for study in studies}
+        if any(setup is None for setup in setups.values()):
+            raise ConfigError(f"model {name!r}: no setup in its result (rerun the study)")
+        if any(setup != setups[first] for setup in setups.values()):
+            raise ConfigError(f"model {name!r}: the studies differ in more than the seed")
+
+    import numpy as np
+
+    per_study_rho = {}
+    for study in studies:
+        entries = [loaded[study][name] for name in names]
+        per_study_rho[study.as_posix()] = spearman(
+            [entry["rotation_accuracy"] for entry in entries],
+            [entry["linear_accuracy"] for entry in entries],
+        )
+    results = []
+    for name in names:
+        rotation = np.array([loaded[study][name]["rotation_accuracy"] for study in studies])
+        linear = np.array([loaded[study][name]["linear_accuracy"] for study in studies])
+        results.append(
+            {
+                "name": name,
+                "rotation_accuracy": float(rotation.mean()),
+                "linear_accuracy": float(linear.mean()),
+                "rotation_std": float(rotation.std(ddof=1)),
+                "linear_std": float(linear.std(ddof=1)),
+                "seeds": [loaded[study][name]["setup"]["training"]["seed"] for study in studies],
+            }
+        )
+    rho, p_value = spearman_with_p(
+        [r["rotation_accuracy"] for r in results], [r["linear_accuracy"] for r in results]
+    )
+    output.mkdir(parents=True, exist_ok=True)
+    _scatter(results, rho, output / "correlation.png")
+    summary = {
+        "schema_version": SCHEMA_VERSION,
+        "pooled": [study.as_posix() for study in studies],
+        "spearman_rho": rho,
+        "spearman_p": p_value,
+        "per_study_rho": per_study_rho,
+        "mean_linear_std": float(np.mean([r["linear_std"] for r in results])),
+        "mean_rotation_std": float(np.mean([r["rotation_std"] for r in results])),
+        "models": len(results),
+        "results": results,
+    }
+    (output / "correlation.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _without_seed(setup: dict[str, Any] | None) -> dict[str, Any] | None:
+    if setup is None:
+        return None
+    training = {key: value for key, value in setup["training"].items() if key != "seed"}
+    return {**setup, "training": training}
+
+
+def run_pool(studies: list[Path], output: Path) -> int:
+    """`selfaugment study pool`."""
+    summary = pool_studies(studies, output)
+    for study, rho in summary["per_study_rho"].items():
+        print(f"{study}: Spearman rho {rho:.3f}")
+    print(
+        f"pooled over {len(studies)} seeds: Spearman rho of the means {summary['spearman_rho']:.3f} "
+        f"(p = {summary['spearman_p']:.3g}); mean std between seeds: linear "
+        f"{100 * summary['mean_linear_std']:.2f} points, rotation "
+        f"{100 * summary['mean_rotation_std']:.2f} points"
+    )
     return 0
