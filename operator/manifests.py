@@ -18,6 +18,12 @@ from selfaugment.trainer.spec import AugmentSearchSpec, ResourcesConfig, Storage
 CONTAINER = "worker"
 #: The worker's writable directory (HOME, temporary files, the worker cache).
 SCRATCH_PATH = "/tmp"
+#: With a read-only root filesystem: caches (worker, matplotlib, torch) under HOME on scratch.
+SCRATCH_ENV = (
+    {"name": "HOME", "value": SCRATCH_PATH},
+    {"name": "TMPDIR", "value": SCRATCH_PATH},
+    {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
+)
 CONTAINER_SECURITY: dict[str, Any] = {
     "allowPrivilegeEscalation": False,
     "readOnlyRootFilesystem": True,
@@ -114,7 +120,7 @@ def pod_template(
         "image": resources.image or settings.worker_image,
         "imagePullPolicy": settings.image_pull_policy,
         "command": command,
-        "env": [*env, {"name": "HOME", "value": SCRATCH_PATH}],
+        "env": [*env, *SCRATCH_ENV],
         "resources": container_resources(resources, gpus, settings.resolve_gpu_resource(resources)),
         "volumeMounts": mounts,
         "securityContext": CONTAINER_SECURITY,
