@@ -292,6 +292,9 @@ def compare_runs(
             "rotation_accuracy": entry["rotation_accuracy"],
             "linear_accuracy": entry["linear_accuracy"],
         }
+        for spread in ("rotation_std", "linear_std"):  # a pooled study: std over seeds
+            if spread in entry:
+                row[spread] = entry[spread]
         if name in runs:
             report = json.loads((runs[name] / "report.json").read_text())
             row["run"] = runs[name].as_posix()
@@ -311,8 +314,10 @@ def compare_runs(
 
 
 def comparison_table(rows: list[dict[str, Any]]) -> str:
-    def percent(value: float | None) -> str:
-        return "-" if value is None else f"{100 * value:.1f}%"
+    def percent(value: float | None, spread: float | None = None) -> str:
+        if value is None:
+            return "-"
+        return f"{100 * value:.1f}%" + ("" if spread is None else f" ± {100 * spread:.1f}")
 
     lines = [
         "| policy | rotation accuracy (label-free) | supervised linear accuracy "
@@ -323,10 +328,9 @@ def comparison_table(rows: list[dict[str, Any]]) -> str:
         own = "-"
         if "run" in row:
             own = f"{percent(row['run_rotation_accuracy'])} / {percent(row['run_linear_accuracy'])}"
-        lines.append(
-            f"| {row['policy']} | {percent(row['rotation_accuracy'])} "
-            f"| {percent(row['linear_accuracy'])} | {own} |"
-        )
+        rotation = percent(row["rotation_accuracy"], row.get("rotation_std"))
+        linear = percent(row["linear_accuracy"], row.get("linear_std"))
+        lines.append(f"| {row['policy']} | {rotation} | {linear} | {own} |")
     return "\n".join(lines)
 
 
