@@ -142,6 +142,7 @@ def test_study_compare_puts_each_search_run_beside_its_study_model(
         {"name": "base", "rotation_accuracy": 0.70, "linear_accuracy": 0.741},
         {"name": "mocov2-style", "rotation_accuracy": 0.78, "linear_accuracy": 0.77},
         {"name": "minimax", "rotation_accuracy": 0.75, "linear_accuracy": 0.765},
+        {"name": "RandAugment N=1 M=5", "rotation_accuracy": 0.72, "linear_accuracy": 0.76},
     ]
     (study / "correlation.json").write_text(json.dumps({"results": results}))
     run = tmp_path / "run"
@@ -150,9 +151,12 @@ def test_study_compare_puts_each_search_run_beside_its_study_model(
     (run / "report.json").write_text(json.dumps({"final": final, "base_policy": "Solarize"}))
     output = tmp_path / "table.json"
     models = ["--model", "mocov2-style", "--model", "base", "--model", f"minimax={run}"]
+    models += ["--model", "RandAugment N=1 M=5", "--model", f"RandAugment N=1 M=5={run}"]
     assert main(["study", "compare", str(study), *models, "-o", str(output)]) == 0
     summary = json.loads(output.read_text())
-    assert [row["policy"] for row in summary["rows"]] == ["mocov2-style", "base", "minimax"]
+    policies = [row["policy"] for row in summary["rows"]]
+    assert policies == ["mocov2-style", "base", "minimax", "RandAugment N=1 M=5"]
+    assert summary["rows"][3]["run"] == run.as_posix()
     assert summary["rows"][2]["base_policy"] == "Solarize"
     lines = summary["markdown"].splitlines()
     assert lines[2] == "| mocov2-style | 78.0% | 77.0% | - |"
@@ -161,7 +165,7 @@ def test_study_compare_puts_each_search_run_beside_its_study_model(
 
     # Unknown names and unfinished runs are refused, naming them.
     assert main(["study", "compare", str(study), "--model", "Mocov2"]) == 2
-    assert "no study model named 'Mocov2' (models: base, mocov2-style, minimax)" in (
+    assert "no study model named 'Mocov2' (models: base, mocov2-style, minimax, Rand" in (
         capsys.readouterr().err
     )
     assert main(["study", "compare", str(study), "--model", f"base={tmp_path}"]) == 2

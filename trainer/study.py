@@ -336,10 +336,17 @@ def comparison_table(rows: list[dict[str, Any]]) -> str:
 
 def run_compare(study_dir: Path, models: list[str], output: Path | None) -> int:
     """`selfaugment study compare`: models as NAME or NAME=RUN_DIR."""
+    path = study_dir / "correlation.json"
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found (a finished `study correlation` folder?)")
+    known = {entry["name"] for entry in json.loads(path.read_text())["results"]}
     names: list[str] = []
     runs: dict[str, Path] = {}
     for item in models:
-        name, _, run = item.partition("=")
+        # model names may hold '=' themselves ("RandAugment N=1 M=5"): the run follows the last
+        name, run = item, ""
+        if item not in known and "=" in item:
+            name, _, run = item.rpartition("=")
         names.append(name)
         if run:
             if not (Path(run) / "report.json").is_file():
