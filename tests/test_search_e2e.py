@@ -183,3 +183,38 @@ def test_search_stores_everything_in_s3(tmp_path: Path, s3_server: str) -> None:
     local = {p.relative_to(tmp_path / "local").as_posix() for p in (tmp_path / "local").rglob("*")}
     assert local and all(name.startswith("logs") for name in local)
     assert "test-secret-key" not in json.dumps(sorted(keys))
+
+
+@pytest.mark.slow
+def test_selfrandaugment_scores_the_grid_and_retrains_the_best(tmp_path: Path) -> None:
+    """SelfRandAugment: one short MoCo model per (N, M), ranked by held-out rotation; the best
+    is retrained with crop, flip and RandAugment(N, M) and evaluated; the report shows the grid."""
+    config = tiny_config(
+        tmp_path,
+        **{"search.algorithm": "selfrandaugment", "search.randaugment": "{n: [1, 2], m: [9]}"},
+    )
+    run = tmp_path / "run"
+    finished = subprocess.run(
+        search_command(config, run, "--no-progress"), capture_output=True, text=True, timeout=600
+    )
+    assert finished.returncode == 0, finished.stderr
+    assert done_task_ids(open_store(run)) == {
+        "randaugment-n1-m9",
+        "randaugment-n2-m9",
+        "retrain",
+        "report",
+    }
+    grid = {
+        key: json.loads((run / "tasks" / f"randaugment-{key}" / "result.json").read_text())
+        for key in ("n1-m9", "n2-m9")
+    }
+    best = max(grid.values(), key=lambda r: (r["rotation_accuracy"], -r["rotation_loss"]))
+    retrain = json.loads((run / "tasks" / "retrain" / "result.json").read_text())
+    assert retrain["policy"] == f"randaugment:{best['n']}:9"
+    assert retrain["augment"]["crop"] is True and retrain["augment"]["base"] == "none"
+    assert 0.0 <= retrain["linear_accuracy"] <= 1.0
+    report = (run / "report.md").read_text()
+    assert report.startswith("# Search report (SelfRandAugment)")
+    assert f"| {best['n']} | 9 | {best['rotation_accuracy']:.4f} |" in report
+    assert (run / "plots" / "randaugment_grid.png").stat().st_size > 1000
+    assert not (run / "policy.json").exists()  # nothing searched: the policy is RandAugment's

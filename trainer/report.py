@@ -134,7 +134,12 @@ def write_report(store: ArtifactStore, spec: AugmentSearchSpec, workdir: Path) -
     retrain = results.get("retrain", {})
     merge = results.get("merge", {})
     plots: dict[str, bytes] = {}
-    md = [f"# SelfAugment report ({spec.search.algorithm}, objective {spec.search.objective})", ""]
+    title = (
+        "SelfRandAugment"
+        if spec.search.algorithm == "selfrandaugment"
+        else (f"SelfAugment, objective {spec.search.objective}")
+    )
+    md = [f"# Search report ({title})", ""]
     md.append(
         f"Dataset `{spec.dataset.uri}`, model {spec.model.arch} width {spec.model.width}, "
         f"spec digest `{spec_digest(spec)}`."
@@ -200,7 +205,33 @@ def write_report(store: ArtifactStore, spec: AugmentSearchSpec, workdir: Path) -
         ]
     if by_prefix["randaugment-"]:
         plots["randaugment_grid.png"] = _plot_randaugment(by_prefix["randaugment-"])
-        md += ["## SelfRandAugment grid", "", "![grid](plots/randaugment_grid.png)", ""]
+        grid = sorted(
+            by_prefix["randaugment-"].values(),
+            key=lambda r: (-r["rotation_accuracy"], r["rotation_loss"]),
+        )
+        md += [
+            "## SelfRandAugment grid",
+            "",
+            "RandAugment (N ops per image, magnitude M of 30), one MoCo model each, ranked by "
+            "held-out rotation accuracy; the first row is retrained.",
+            "",
+            _table(
+                ["N", "M", "rotation accuracy", "rotation loss", "final MoCo loss"],
+                [
+                    [
+                        r["n"],
+                        r["m"],
+                        r["rotation_accuracy"],
+                        r["rotation_loss"],
+                        r.get("final_loss"),
+                    ]
+                    for r in grid
+                ],
+            ),
+            "",
+            "![grid](plots/randaugment_grid.png)",
+            "",
+        ]
     if merge.get("policy_summary"):
         plots["policy_strength.png"] = _plot_strength(merge["policy_summary"])
         md += [
