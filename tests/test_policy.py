@@ -310,3 +310,24 @@ def test_apply_policy_pil_is_seeded() -> None:
     first = [np.asarray(apply_policy_pil(policy, image, random.Random(7))) for _ in range(2)]
     other = np.asarray(apply_policy_pil(policy, image, random.Random(8)))
     assert np.array_equal(first[0], first[1]) and not np.array_equal(first[0], other)
+
+
+def test_randaugment_as_policy_is_the_same_distribution() -> None:
+    import itertools
+
+    from selfaugment.trainer.ops import OP_NAMES
+    from selfaugment.trainer.policy import RandAugment, expected_strength
+    from selfaugment.trainer.policy_builtins import randaugment_as_policy
+
+    randaugment = RandAugment(2, 9)
+    policy = randaugment_as_policy(randaugment)
+    assert policy.name == "randaugment:2:9" and len(policy.sub_policies) == 15**2
+    pairs = [tuple(setting.op for setting in sub) for sub in policy.sub_policies]
+    assert pairs == list(itertools.product(OP_NAMES, repeat=2))  # every ordered pair once
+    assert {(s.probability, s.magnitude) for sub in policy.sub_policies for s in sub} == {
+        (1.0, 0.3)
+    }
+    explicit, implicit = expected_strength(policy), expected_strength(randaugment)
+    assert explicit.keys() == implicit.keys()
+    for op in explicit:
+        assert explicit[op] == pytest.approx(implicit[op])

@@ -217,4 +217,16 @@ def test_selfrandaugment_scores_the_grid_and_retrains_the_best(tmp_path: Path) -
     assert report.startswith("# Search report (SelfRandAugment)")
     assert f"| {best['n']} | 9 | {best['rotation_accuracy']:.4f} |" in report
     assert (run / "plots" / "randaugment_grid.png").stat().st_size > 1000
-    assert not (run / "policy.json").exists()  # nothing searched: the policy is RandAugment's
+    # policy.json holds RandAugment(N, 9) as explicit sub-policies: 15**N of them
+    policy = json.loads((run / "policy.json").read_text())
+    assert policy["name"] == f"randaugment:{best['n']}:9"
+    assert len(policy["sub_policies"]) == 15 ** best["n"]
+    assert (
+        "policy: "
+        in subprocess.run(
+            [sys.executable, "-m", "selfaugment.cli", "status", str(run)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import difflib
+import itertools
 import os
 import tempfile
 from pathlib import Path
@@ -63,6 +64,17 @@ def identity_policy() -> Policy:
 def single_transform_policy(op: str) -> Policy:
     """p = 1, magnitude random in [0, 1] at each application (paper, base-policy stage)."""
     return Policy([[OpSetting(op, 1.0, None)]], name=op)
+
+
+def randaugment_as_policy(randaugment: RandAugment) -> Policy:
+    """The same distribution as an explicit policy: every ordered N-tuple of the 15 ops is one
+    sub-policy (p = 1, magnitude M/30), and a sub-policy is drawn uniformly, which is N ops
+    drawn uniformly with replacement (15**N sub-policies: 15, 225, 3,375)."""
+    sub_policies = [
+        [OpSetting(op, 1.0, randaugment.magnitude) for op in ops]
+        for ops in itertools.product(OP_NAMES, repeat=randaugment.num_ops)
+    ]
+    return Policy(sub_policies, name=randaugment.name)
 
 
 def _parse_randaugment(spec: str) -> RandAugment:

@@ -401,6 +401,8 @@ def run_randaugment(ctx: TaskContext) -> dict[str, Any]:
 def run_retrain(ctx: TaskContext) -> dict[str, Any]:
     """MoCo from scratch on all data with the found policy, then rotation (+ linear) eval."""
     from selfaugment.trainer.checkpoint import load_backbone
+    from selfaugment.trainer.policy_builtins import randaugment_as_policy
+    from selfaugment.trainer.policy_model import RandAugment
     from selfaugment.trainer.probes import evaluate_tasks
 
     spec = ctx.spec
@@ -409,6 +411,9 @@ def run_retrain(ctx: TaskContext) -> dict[str, Any]:
         best = max(grid.values(), key=lambda r: (r["rotation_accuracy"], -r["rotation_loss"]))
         policy_name = f"randaugment:{best['n']}:{best['m']}"
         augment = fold_augment(ctx, CROP_TRANSFORM, policy_name)
+        # policy.json as for SelfAugment: the same distribution as explicit sub-policies
+        explicit = randaugment_as_policy(RandAugment(int(best["n"]), int(best["m"])))
+        ctx.store.write_bytes(POLICY_KEY, explicit.to_json().encode())
     else:
         policy_path = ctx.workdir / "policy.json"
         policy_path.write_bytes(ctx.store.read_bytes(POLICY_KEY))
