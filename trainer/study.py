@@ -223,7 +223,10 @@ def _scatter(results: list[dict[str, Any]], rho: float, path: Path) -> None:
         axes.annotate(r["name"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     axes.set_xlabel("rotation accuracy (%, label-free)")
     axes.set_ylabel("supervised linear accuracy (%)")
-    axes.set_title(f"Rotation vs supervised evaluation (Spearman rho = {rho:.3f})")
+    title = f"Rotation vs supervised evaluation (Spearman rho = {rho:.3f})"
+    if all("rotation_std" in r for r in results):
+        title += f"\nmean and 1 std over {len(results[0]['seeds'])} seeds"
+    axes.set_title(title)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
