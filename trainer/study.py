@@ -271,6 +271,14 @@ def run_correlation_study(
     return 0
 
 
+def load_study_results(study_dir: Path) -> dict[str, dict[str, Any]]:
+    """The models of a finished study (or pooled studies) by name."""
+    path = study_dir / "correlation.json"
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found (a finished `study correlation` folder?)")
+    return {entry["name"]: entry for entry in json.loads(path.read_text())["results"]}
+
+
 def compare_runs(
     study_dir: Path, models: list[str], runs: dict[str, Path], output: Path | None = None
 ) -> dict[str, Any]:
@@ -281,8 +289,7 @@ def compare_runs(
     model too (retrained by the search, probed on the search's evaluation images): two
     trainings of one policy, which shows how far figures move between runs.
     """
-    study = json.loads((study_dir / "correlation.json").read_text())
-    by_name = {entry["name"]: entry for entry in study["results"]}
+    by_name = load_study_results(study_dir)
     unknown = [name for name in [*models, *runs] if name not in by_name]
     if unknown:
         known = ", ".join(by_name)
@@ -339,10 +346,7 @@ def comparison_table(rows: list[dict[str, Any]]) -> str:
 
 def run_compare(study_dir: Path, models: list[str], output: Path | None) -> int:
     """`selfaugment study compare`: models as NAME or NAME=RUN_DIR."""
-    path = study_dir / "correlation.json"
-    if not path.is_file():
-        raise ConfigError(f"{path}: not found (a finished `study correlation` folder?)")
-    known = {entry["name"] for entry in json.loads(path.read_text())["results"]}
+    known = load_study_results(study_dir)
     names: list[str] = []
     runs: dict[str, Path] = {}
     for item in models:
@@ -369,12 +373,7 @@ def pool_studies(studies: list[Path], output: Path) -> dict[str, Any]:
     """
     if len(studies) < 2:
         raise ConfigError("study pool: give at least two study folders (one per seed)")
-    loaded = {}
-    for study in studies:
-        path = study / "correlation.json"
-        if not path.is_file():
-            raise ConfigError(f"{path}: not found (a finished `study correlation` folder?)")
-        loaded[study] = {entry["name"]: entry for entry in json.loads(path.read_text())["results"]}
+    loaded = {study: load_study_results(study) for study in studies}
     first, *others = studies
     names = list(loaded[first])
     for study in others:
@@ -397,7 +396,7 @@ def pool_studies(studies: list[Path], output: Path) -> dict[str, Any]:
             [entry["rotation_accuracy"] for entry in entries],
             [entry["linear_accuracy"] for entry in entries],
         )
-    results = []
+    results: list[dict[str, Any]] = []
     for name in names:
         rotation = np.array([loaded[study][name]["rotation_accuracy"] for study in studies])
         linear = np.array([loaded[study][name]["linear_accuracy"] for study in studies])

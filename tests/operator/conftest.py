@@ -35,7 +35,7 @@ from kmock._internal import enums
 
 from selfaugment.operator import names
 from selfaugment.operator.crdgen import pretrain_crd, search_crd
-from selfaugment.operator.kube import Kube
+from selfaugment.operator.kube import Kube, KubeError
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -283,7 +283,23 @@ class Kubelet:
 
     def _patch(self, job: dict[str, Any], status: dict[str, Any]) -> None:
         meta = job["metadata"]
-        self.cluster.kube.patch_status("batch/v1", "jobs", meta["namespace"], meta["name"], status)
+        try:
+            self.cluster.kube.patch_status(
+                "batch/v1", "jobs", meta["namespace"], meta["name"], status
+            )
+        except KubeError:
+            # A real kubelet stops reporting on a deleted Job, or when the test's emulated
+            # cluster is gone (a pod still running at teardown).
+            if self._stop.is_set() or not self._job_exists(meta):
+                return
+            raise
+
+    def _job_exists(self, meta: dict[str, Any]) -> bool:
+        try:
+            job = self.cluster.kube.get("batch/v1", "jobs", meta["namespace"], meta["name"])
+        except KubeError:
+            return False
+        return job is not None
 
     def _run(self, job: dict[str, Any]) -> None:
         name = job["metadata"]["name"]
