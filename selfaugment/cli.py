@@ -136,7 +136,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     from selfaugment.trainer.study import run_compare, run_correlation_study, run_pool
 
     if args.study_command == "compare":
-        return run_compare(args.study, args.model, args.output)
+        return run_compare(args.study, args.model, args.output, args.against)
     if args.study_command == "pool":
         return run_pool(args.studies, args.output)
     return run_correlation_study(args.config, args.output, args.overrides, workers=args.workers)
@@ -220,6 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a study model, with the search run that found its policy (repeatable)",
     )
     compare.add_argument("-o", "--output", type=Path, help="JSON file to write the table to")
+    compare.add_argument(
+        "--against",
+        metavar="NAME",
+        help="add each model's linear accuracy minus this model's, seed by seed (paired)",
+    )
     pool = study_commands.add_parser(
         "pool", help="pool correlation studies that differ only in the seed (noise, mean rho)"
     )

@@ -212,9 +212,12 @@ def test_study_pool_averages_seeds_and_reports_their_spread(
     assert summary["spearman_rho"] == pytest.approx(0.5)
     assert (out / "correlation.png").stat().st_size > 1000
     assert "Spearman rho of the means 0.500" in capsys.readouterr().out
-    # `study compare` reads a pooled folder too, with the spread between seeds
-    assert main(["study", "compare", str(out), "--model", "c"]) == 0
-    assert "| c | 81.0% ± 1.4 | 74.5% ± 2.1 | - |" in capsys.readouterr().out
+    # `study compare` reads a pooled folder too, with the spread between seeds, and pairs
+    # models seed by seed (c - a: 0.73 - 0.72 and 0.76 - 0.70)
+    assert main(["study", "compare", str(out), "--model", "c", "--against", "a"]) == 0
+    assert "| c | 81.0% ± 1.4 | 74.5% ± 2.1 | +1.0 +6.0 (+3.5) | - |" in capsys.readouterr().out
+    assert main(["study", "compare", str(out), "--model", "c", "--against", "z"]) == 2
+    assert "no study model named 'z'" in capsys.readouterr().err
 
     # Studies that differ in more than the seed, or in their models, are not pooled.
     other = _fake_study(tmp_path / "s2", 2, {"a": (0.7, 0.7), "b": (0.7, 0.7), "d": (0.7, 0.7)})

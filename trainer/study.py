@@ -280,7 +280,11 @@ def load_study_results(study_dir: Path) -> dict[str, dict[str, Any]]:
 
 
 def compare_runs(
-    study_dir: Path, models: list[str], runs: dict[str, Path], output: Path | None = None
+    study_dir: Path,
+    models: list[str],
+    runs: dict[str, Path],
+    output: Path | None = None,
+    against: str | None = None,
 ) -> dict[str, Any]:
     """Table of rotation and supervised linear accuracy per policy at an equal budget.
 
@@ -290,7 +294,9 @@ def compare_runs(
     trainings of one policy, which shows how far figures move between runs.
     """
     by_name = load_study_results(study_dir)
-    unknown = [name for name in [*models, *runs] if name not in by_name]
+    unknown = [
+        name for name in [*models, *runs, *([against] if against else [])] if name not in by_name
+    ]
     if unknown:
         known = ", ".join(by_name)
         raise ConfigError(f"{study_dir}: no study model named {unknown[0]!r} (models: {known})")
@@ -305,6 +311,9 @@ def compare_runs(
         for spread in ("rotation_std", "linear_std"):  # a pooled study: std over seeds
             if spread in entry:
                 row[spread] = entry[spread]
+        if against is not None:
+            row["against"] = against
+            row["linear_difference"] = _paired_difference(entry, by_name[against])
         if name in runs:
             report = json.loads((runs[name] / "report.json").read_text())
             row["run"] = runs[name].as_posix()
@@ -323,28 +332,46 @@ def compare_runs(
     return summary
 
 
+def _paired_difference(entry: dict[str, Any], reference: dict[str, Any]) -> list[float]:
+    """Linear accuracy minus the reference's, seed by seed (one value for a single study).
+
+    Models of one seed share its probe training, so the paired difference removes what a
+    seed does to every model alike."""
+    values = entry.get("per_seed_linear", [entry["linear_accuracy"]])
+    base = reference.get("per_seed_linear", [reference["linear_accuracy"]])
+    return [float(a - b) for a, b in zip(values, base, strict=True)]
+
+
 def comparison_table(rows: list[dict[str, Any]]) -> str:
     def percent(value: float | None, spread: float | None = None) -> str:
         if value is None:
             return "-"
         return f"{100 * value:.1f}%" + ("" if spread is None else f" ± {100 * spread:.1f}")
 
-    lines = [
-        "| policy | rotation accuracy (label-free) | supervised linear accuracy "
-        "| search's own final model: rotation / linear |",
-        "|---|---|---|---|",
-    ]
+    against = next((row["against"] for row in rows if "against" in row), None)
+    header = "| policy | rotation accuracy (label-free) | supervised linear accuracy "
+    if against is not None:
+        header += f"| linear vs {against}, per seed (mean) "
+    lines = [header + "| search's own final model: rotation / linear |"]
+    lines.append("|---" * (5 if against is not None else 4) + "|")
     for row in rows:
         own = "-"
         if "run" in row:
             own = f"{percent(row['run_rotation_accuracy'])} / {percent(row['run_linear_accuracy'])}"
         rotation = percent(row["rotation_accuracy"], row.get("rotation_std"))
         linear = percent(row["linear_accuracy"], row.get("linear_std"))
-        lines.append(f"| {row['policy']} | {rotation} | {linear} | {own} |")
+        cells = [row["policy"], rotation, linear]
+        if against is not None:
+            differences = row["linear_difference"]
+            mean = sum(differences) / len(differences)
+            cells.append(" ".join(f"{100 * d:+.1f}" for d in differences) + f" ({100 * mean:+.1f})")
+        lines.append("| " + " | ".join([*cells, own]) + " |")
     return "\n".join(lines)
 
 
-def run_compare(study_dir: Path, models: list[str], output: Path | None) -> int:
+def run_compare(
+    study_dir: Path, models: list[str], output: Path | None, against: str | None = None
+) -> int:
     """`selfaugment study compare`: models as NAME or NAME=RUN_DIR."""
     known = load_study_results(study_dir)
     names: list[str] = []
@@ -359,7 +386,7 @@ def run_compare(study_dir: Path, models: list[str], output: Path | None) -> int:
             if not (Path(run) / "report.json").is_file():
                 raise ConfigError(f"--model {item}: {run}/report.json not found (a finished run?)")
             runs[name] = Path(run)
-    summary = compare_runs(study_dir, names, runs, output)
+    summary = compare_runs(study_dir, names, runs, output, against)
     print(summary["markdown"])
     return 0
 
@@ -408,6 +435,8 @@ def pool_studies(studies: list[Path], output: Path) -> dict[str, Any]:
                 "rotation_std": float(rotation.std(ddof=1)),
                 "linear_std": float(linear.std(ddof=1)),
                 "seeds": [loaded[study][name]["setup"]["training"]["seed"] for study in studies],
+                "per_seed_rotation": rotation.tolist(),
+                "per_seed_linear": linear.tolist(),
             }
         )
     rho, p_value = spearman_with_p(
