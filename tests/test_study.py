@@ -211,7 +211,16 @@ def test_study_pool_averages_seeds_and_reports_their_spread(
     # means: rotation a < b < c, linear a < c < b
     assert summary["spearman_rho"] == pytest.approx(0.5)
     assert (out / "correlation.png").stat().st_size > 1000
-    assert "Spearman rho of the means 0.500" in capsys.readouterr().out
+    # Every seed's model a point: rotation ranks 1 4 5 2 3 6, linear 2 4 3 1 6 5 (a0 b0 c0 a1
+    # b1 c1), sum d^2 = 16, rho = 1 - 6 * 16 / (6 * 35).
+    assert summary["rho_all_models"] == pytest.approx(1 - 96 / 210)
+    # Deviations from each model's mean: rotation (-1 +1 | +1 -1 | -1 +1), linear
+    # (+1 -1 | -2.5 +2.5 | -1.5 +1.5) points: r = (-2 - 5 + 3) / sqrt(6 * 19).
+    assert summary["seed_deviation_pearson"] == pytest.approx(-4 / 114**0.5)
+    printed = capsys.readouterr().out
+    assert "Spearman rho of the means 0.500" in printed
+    assert "every seed's model as a point (6 models): Spearman rho 0.543" in printed
+    assert "correlation of the seed-to-seed deviations (rotation vs linear): -0.375" in printed
     # `study compare` reads a pooled folder too, with the spread between seeds, and pairs
     # models seed by seed (c - a: 0.73 - 0.72 and 0.76 - 0.70)
     assert main(["study", "compare", str(out), "--model", "c", "--against", "a"]) == 0

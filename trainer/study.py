@@ -396,7 +396,12 @@ def pool_studies(studies: list[Path], output: Path) -> dict[str, Any]:
     of both accuracies, the correlation of the means, and each seed's own correlation.
 
     The spread between seeds says how much of a ranking is noise: two policies whose linear
-    accuracies differ by less than about two standard deviations are not told apart.
+    accuracies differ by less than about two standard deviations are not told apart. Two more
+    figures read every seed's model as a representation of its own: `rho_all_models`, the rank
+    correlation over all of them, and `seed_deviation_pearson`, the correlation between the
+    two accuracies' deviations from their model's mean (near 1: when a seed makes a policy's
+    model better or worse, rotation accuracy sees it as labels do; near 0: the seed moves
+    rotation accuracy without a change the labels see, i.e. noise).
     """
     if len(studies) < 2:
         raise ConfigError("study pool: give at least two study folders (one per seed)")
@@ -442,6 +447,13 @@ def pool_studies(studies: list[Path], output: Path) -> dict[str, Any]:
     rho, p_value = spearman_with_p(
         [r["rotation_accuracy"] for r in results], [r["linear_accuracy"] for r in results]
     )
+    every_rotation = np.array([r["per_seed_rotation"] for r in results])  # models x seeds
+    every_linear = np.array([r["per_seed_linear"] for r in results])
+    rho_all, p_all = spearman_with_p(every_rotation.ravel().tolist(), every_linear.ravel().tolist())
+    deviation_pearson = _pearson(
+        (every_rotation - every_rotation.mean(1, keepdims=True)).ravel(),
+        (every_linear - every_linear.mean(1, keepdims=True)).ravel(),
+    )
     output.mkdir(parents=True, exist_ok=True)
     _scatter(results, rho, output / "correlation.png")
     summary = {
@@ -450,6 +462,9 @@ def pool_studies(studies: list[Path], output: Path) -> dict[str, Any]:
         "spearman_rho": rho,
         "spearman_p": p_value,
         "per_study_rho": per_study_rho,
+        "rho_all_models": rho_all,
+        "rho_all_models_p": p_all,
+        "seed_deviation_pearson": deviation_pearson,
         "mean_linear_std": float(np.mean([r["linear_std"] for r in results])),
         "mean_rotation_std": float(np.mean([r["rotation_std"] for r in results])),
         "models": len(results),
@@ -457,6 +472,15 @@ def pool_studies(studies: list[Path], output: Path) -> dict[str, Any]:
     }
     (output / "correlation.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _pearson(x: Any, y: Any) -> float | None:
+    """Pearson correlation of two flat arrays; None when either is constant (undefined)."""
+    import numpy as np
+
+    if float(np.std(x)) == 0.0 or float(np.std(y)) == 0.0:
+        return None
+    return float(np.corrcoef(x, y)[0, 1])
 
 
 def _without_seed(setup: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -476,5 +500,12 @@ def run_pool(studies: list[Path], output: Path) -> int:
         f"(p = {summary['spearman_p']:.3g}); mean std between seeds: linear "
         f"{100 * summary['mean_linear_std']:.2f} points, rotation "
         f"{100 * summary['mean_rotation_std']:.2f} points"
+    )
+    deviation = summary["seed_deviation_pearson"]
+    print(
+        f"every seed's model as a point ({len(studies) * summary['models']} models): Spearman "
+        f"rho {summary['rho_all_models']:.3f} (p = {summary['rho_all_models_p']:.3g}); "
+        "correlation of the seed-to-seed deviations (rotation vs linear): "
+        + ("undefined (no spread)" if deviation is None else f"{deviation:.3f}")
     )
     return 0
