@@ -221,6 +221,13 @@ def test_study_pool_averages_seeds_and_reports_their_spread(
     assert "Spearman rho of the means 0.500" in printed
     assert "every seed's model as a point (6 models): Spearman rho 0.543" in printed
     assert "correlation of the seed-to-seed deviations (rotation vs linear): -0.375" in printed
+    # Two seeds with the same figures have no spread: the deviation correlation is undefined.
+    same = {"a": (0.70, 0.72), "b": (0.75, 0.74), "c": (0.80, 0.73)}
+    twins = [_fake_study(tmp_path / f"twin{seed}", seed, same) for seed in (0, 1)]
+    assert main(["study", "pool", *map(str, twins), "-o", str(tmp_path / "twins")]) == 0
+    assert "deviations (rotation vs linear): undefined (no spread)" in capsys.readouterr().out
+    twins_summary = json.loads((tmp_path / "twins" / "correlation.json").read_text())
+    assert twins_summary["seed_deviation_pearson"] is None
     # `study compare` reads a pooled folder too, with the spread between seeds, and pairs
     # models seed by seed (c - a: 0.73 - 0.72 and 0.76 - 0.70)
     assert main(["study", "compare", str(out), "--model", "c", "--against", "a"]) == 0
