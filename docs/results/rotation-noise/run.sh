@@ -4,7 +4,9 @@
 #  1. crop+flip and Equalize-only models under training seeds 0 and 2, each checkpoint probed
 #     with probe seeds 0, 1, 2;
 #  2. crop+flip with 24 epochs instead of 12, and with a width-16 network, training seeds
-#     0, 1, 2, probe seed 0.
+#     0, 1, 2, probe seed 0;
+#  3. crop+flip, training and probe seed 2, on one thread, as the study's workers train
+#     (`selfaugment pretrain` uses all cores: 2 on the machine of docs/results/).
 # Writes docs/results/rotation-noise/<model>-train<seed>-probe<seed>/eval.json; a finished
 # checkpoint or eval.json is not redone.
 # Usage (from the repository root): bash docs/results/rotation-noise/run.sh [runs-dir]
@@ -33,3 +35,7 @@ for seed in 0 1 2; do
   train crop-flip-24-epochs "$seed" 0 --set optim.epochs=24
   train crop-flip-width-16 "$seed" 0 --set model.width=16
 done
+(
+  export OMP_NUM_THREADS=1
+  train crop-flip-1-thread 2 2
+)
