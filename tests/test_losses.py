@@ -39,6 +39,7 @@ def test_rejects_mismatched_shapes() -> None:
         info_nce(q, q, torch.randn(8, 5), 0.0)
 
 
+@pytest.mark.dynamics
 def test_loss_goes_down_in_20_steps() -> None:
     generator = torch.Generator().manual_seed(0)
     raw_q = torch.randn(16, 8, generator=generator).requires_grad_()

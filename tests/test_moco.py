@@ -101,6 +101,7 @@ def test_eval_path_is_bit_identical_and_matches_eval_forward() -> None:
     torch.testing.assert_close(logits, eval_logits)
 
 
+@pytest.mark.dynamics
 def test_loss_goes_down_over_20_steps_on_a_fixed_batch() -> None:
     model = _tiny_moco(queue_size=512)
     generator = torch.Generator().manual_seed(3)

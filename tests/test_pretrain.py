@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 from selfaugment.trainer.checkpoint import CheckpointError, load_backbone, load_checkpoint
 from selfaugment.trainer.config import (
@@ -26,6 +27,7 @@ from selfaugment.trainer.config import (
     RuntimeConfig,
 )
 from selfaugment.trainer.data import ImageSet, load_dataset
+from selfaugment.trainer.moco import MoCo
 from selfaugment.trainer.models import build_backbone
 from selfaugment.trainer.pretrain import (
     PretrainError,
@@ -34,6 +36,7 @@ from selfaugment.trainer.pretrain import (
     run_pretrain,
 )
 from selfaugment.trainer.probes import train_probe
+from selfaugment.trainer.runtime import seed_everything
 
 
 class JitterAugmenter:
@@ -204,13 +207,32 @@ def test_ddp_two_processes_on_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert json.loads((tmp_path / "pretrain.json").read_text())["epochs"] == 1
 
 
+def _held_out_infonce(model: MoCo, views: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """InfoNCE of two fixed views of held-out images, each image's other view its positive and
+    the other images' views its negatives (no queue, eval mode): a loss two models share."""
+    model.eval()
+    with torch.no_grad():
+        q = F.normalize(model.encoder_q(views[0]), dim=1)  # N x C
+        k = F.normalize(model.encoder_q(views[1]), dim=1)  # N x C
+    logits = q @ k.T / model.temperature  # N x N, positives on the diagonal
+    return F.cross_entropy(logits, torch.arange(q.shape[0])).item()
+
+
+@pytest.mark.dynamics
 def test_real_digits_loss_drops_and_rotation_beats_chance(tmp_path: Path) -> None:
+    """Training dynamics differ between CPUs and thread counts (other SIMD kernels round
+    differently, and a few hundred SGD steps amplify it), so every threshold here is checked
+    against a reference from this same run, with margins measured on AVX-512, AVX2 and
+    scalar kernels at 1 and 2 threads (ATEN_CPU_CAPABILITY): loss drops 0.66-1.03 (first to last
+    epoch) and 0.76-1.19 (held-out, trained against the initial weights); the test asks 0.25."""
     data = load_dataset(DatasetConfig(uri="sklearn:digits", image_size=16, channels=1))
     cfg = PretrainConfig(
         model=ModelConfig(width=8),
         # Without BN in the head this width-8 model starts (and stays) near collapse on
         # digits: features of all images have cosine ~0.94 at init and InfoNCE sits at log(K+1).
-        moco=MocoConfig(dim=32, queue_size=256, momentum=0.99, head_batchnorm=True),
+        # A key momentum of 0.99 (MoCo's 0.999 scaled to ~200 steps) still leaves it near
+        # collapse on some CPUs; 0.9 lets the key encoder follow within an epoch.
+        moco=MocoConfig(dim=32, queue_size=256, momentum=0.9, head_batchnorm=True),
         optim=OptimConfig(epochs=8, batch_size=64, lr=0.1),
         runtime=RuntimeConfig(device="cpu", progress=False, checkpoint_every=10),
         evaluation=EvaluationConfig(tasks=["rotation"], probe=ProbeConfig(epochs=30)),
@@ -220,6 +242,16 @@ def test_real_digits_loss_drops_and_rotation_beats_chance(tmp_path: Path) -> Non
     seconds = time.perf_counter() - started
     history = report["loss_history"]
     trained_rotation = report["evaluation"]["rotation"]["accuracy"]
+
+    seed_everything(cfg.runtime.seed)  # the initial weights run_pretrain started from
+    initial = MoCo(build_backbone(cfg.model, in_channels=1), cfg.moco)
+    trained = MoCo(build_backbone(cfg.model, in_channels=1), cfg.moco)
+    trained.load_state_dict(load_checkpoint(tmp_path / "checkpoint.pt")["model"])
+    held_out = data.images[-256:]
+    generator = torch.Generator().manual_seed(123)
+    views = (JitterAugmenter()(held_out, generator), JitterAugmenter()(held_out, generator))
+    initial_loss, trained_loss = (_held_out_infonce(m, views) for m in (initial, trained))
+
     torch.manual_seed(0)
     random_backbone = build_backbone(cfg.model, in_channels=1)
     split = int(0.8 * len(data))
@@ -232,11 +264,13 @@ def test_real_digits_loss_drops_and_rotation_beats_chance(tmp_path: Path) -> Non
     ).accuracy
     print(
         f"\ndigits ({len(data)} images 1x16x16, resnet18 width 8, {cfg.optim.epochs} epochs, "
-        f"{seconds:.1f}s): InfoNCE first epoch {history[0]:.3f} -> last {history[-1]:.3f}; "
-        f"rotation accuracy trained {trained_rotation:.3f} vs random init {random_rotation:.3f} "
-        f"(chance 0.25)"
+        f"{seconds:.1f}s, {torch.get_num_threads()} threads): InfoNCE first epoch "
+        f"{history[0]:.3f} -> last {history[-1]:.3f}; held-out InfoNCE initial "
+        f"{initial_loss:.3f} -> trained {trained_loss:.3f}; rotation accuracy trained "
+        f"{trained_rotation:.3f} vs random init {random_rotation:.3f} (chance 0.25)"
     )
-    assert history[-1] < history[0] - 0.3
+    assert history[-1] < history[0] - 0.25
+    assert trained_loss < initial_loss - 0.25
     assert trained_rotation > 0.40
 
 

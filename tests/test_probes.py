@@ -89,6 +89,7 @@ def test_rotation_features_are_the_rotated_images_features(digits: ImageSet) -> 
     torch.testing.assert_close(features[:, 3], expected)
 
 
+@pytest.mark.dynamics
 def test_rotation_probe_and_folded_head(digits: ImageSet) -> None:
     backbone = _backbone()
     train, test = digits.images[:450], digits.images[450:]
@@ -111,6 +112,7 @@ def test_rotation_probe_and_folded_head(digits: ImageSet) -> None:
     assert again.accuracy == result.accuracy and again.loss == result.loss
 
 
+@pytest.mark.dynamics
 def test_linear_probe_needs_labels_and_learns(digits: ImageSet) -> None:
     backbone = _backbone()
     with pytest.raises(ProbeError, match="unlabelled-set"):
@@ -137,6 +139,7 @@ def test_linear_probe_needs_labels_and_learns(digits: ImageSet) -> None:
     assert result.num_classes == 10 and result.accuracy > 0.5  # chance 0.1
 
 
+@pytest.mark.dynamics
 def test_jigsaw_probe(digits: ImageSet) -> None:
     backbone = _backbone()
     result = train_probe(backbone, "jigsaw", digits.images[:450], digits.images[450:], PROBE)
