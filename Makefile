@@ -6,9 +6,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SEARCH_CONFIG ?= examples/search-smoke.yaml
 SEARCH_OUT ?= runs/smoke
-APT_PACKAGES := dataset-fashion-mnist prometheus
+APT_PACKAGES := dataset-fashion-mnist prometheus buildah debootstrap
 
-.PHONY: search test install install-test system-deps tools lint typecheck pytest pytest-kernels bench clean crds
+.PHONY: search images test install install-test system-deps tools lint typecheck pytest pytest-kernels bench clean crds
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,8 @@ install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
 
-# Debian packages the tests use (real Fashion-MNIST, a real Prometheus server); needs root.
+# Debian packages the tests use (real Fashion-MNIST, a real Prometheus server, buildah and
+# debootstrap for the image tests); needs root.
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
@@ -61,6 +62,10 @@ pytest-kernels: install-test
 	done
 
 test: lint typecheck pytest pytest-kernels
+
+# The operator and worker images, with docker or buildah (REGISTRY, TAG, BUILD_ARGS: see the script).
+images:
+	bash docker/build-images.sh
 
 bench: install
 	$(BIN)/python benchmarks/bench_augment.py
