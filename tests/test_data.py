@@ -1,4 +1,4 @@
-"""Tests for selfaugment.trainer.data: every source, corrupt files, conversions and splits."""
+"""Tests for selfaugment.trainer.data.datasets: every source, corrupt files, conversions and splits."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from selfaugment.trainer.data import (
     kfold_splits,
     load_dataset,
 )
-from selfaugment.trainer.data_convert import convert_channels, resize_and_crop
+from selfaugment.trainer.data.convert import convert_channels, resize_and_crop
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 

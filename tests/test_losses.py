@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from selfaugment.trainer.losses import info_nce
+from selfaugment.trainer.moco.losses import info_nce
 
 
 def _naive_info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, t: float) -> float:

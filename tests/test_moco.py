@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from selfaugment.trainer.config import MocoConfig, ModelConfig
-from selfaugment.trainer.moco import MoCo
-from selfaugment.trainer.models import build_backbone
+from selfaugment.trainer.moco.learner import MoCo
+from selfaugment.trainer.moco.models import build_backbone
 
 
 def _tiny_moco(queue_size: int = 64, momentum: float = 0.99, seed: int = 0) -> MoCo:

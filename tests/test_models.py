@@ -5,7 +5,7 @@ import torch
 import torchvision
 
 from selfaugment.trainer.config import ModelConfig
-from selfaugment.trainer.models import INPUT_MEAN, INPUT_STD, build_backbone
+from selfaugment.trainer.moco.models import INPUT_MEAN, INPUT_STD, build_backbone
 
 
 def _count(module: torch.nn.Module) -> int:

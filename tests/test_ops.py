@@ -8,13 +8,14 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from selfaugment.trainer import augment_geometric, augment_tensor
-from selfaugment.trainer.augment_crop import (
+from selfaugment.trainer.augment import geometric as augment_geometric
+from selfaugment.trainer.augment import tensor as augment_tensor
+from selfaugment.trainer.augment.crop import (
     random_resized_crop_flip,
     resized_crop_flip,
     sample_crop_boxes,
 )
-from selfaugment.trainer.ops import CROP_RATIO, OP_NAMES, OPS, get_op
+from selfaugment.trainer.augment.ops import CROP_RATIO, OP_NAMES, OPS, get_op
 
 SIZE = 24
 MAGNITUDES = (0.0, 0.3, 0.7, 1.0)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from selfaugment.trainer.planner import (
+from selfaugment.trainer.search.planner import (
     BASE_TRANSFORMS,
     all_tasks,
     plan,

@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
+from selfaugment.trainer.augment.ops import OP_NAMES, OPS
 from selfaugment.trainer.config import AugmentConfig
-from selfaugment.trainer.ops import OP_NAMES, OPS
 from selfaugment.trainer.policy import (
     BatchAugmenter,
     OpSetting,
@@ -32,7 +32,7 @@ from selfaugment.trainer.policy import (
     sample_plan,
     save_policy,
 )
-from selfaugment.trainer.policy_apply import apply_plan
+from selfaugment.trainer.policy.apply import apply_plan
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -315,9 +315,9 @@ def test_apply_policy_pil_is_seeded() -> None:
 def test_randaugment_as_policy_is_the_same_distribution() -> None:
     import itertools
 
-    from selfaugment.trainer.ops import OP_NAMES
+    from selfaugment.trainer.augment.ops import OP_NAMES
     from selfaugment.trainer.policy import RandAugment, expected_strength
-    from selfaugment.trainer.policy_builtins import randaugment_as_policy
+    from selfaugment.trainer.policy.builtins import randaugment_as_policy
 
     randaugment = RandAugment(2, 9)
     policy = randaugment_as_policy(randaugment)

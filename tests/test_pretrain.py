@@ -15,7 +15,6 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from selfaugment.trainer.checkpoint import CheckpointError, load_backbone, load_checkpoint
 from selfaugment.trainer.config import (
     DatasetConfig,
     EvaluationConfig,
@@ -27,15 +26,16 @@ from selfaugment.trainer.config import (
     RuntimeConfig,
 )
 from selfaugment.trainer.data import ImageSet, load_dataset
-from selfaugment.trainer.moco import MoCo
-from selfaugment.trainer.models import build_backbone
-from selfaugment.trainer.pretrain import (
+from selfaugment.trainer.evaluation.probes import train_probe
+from selfaugment.trainer.moco.checkpoint import CheckpointError, load_backbone, load_checkpoint
+from selfaugment.trainer.moco.learner import MoCo
+from selfaugment.trainer.moco.models import build_backbone
+from selfaugment.trainer.moco.pretrain import (
     PretrainError,
     config_differences,
     learning_rate,
     run_pretrain,
 )
-from selfaugment.trainer.probes import train_probe
 from selfaugment.trainer.runtime import seed_everything
 
 
@@ -280,7 +280,7 @@ def test_default_views_come_from_the_augment_config(tmp_path: Path) -> None:
 
 
 def test_epoch_logger_reports_speed_and_eta_from_recent_epochs() -> None:
-    from selfaugment.trainer.pretrain import epoch_logger
+    from selfaugment.trainer.moco.pretrain import epoch_logger
 
     lines: list[str] = []
     on_epoch = epoch_logger(10, lines.append)

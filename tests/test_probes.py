@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch import nn
 
-from selfaugment.trainer.checkpoint import CHECKPOINT_KIND, save_checkpoint
 from selfaugment.trainer.config import (
     DatasetConfig,
     EvalConfig,
@@ -22,9 +21,7 @@ from selfaugment.trainer.config import (
     RuntimeConfig,
 )
 from selfaugment.trainer.data import ImageSet, load_dataset
-from selfaugment.trainer.moco import MoCo
-from selfaugment.trainer.models import ResNetBackbone, build_backbone
-from selfaugment.trainer.probes import (
+from selfaugment.trainer.evaluation.probes import (
     JIGSAW_PERMUTATIONS,
     ProbeError,
     extract_features,
@@ -32,6 +29,9 @@ from selfaugment.trainer.probes import (
     run_eval,
     train_probe,
 )
+from selfaugment.trainer.moco.checkpoint import CHECKPOINT_KIND, save_checkpoint
+from selfaugment.trainer.moco.learner import MoCo
+from selfaugment.trainer.moco.models import ResNetBackbone, build_backbone
 
 PROBE = ProbeConfig(epochs=15, batch_size=128, lr=0.1)
 

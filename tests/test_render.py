@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from selfaugment.trainer.render import CELL_GAP, cell_scale, render_policy_grid
+from selfaugment.trainer.policy.render import CELL_GAP, cell_scale, render_policy_grid
 
 
 def test_grid_png_has_expected_size_and_changed_columns(tmp_path: Path) -> None:

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from selfaugment.trainer.run_state import (
+from selfaugment.trainer.spec import AugmentSearchSpec, ParallelismConfig
+from selfaugment.trainer.store import open_store
+from selfaugment.trainer.store.layout import (
     RunMismatchError,
     done_task_ids,
     prepare_run,
@@ -18,8 +20,6 @@ from selfaugment.trainer.run_state import (
     summarise,
     training_digest,
 )
-from selfaugment.trainer.spec import AugmentSearchSpec, ParallelismConfig
-from selfaugment.trainer.store import open_store
 
 
 def _spec(**search: object) -> AugmentSearchSpec:

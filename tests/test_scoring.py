@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from selfaugment.trainer.checkpoint import CHECKPOINT_KIND, save_checkpoint
 from selfaugment.trainer.config import (
     DatasetConfig,
     MocoConfig,
@@ -17,10 +16,11 @@ from selfaugment.trainer.config import (
     ProbeConfig,
 )
 from selfaugment.trainer.data import load_dataset
-from selfaugment.trainer.moco import MoCo
-from selfaugment.trainer.models import build_backbone
-from selfaugment.trainer.probes import train_probe
-from selfaugment.trainer.scoring import PolicyScorer
+from selfaugment.trainer.evaluation.probes import train_probe
+from selfaugment.trainer.evaluation.scoring import PolicyScorer
+from selfaugment.trainer.moco.checkpoint import CHECKPOINT_KIND, save_checkpoint
+from selfaugment.trainer.moco.learner import MoCo
+from selfaugment.trainer.moco.models import build_backbone
 
 
 class StandInAugmenter:

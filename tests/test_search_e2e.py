@@ -21,9 +21,9 @@ import pytest
 import yaml
 
 from selfaugment.trainer.config import load_config
-from selfaugment.trainer.run_state import done_task_ids
 from selfaugment.trainer.spec import AugmentSearchSpec
 from selfaugment.trainer.store import open_store
+from selfaugment.trainer.store.layout import done_task_ids
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 TINY = {

@@ -17,7 +17,7 @@ from scipy.stats import spearmanr
 
 from selfaugment.cli import main
 from selfaugment.trainer.config import ConfigError, parse_config
-from selfaugment.trainer.study import StudyConfig, spearman_with_p
+from selfaugment.trainer.evaluation.study import StudyConfig, spearman_with_p
 
 TINY = {
     "dataset": {"uri": "sklearn:digits", "image_size": 16, "channels": 1, "limit": 160},

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from selfaugment.trainer.spec import ObjectiveWeights
-from selfaugment.trainer.tpe_search import (
+from selfaugment.trainer.search.tpe import (
     Normalisers,
     TrialRecord,
     objective_value,
@@ -17,6 +16,7 @@ from selfaugment.trainer.tpe_search import (
     run_tpe,
     top_trials,
 )
+from selfaugment.trainer.spec import ObjectiveWeights
 
 OPS = ("Invert", "Rotate", "Color", "Equalize")
 NORM = Normalisers(rotation_loss=2.0, infonce=4.0)

@@ -27,10 +27,10 @@ import pytest
 import yaml
 
 from selfaugment.operator import names
-from selfaugment.trainer.planner import all_tasks
-from selfaugment.trainer.run_state import prepare_run
+from selfaugment.trainer.search.planner import all_tasks
 from selfaugment.trainer.spec import AugmentSearchSpec
 from selfaugment.trainer.store import open_store
+from selfaugment.trainer.store.layout import prepare_run
 
 pytestmark = [pytest.mark.cluster, pytest.mark.images]
 

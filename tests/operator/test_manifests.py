@@ -9,8 +9,8 @@ import pytest
 
 from selfaugment.operator import manifests, names
 from selfaugment.operator.settings import OperatorSettings
-from selfaugment.trainer.planner import all_tasks, task_by_id
 from selfaugment.trainer.pretrain_spec import PretrainSpec
+from selfaugment.trainer.search.planner import all_tasks, task_by_id
 from selfaugment.trainer.spec import AugmentSearchSpec
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")

@@ -12,8 +12,8 @@ import pytest
 from selfaugment.operator import manifests, names
 from selfaugment.operator.runtime import open_run_store
 from selfaugment.operator.settings import OperatorSettings
-from selfaugment.trainer.planner import task_by_id
 from selfaugment.trainer.pretrain_spec import PretrainSpec
+from selfaugment.trainer.search.planner import task_by_id
 from selfaugment.trainer.spec import AugmentSearchSpec, StorageConfig
 from selfaugment.trainer.store import LocalStore, S3Store
 

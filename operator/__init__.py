@@ -1,1 +1,0 @@
-"""Kubernetes operator for AugmentSearch and Pretrain custom resources (kopf)."""

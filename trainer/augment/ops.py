@@ -1,0 +1,123 @@
+"""The table of augmentation ops: the single source of op names, ranges and functions.
+
+Each record maps a magnitude ``lambda`` in [0, 1] to the op's argument, monotone in
+strength: ``argument = identity + sign * lambda * (max_argument - identity)``, so
+``lambda = 0`` is the identity and ``lambda = 1`` the strongest setting. For signed ops
+the sign (+1 or -1, drawn with probability 1/2 by the policy) is separate from lambda;
+the reference code mapped lambda to [-max, +max], so that 0.5 was the identity.
+
+Ranges are Fast AutoAugment's (Lim et al. 2019), used by SelfAugment (Reed et al. 2021,
+Appendix B / dissertation chapter 2): shear 0..0.3, translate 0..0.45 x size, rotate
+0..30 degrees, Solarize threshold 256..0, Posterize 8..4 bits, enhance factor 1 +- 0.9,
+Cutout side 0..0.2 x width.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from selfaugment.trainer.augment import geometric, pil
+from selfaugment.trainer.augment import tensor as colour
+
+PilOp = Callable[[Image.Image, float, random.Random | None], Image.Image]
+TensorOp = Callable[[Tensor, Tensor | float, torch.Generator | None], Tensor]
+AffineBuilder = Callable[[Tensor, int, int], Tensor]
+Number = TypeVar("Number", float, Tensor)
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """One augmentation op: how magnitude maps to its argument, and its two implementations."""
+
+    name: str
+    has_magnitude: bool
+    signed: bool
+    identity_argument: float
+    max_argument: float
+    unit: str
+    pil: PilOp
+    tensor: TensorOp
+    affine: AffineBuilder | None = None
+    """Geometric ops: arguments [N] -> inverse maps [N, 2, 3]; lets ``BatchAugmenter``
+    resample all samples of all geometric ops at one plan position in one call."""
+    blend: tuple[float, float] | None = None
+    """Brightness/Color/Contrast: (gray, mean) weights of ``blend_with_gray``; fused the same way."""
+
+    def argument(self, magnitude: Number, sign: Number | float = 1.0) -> Number:
+        """Op argument for magnitude in [0, 1] (floats or tensors); sign is used if signed."""
+        span = (self.max_argument - self.identity_argument) * magnitude
+        if self.signed:
+            span = span * sign
+        return span + self.identity_argument
+
+
+def _spec(
+    name: str,
+    signed: bool,
+    identity: float,
+    maximum: float,
+    unit: str,
+    pil_op: PilOp,
+    tensor_op: TensorOp,
+    **fused: Any,
+) -> OpSpec:
+    return OpSpec(name, True, signed, identity, maximum, unit, pil_op, tensor_op, **fused)
+
+
+def _no_magnitude(name: str, pil_op: PilOp, tensor_op: TensorOp) -> OpSpec:
+    return OpSpec(name, False, False, 0.0, 0.0, "-", pil_op, tensor_op)
+
+
+# fmt: off
+OPS: dict[str, OpSpec] = {spec.name: spec for spec in (
+    # name, signed, identity argument, max argument, unit, PIL reference, batched op
+    _spec("ShearX", True, 0.0, 0.3, "shear", pil.shear_x, geometric.shear_x,
+          affine=geometric.shear_x_matrices),
+    _spec("ShearY", True, 0.0, 0.3, "shear", pil.shear_y, geometric.shear_y,
+          affine=geometric.shear_y_matrices),
+    _spec("TranslateX", True, 0.0, 0.45, "x width", pil.translate_x, geometric.translate_x,
+          affine=geometric.translate_x_matrices),
+    _spec("TranslateY", True, 0.0, 0.45, "x height", pil.translate_y, geometric.translate_y,
+          affine=geometric.translate_y_matrices),
+    _spec("Rotate", True, 0.0, 30.0, "degrees", pil.rotate, geometric.rotate,
+          affine=geometric.rotate_matrices),
+    _no_magnitude("AutoContrast", pil.auto_contrast, colour.auto_contrast),
+    _no_magnitude("Equalize", pil.equalize, colour.equalize),
+    _no_magnitude("Invert", pil.invert, colour.invert),
+    _spec("Solarize", False, 256.0, 0.0, "threshold", pil.solarize, colour.solarize),
+    _spec("Posterize", False, 8.0, 4.0, "bits", pil.posterize, colour.posterize),
+    _spec("Contrast", True, 1.0, 1.9, "factor", pil.contrast, colour.contrast,
+          blend=(0.0, 1.0)),
+    _spec("Color", True, 1.0, 1.9, "factor", pil.color, colour.color,
+          blend=(1.0, 0.0)),
+    _spec("Brightness", True, 1.0, 1.9, "factor", pil.brightness, colour.brightness,
+          blend=(0.0, 0.0)),
+    _spec("Sharpness", True, 1.0, 1.9, "factor", pil.sharpness, colour.sharpness),
+    _spec("Cutout", False, 0.0, 0.2, "x width", pil.cutout, geometric.cutout),
+)}
+# fmt: on
+"""Op name -> record, in the paper's order of families (geometric, colour, Cutout)."""
+
+OP_NAMES: tuple[str, ...] = tuple(OPS)
+"""All op names; the index of a name here is its id in batched augmentation plans."""
+
+CROP_SCALE: tuple[float, float] = (0.2, 1.0)
+"""Area range of RandomResizedCrop for MoCo views (MoCo v2, arXiv:2003.04297)."""
+
+CROP_RATIO: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+"""Aspect-ratio range of RandomResizedCrop (torchvision default)."""
+
+
+def get_op(name: str) -> OpSpec:
+    """The record of ``name``; KeyError listing the valid names when unknown."""
+    try:
+        return OPS[name]
+    except KeyError:
+        raise KeyError(f"unknown op {name!r}; valid ops: {', '.join(OP_NAMES)}") from None

@@ -1,0 +1,110 @@
+"""Pixel conversions shared by all readers: dtype, layout, channels and size."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torchvision.transforms.v2 import functional as tvf
+
+from selfaugment.trainer.data.types import DatasetError
+
+# Channel counts a decoded array may have: gray, gray+alpha is not accepted, RGB, RGBA.
+CHANNEL_COUNTS = (1, 3, 4)
+# ITU-R 601-2 luma weights, as PIL uses for RGB -> L (Pillow docs, Image.convert).
+LUMA_WEIGHTS = (299, 587, 114)
+# Images resized per call; bounds the float32 copy made inside the resize.
+RESIZE_CHUNK = 2048
+
+
+def to_uint8(array: np.ndarray, source: str) -> np.ndarray:
+    """Pixels as uint8: integers in 0..255 are kept, floats in [0, 1] are scaled by 255."""
+    if array.dtype == np.uint8:
+        return array
+    if array.size == 0:
+        return array.astype(np.uint8)
+    if np.issubdtype(array.dtype, np.floating):
+        low, high = float(np.nanmin(array)), float(np.nanmax(array))
+        if np.isnan(array).any() or low < 0.0 or high > 1.0:
+            raise DatasetError(
+                f"{source}: float images must lie in [0, 1], found values in [{low:g}, {high:g}]"
+            )
+        return np.rint(array * 255.0).astype(np.uint8)
+    if np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_:
+        low, high = int(array.min()), int(array.max())
+        if low < 0 or high > 255:
+            raise DatasetError(
+                f"{source}: integer images must lie in 0..255, found values in [{low}, {high}]"
+            )
+        return array.astype(np.uint8)
+    raise DatasetError(f"{source}: unsupported image dtype {array.dtype}")
+
+
+def to_nchw(array: np.ndarray, source: str) -> np.ndarray:
+    """Accept [N, H, W], [N, H, W, C] or [N, C, H, W] (C in 1, 3, 4) and return [N, C, H, W]."""
+    if array.ndim == 3:
+        return array[:, None, :, :]
+    if array.ndim != 4:
+        raise DatasetError(
+            f"{source}: images must have shape [N, H, W], [N, H, W, C] or [N, C, H, W], "
+            f"got {tuple(array.shape)}"
+        )
+    last_is_channel = array.shape[3] in CHANNEL_COUNTS
+    second_is_channel = array.shape[1] in CHANNEL_COUNTS
+    if last_is_channel and second_is_channel:
+        raise DatasetError(
+            f"{source}: cannot tell channels from image sides in shape {tuple(array.shape)} "
+            "(both dimension 1 and 3 look like channel counts)"
+        )
+    if last_is_channel:
+        return np.ascontiguousarray(array.transpose(0, 3, 1, 2))
+    if second_is_channel:
+        return array
+    raise DatasetError(
+        f"{source}: no channel dimension of size 1, 3 or 4 in shape {tuple(array.shape)}"
+    )
+
+
+def convert_channels(images: torch.Tensor, channels: int, source: str) -> torch.Tensor:
+    """uint8 [N, C, H, W] to `channels`: gray is repeated to RGB, RGB becomes luma, alpha dropped."""
+    have = images.shape[1]
+    if have == 4:
+        images, have = images[:, :3], 3
+    if have == channels:
+        return images
+    if have == 1 and channels == 3:
+        return images.expand(-1, 3, -1, -1).contiguous()
+    if have == 3 and channels == 1:
+        red, green, blue = (images[:, i].to(torch.int32) for i in range(3))
+        weights = LUMA_WEIGHTS
+        luma = (red * weights[0] + green * weights[1] + blue * weights[2] + 500) // 1000
+        return luma.to(torch.uint8).unsqueeze(1)
+    raise DatasetError(f"{source}: cannot convert {have}-channel images to {channels} channels")
+
+
+def resize_and_crop(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize the shorter side to `size` (bilinear, antialiased when shrinking), centre-crop."""
+    height, width = images.shape[-2:]
+    if height == size and width == size:
+        return images
+    outputs = []
+    for start in range(0, images.shape[0], RESIZE_CHUNK):
+        chunk = images[start : start + RESIZE_CHUNK]
+        if min(height, width) != size:
+            chunk = tvf.resize(
+                chunk, [size], interpolation=tvf.InterpolationMode.BILINEAR, antialias=True
+            )
+        outputs.append(tvf.center_crop(chunk, [size, size]))
+    if not outputs:
+        return images.new_zeros((0, images.shape[1], size, size))
+    return torch.cat(outputs)
+
+
+def prepare_images(array: np.ndarray, size: int, channels: int, source: str) -> torch.Tensor:
+    """Any accepted array layout and dtype to uint8 [N, channels, size, size]."""
+    nchw = to_nchw(to_uint8(np.asarray(array), source), source)
+    if not (nchw.flags.writeable and nchw.flags.c_contiguous):
+        nchw = np.array(nchw, order="C")  # torch wants writable memory
+    tensor = torch.from_numpy(nchw)
+    if tensor.shape[1] < channels:  # repeat gray to RGB after resizing: less work
+        return convert_channels(resize_and_crop(tensor, size), channels, source)
+    return resize_and_crop(convert_channels(tensor, channels, source), size)

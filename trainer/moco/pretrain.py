@@ -1,0 +1,355 @@
+"""MoCo v2 pretraining on in-memory images: resumable, seeded, single device or torchrun/DDP.
+
+Batches go to the device as uint8 and both views are made there by the augmenter. The
+augmentation generator is re-seeded from (seed, rank, epoch) at the start of every epoch and
+the data order is a permutation seeded by (seed, epoch), so a resumed run (model, optimizer,
+queue and the global RNG states restored from checkpoint.pt) continues exactly like an
+uninterrupted one, on any number of ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from selfaugment import RESULT_SCHEMA_VERSION
+from selfaugment.trainer.config import AugmentConfig, OptimConfig, PretrainConfig
+from selfaugment.trainer.evaluation.probes import Images, evaluate_tasks
+from selfaugment.trainer.moco.checkpoint import (
+    CHECKPOINT_KIND,
+    CHECKPOINT_SCHEMA_VERSION,
+    backbone_state,
+    load_checkpoint,
+    save_checkpoint,
+)
+from selfaugment.trainer.moco.learner import MoCo
+from selfaugment.trainer.moco.models import build_backbone
+from selfaugment.trainer.runtime import (
+    DistEnv,
+    all_reduce_mean,
+    autocast,
+    barrier,
+    capture_rng_state,
+    dist_env_from_environ,
+    init_distributed,
+    resolve_device,
+    restore_rng_state,
+    seed_everything,
+    use_bf16,
+    use_channels_last,
+)
+
+Augmenter = Callable[[torch.Tensor, torch.Generator | None], torch.Tensor]
+ProgressCallback = Callable[[dict[str, Any]], None]
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def epoch_logger(epochs: int, write: Callable[[str], None]) -> ProgressCallback:
+    """A progress callback writing one line per epoch (loss, lr, speed, ETA): readable in a
+    terminal, in `kubectl logs` and in a worker's log file alike."""
+    timings: list[float] = []
+
+    def on_epoch(record: dict[str, Any]) -> None:
+        timings.append(float(record.get("time", 0.0)))
+        epoch = int(record["epoch"])
+        recent = timings[-5:]
+        eta = (epochs - epoch) * sum(recent) / len(recent)
+        write(
+            f"epoch {epoch}/{epochs}  loss {record['loss']:.4f}  lr {record['lr']:.4g}  "
+            f"{record.get('images_per_second', 0.0):,.0f} img/s  "
+            f"epoch {_duration(record.get('time', 0.0))}  eta {_duration(eta)}"
+        )
+
+    return on_epoch
+
+
+CHECKPOINT_NAME = "checkpoint.pt"
+# Config fields that may differ between a checkpoint and the run resuming it.
+RESUME_IGNORED = {
+    "runtime.progress",
+    "runtime.num_workers",
+    "runtime.checkpoint_every",
+    "runtime.device",
+    "evaluation",
+}
+
+
+class PretrainError(RuntimeError):
+    """Pretraining cannot start or continue; the message names the field or file at fault."""
+
+
+def build_augmenter(cfg: AugmentConfig) -> Augmenter:
+    """The view maker of `cfg`: crop and flip, base transform, policy (augment/views.py)."""
+    from selfaugment.trainer.augment import views
+
+    return views.build_augmenter(cfg)
+
+
+def learning_rate(optim: OptimConfig, step: int, steps_per_epoch: int) -> float:
+    """Per-step schedule: linear warm-up over `warmup_epochs`, then cosine decay to 0."""
+    warmup = optim.warmup_epochs * steps_per_epoch
+    total = optim.epochs * steps_per_epoch
+    if step < warmup:
+        return optim.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return optim.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def epoch_permutation(count: int, seed: int, epoch: int) -> torch.Tensor:
+    """The data order of `epoch`, identical on every rank."""
+    return torch.randperm(count, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def config_differences(
+    stored: dict[str, Any], current: dict[str, Any], prefix: str = ""
+) -> list[str]:
+    """Dotted names of config fields that differ (ignoring RESUME_IGNORED)."""
+    differences = []
+    for key in sorted(set(stored) | set(current)):
+        name = f"{prefix}{key}"
+        if name in RESUME_IGNORED:
+            continue
+        before, after = stored.get(key), current.get(key)
+        if isinstance(before, dict) and isinstance(after, dict):
+            differences += config_differences(before, after, f"{name}.")
+        elif before != after:
+            differences.append(name)
+    return differences
+
+
+def _initialise_from(model: MoCo, path: str) -> None:
+    """Load backbone (and, when shapes match, head) weights of another pretrain checkpoint."""
+    payload = load_checkpoint(path)
+    try:
+        model.encoder_q.backbone.load_state_dict(backbone_state(payload["model"]))
+    except RuntimeError as error:
+        raise PretrainError(
+            f"init_from: {path}: backbone does not match model config: {error}"
+        ) from None
+    head_state = {
+        key[len("encoder_q.head.") :]: value
+        for key, value in payload["model"].items()
+        if key.startswith("encoder_q.head.")
+    }
+    current = model.encoder_q.head.state_dict()
+    if head_state.keys() == current.keys() and all(
+        head_state[key].shape == current[key].shape for key in current
+    ):
+        model.encoder_q.head.load_state_dict(head_state)
+    model.encoder_k.load_state_dict(model.encoder_q.state_dict())
+
+
+def _set_trainable(model: MoCo, trainable: str) -> None:
+    """'batchnorm': only the backbone's batch-norm scale and shift get gradients (HPT-BN)."""
+    if trainable == "all":
+        return
+    for param in model.encoder_q.parameters():
+        param.requires_grad = False
+    for module in model.encoder_q.backbone.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            for param in module.parameters():
+                param.requires_grad = True
+
+
+def _write_json(path: Path, data: Any) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(data, indent=2) + "\n")
+    temporary.replace(path)
+
+
+def run_pretrain(
+    cfg: PretrainConfig,
+    output_dir: Path,
+    images: Images | None = None,
+    progress_callback: ProgressCallback | None = None,
+    augmenter: Augmenter | None = None,
+) -> dict[str, Any]:
+    """Train MoCo v2 per `cfg`, resuming from output_dir/checkpoint.pt; returns pretrain.json."""
+    env = dist_env_from_environ()
+    device = resolve_device(cfg.runtime.device, env.local_rank)
+    started_group = env.distributed and not dist.is_initialized()
+    init_distributed(device, env)
+    try:
+        return _pretrain(cfg, Path(output_dir), images, progress_callback, augmenter, env, device)
+    finally:
+        if started_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _pretrain(
+    cfg: PretrainConfig,
+    output_dir: Path,
+    images: Images | None,
+    progress_callback: ProgressCallback | None,
+    augmenter: Augmenter | None,
+    env: DistEnv,
+    device: torch.device,
+) -> dict[str, Any]:
+    seed = cfg.runtime.seed
+    if images is None:
+        from selfaugment.trainer.data import load_dataset
+
+        images = load_dataset(cfg.dataset, seed=seed)
+    count, in_channels = len(images), int(images.images.shape[1])
+    global_batch = cfg.optim.batch_size
+    if global_batch % env.world_size:
+        raise PretrainError(
+            f"optim.batch_size={global_batch} is not divisible by the {env.world_size} processes"
+        )
+    local_batch = global_batch // env.world_size
+    steps_per_epoch = count // global_batch
+    if steps_per_epoch == 0:
+        raise PretrainError(
+            f"optim.batch_size={global_batch} is larger than the dataset ({count} images)"
+        )
+    bf16, channels_last = use_bf16(cfg.runtime, device), use_channels_last(cfg.runtime, device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    seed_everything(seed)
+    model = MoCo(build_backbone(cfg.model, in_channels), cfg.moco)
+    if cfg.init_from:
+        _initialise_from(model, cfg.init_from)
+    _set_trainable(model, cfg.trainable)
+    model.to(device)
+    model.to(memory_format=memory_format)
+    optimizer = torch.optim.SGD(
+        [param for param in model.encoder_q.parameters() if param.requires_grad],
+        lr=cfg.optim.lr,
+        momentum=cfg.optim.sgd_momentum,
+        weight_decay=cfg.optim.weight_decay,
+    )
+    augment = augmenter if augmenter is not None else build_augmenter(cfg.augment)
+    generator = torch.Generator(device=device)
+
+    config_data = cfg.model_dump(mode="json")
+    checkpoint_path = output_dir / CHECKPOINT_NAME
+    start_epoch, global_step = 0, 0
+    loss_history: list[float] = []
+    metrics: list[dict[str, Any]] = []
+    if checkpoint_path.exists():
+        payload = load_checkpoint(checkpoint_path)
+        differences = config_differences(payload["config"], config_data)
+        if differences or payload.get("in_channels") != in_channels:
+            raise PretrainError(
+                f"{checkpoint_path}: was written with a different config "
+                f"({', '.join(differences) or 'in_channels'}); use a new output directory "
+                "or delete the checkpoint to start over"
+            )
+        model.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+        start_epoch, global_step = int(payload["epoch"]), int(payload["global_step"])
+        loss_history, metrics = list(payload["loss_history"]), list(payload["metrics"])
+        restore_rng_state(payload["rng"])
+    if env.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        lines = "".join(json.dumps(record) + "\n" for record in metrics)
+        (output_dir / "metrics.jsonl").write_text(lines)
+    if env.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model.set_query_runner(
+            DistributedDataParallel(
+                model.encoder_q, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        )
+
+    data = images.images.to(device)  # uint8, N x C x H x W
+    model.train()
+    for epoch in range(start_epoch, cfg.optim.epochs):
+        generator.manual_seed(seed * 1_000_003 + env.rank * 10_007 + epoch)
+        order = epoch_permutation(count, seed, epoch).to(device)
+        running = torch.zeros((), device=device)
+        started = time.perf_counter()
+        for step in range(steps_per_epoch):
+            lr = learning_rate(cfg.optim, global_step, steps_per_epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            first = step * global_batch + env.rank * local_batch
+            batch = data[order[first : first + local_batch]]
+            view_q = augment(batch, generator).contiguous(memory_format=memory_format)
+            view_k = augment(batch, generator).contiguous(memory_format=memory_format)
+            with autocast(device, bf16):
+                loss, _ = model(view_q, view_k)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            running += loss.detach()
+            global_step += 1
+        epoch_loss = float(all_reduce_mean(running / steps_per_epoch).item())
+        elapsed = time.perf_counter() - started
+        if not math.isfinite(epoch_loss):
+            raise PretrainError(f"loss is {epoch_loss} at epoch {epoch + 1}; lower optim.lr")
+        loss_history.append(epoch_loss)
+        record = {
+            "epoch": epoch + 1,
+            "loss": epoch_loss,
+            "lr": lr,
+            "images_per_second": steps_per_epoch * global_batch / elapsed,
+            "time": elapsed,
+        }
+        metrics.append(record)
+        last = epoch + 1 == cfg.optim.epochs
+        if env.is_main:
+            if (epoch + 1) % cfg.runtime.checkpoint_every == 0 or last:
+                save_checkpoint(
+                    checkpoint_path,
+                    {
+                        "schema_version": CHECKPOINT_SCHEMA_VERSION,
+                        "kind": CHECKPOINT_KIND,
+                        "config": config_data,
+                        "in_channels": in_channels,
+                        "epoch": epoch + 1,
+                        "global_step": global_step,
+                        "model": {k: v.cpu() for k, v in model.state_dict().items()},
+                        "optimizer": optimizer.state_dict(),
+                        "rng": capture_rng_state(generator),
+                        "loss_history": loss_history,
+                        "metrics": metrics,
+                    },
+                )
+            with (output_dir / "metrics.jsonl").open("a") as stream:
+                stream.write(json.dumps(record) + "\n")
+            if progress_callback is not None:
+                progress_callback(record)
+        barrier()
+
+    model.set_query_runner(None)
+    if not env.is_main:
+        barrier()
+        return {}
+    evaluation = evaluate_tasks(
+        model.backbone, images, None, cfg.evaluation, device=device, seed=seed, bf16=bf16
+    )
+    if evaluation:
+        torch.save(
+            {task: result.head_state for task, result in evaluation.items()},
+            output_dir / "probe_heads.pt",
+        )
+    report = {
+        "schema_version": RESULT_SCHEMA_VERSION,
+        "final_loss": loss_history[-1],
+        "epochs": cfg.optim.epochs,
+        "num_images": count,
+        "in_channels": in_channels,
+        "config": config_data,
+        "checkpoint": str(checkpoint_path),
+        "loss_history": loss_history,
+        "evaluation": {task: result.summary() for task, result in evaluation.items()},
+    }
+    _write_json(output_dir / "pretrain.json", report)
+    barrier()
+    return report

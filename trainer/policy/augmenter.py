@@ -1,0 +1,139 @@
+"""Augmentation policies: built-ins, files, and fast batched application.
+
+``BatchAugmenter`` is the interface of the MoCo trainer and the policy scorer: it takes
+a [B, C, H, W] batch (uint8 or float in [0, 1]) and returns float32 views in [0, 1]:
+random resized crop + flip, then the policy with a per-sample sub-policy choice,
+per-sample Bernoulli(p), per-sample random signs (and random magnitudes where None).
+Each op runs once per batch on the samples that apply it.
+
+``PolicyTransform`` plugs a policy into a user's own torchvision pipeline; it accepts PIL
+images (per-image PIL reference) and CHW tensors (batched path with B = 1)::
+
+    from torchvision import transforms
+    from selfaugment.trainer.policy import PolicyTransform, load_policy
+
+    pipeline = transforms.Compose([
+        transforms.RandomResizedCrop(32, scale=(0.2, 1.0)),
+        transforms.RandomHorizontalFlip(),
+        PolicyTransform(load_policy("examples/mocov2-policy.json")),
+        transforms.ToTensor(),
+    ])
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from selfaugment.trainer.augment.crop import random_resized_crop_flip
+from selfaugment.trainer.augment.ops import CROP_RATIO, CROP_SCALE, OP_NAMES, OPS
+from selfaugment.trainer.augment.tensor import check_images
+from selfaugment.trainer.config import AugmentConfig
+from selfaugment.trainer.policy.apply import apply_plan, sample_plan
+from selfaugment.trainer.policy.builtins import resolve_policy
+from selfaugment.trainer.policy.model import AnyPolicy, OpSetting, Policy, PolicyError, RandAugment
+
+
+def apply_policy_pil(policy: AnyPolicy, image: Image.Image, rng: random.Random) -> Image.Image:
+    """Per-image reference: one sub-policy uniformly, each op with Bernoulli(p), random sign."""
+    if isinstance(policy, RandAugment):
+        settings: tuple[OpSetting, ...] = tuple(
+            OpSetting(rng.choice(OP_NAMES), 1.0, policy.magnitude) for _ in range(policy.num_ops)
+        )
+    else:
+        settings = policy.sub_policies[rng.randrange(len(policy.sub_policies))]
+    for setting in settings:
+        if rng.random() >= setting.probability:
+            continue
+        magnitude = rng.random() if setting.magnitude is None else setting.magnitude
+        sign = -1.0 if rng.random() < 0.5 else 1.0
+        spec = OPS[setting.op]
+        image = spec.pil(image, float(spec.argument(magnitude, sign)), rng)
+    return image
+
+
+class BatchAugmenter:
+    """Random resized crop + flip + policy on a batch; returns float32 in [0, 1]."""
+
+    def __init__(
+        self,
+        policy: AnyPolicy | str,
+        *,
+        crop: bool = True,
+        crop_scale: tuple[float, float] = CROP_SCALE,
+        flip: bool = True,
+        crop_ratio: tuple[float, float] = CROP_RATIO,
+    ) -> None:
+        self.policy: AnyPolicy = resolve_policy(policy) if isinstance(policy, str) else policy
+        if not isinstance(self.policy, Policy | RandAugment):
+            raise PolicyError(
+                f"BatchAugmenter: policy must be a Policy or RandAugment, got {policy!r}"
+            )
+        low, high = crop_scale
+        if not 0.0 < low <= high <= 1.0:
+            raise ValueError(f"crop_scale: must satisfy 0 < low <= high <= 1, got {crop_scale}")
+        if not 0.0 < crop_ratio[0] <= crop_ratio[1]:
+            raise ValueError(f"crop_ratio: must satisfy 0 < low <= high, got {crop_ratio}")
+        self.crop, self.flip = crop, flip
+        self.crop_scale, self.crop_ratio = crop_scale, crop_ratio
+
+    @classmethod
+    def from_config(cls, config: AugmentConfig) -> BatchAugmenter:
+        """Build from the typed ``augment`` section of a pretrain config."""
+        return cls(
+            resolve_policy(config.policy),
+            crop=config.crop,
+            crop_scale=config.crop_scale,
+            flip=config.flip,
+        )
+
+    def __repr__(self) -> str:
+        name = self.policy.name
+        return f"BatchAugmenter(policy={name!r}, crop={self.crop}, crop_scale={self.crop_scale}, flip={self.flip})"
+
+    def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Augment a [B, C, H, W] batch (uint8, or float in [0, 1]) on its own device."""
+        check_images(images)
+        if images.dtype == torch.uint8:
+            views = images.float().div_(255.0)
+        elif self.crop or self.flip:
+            views = images.float()
+        else:
+            views = images.to(torch.float32, copy=True)
+        views = random_resized_crop_flip(
+            views, generator, self.crop, self.flip, self.crop_scale, self.crop_ratio
+        )
+        plan = sample_plan(self.policy, images.shape[0], generator)
+        return apply_plan(views, plan, generator)
+
+
+class PolicyTransform:
+    """Apply a policy inside a torchvision pipeline, to PIL images or CHW tensors.
+
+    PIL images go through ``apply_policy_pil``; tensors (uint8 or float in [0, 1]) through
+    the batched path with B = 1 and keep their dtype. Without a seed, randomness comes
+    from the global ``random``/``torch`` generators (re-seeded per DataLoader worker).
+    """
+
+    def __init__(self, policy: AnyPolicy | str, seed: int | None = None) -> None:
+        self.policy: AnyPolicy = resolve_policy(policy) if isinstance(policy, str) else policy
+        self._augmenter = BatchAugmenter(self.policy, crop=False, flip=False)
+        self._rng = random.Random(seed) if seed is not None else None
+        self._generator = torch.Generator().manual_seed(seed) if seed is not None else None
+
+    def __repr__(self) -> str:
+        return f"PolicyTransform(policy={self.policy.name!r})"
+
+    def __call__(self, image: Image.Image | Tensor) -> Image.Image | Tensor:
+        if isinstance(image, Image.Image):
+            rng = self._rng if self._rng is not None else random.Random(random.getrandbits(64))
+            return apply_policy_pil(self.policy, image, rng)
+        if not isinstance(image, Tensor) or image.ndim != 3:
+            raise TypeError(f"PolicyTransform: expected a PIL image or a CHW tensor, got {image!r}")
+        result = self._augmenter(image[None], self._generator)[0]
+        if image.dtype == torch.uint8:
+            return result.mul_(255.0).round_().to(torch.uint8)
+        return result.to(image.dtype)

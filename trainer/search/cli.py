@@ -1,0 +1,110 @@
+"""`selfaugment search` and `selfaugment status`: the local, one-command way to run a search."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from selfaugment.trainer.metrics import create_metrics
+from selfaugment.trainer.search.runner import LocalRunner
+from selfaugment.trainer.spec import AugmentSearchSpec
+from selfaugment.trainer.store import open_store
+from selfaugment.trainer.store.layout import (
+    POLICY_KEY,
+    load_spec,
+    prepare_run,
+    read_progress,
+    reuse_results,
+    summarise,
+)
+
+
+def _gpus(spec: AugmentSearchSpec) -> list[int]:
+    import torch
+
+    if spec.resources.gpus <= 0 or not torch.cuda.is_available():
+        return []
+    return list(range(torch.cuda.device_count()))
+
+
+def run_search(
+    spec: AugmentSearchSpec,
+    *,
+    output: Path | None,
+    workers: int | None,
+    metrics_port: int | None,
+    progress: bool,
+    config_name: str,
+    reuse_from: str | None = None,
+) -> int:
+    """Run (or resume) a search; prints where the policy and the report are."""
+    output = output or Path("runs") / config_name
+    store_uri = spec.storage.uri or str(output)
+    store = open_store(store_uri, endpoint=spec.storage.endpoint, region=spec.storage.region)
+    store_env = {"AWS_ENDPOINT_URL": spec.storage.endpoint} if spec.storage.endpoint else {}
+    if reuse_from:
+        prepare_run(store, spec)
+        source = open_store(reuse_from, endpoint=spec.storage.endpoint, region=spec.storage.region)
+        copied = reuse_results(source, store, spec)
+        print(f"reused {len(copied)} finished tasks from {source.uri}", file=sys.stderr)
+    metrics = create_metrics()
+    if metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port, registry=metrics.registry)
+        print(f"metrics on http://127.0.0.1:{metrics_port}/metrics", file=sys.stderr)
+    runner = LocalRunner(
+        spec,
+        store,
+        workers=workers or spec.parallelism.max_workers,
+        log_dir=Path(output) / "logs",
+        run_name=config_name,
+        metrics=metrics,
+        gpus=_gpus(spec),
+        progress=progress,
+        poll_seconds=0.5 if store.local_path("x") is not None else 2.0,
+        store_env=store_env,
+    )
+    print(f"search {config_name}: artifacts in {store.uri}", file=sys.stderr)
+    runner.run()
+    summary = summarise(store, spec)
+    print(f"done: policy {store.url(POLICY_KEY) if summary.policy_uri else '(none)'}")
+    print(f"report: {store.url('report.md')}")
+    for key, value in summary.final.items():
+        print(f"  final {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
+    return 0
+
+
+def print_status(run: str, *, as_json: bool, endpoint: str | None) -> int:
+    """Print a run's stage, progress per stage, running tasks and results so far."""
+    store = open_store(run, endpoint=endpoint)
+    spec = load_spec(store)
+    summary = summarise(store, spec)
+    state = summary.state
+    if as_json:
+        print(json.dumps(summary.to_dict(), indent=2))
+        return 0
+    print(f"run {store.uri}")
+    print(f"stage: {state.stage}   tasks {len(state.done)}/{state.total} ({state.percent:.0f}%)")
+    stages: dict[str, list[int]] = {}
+    for task in state.tasks:
+        counts = stages.setdefault(task.stage, [0, 0])
+        counts[1] += 1
+        counts[0] += task.id in state.done
+    for stage, (done, total) in stages.items():
+        print(f"  {stage:<12} {done}/{total}")
+    for task in state.ready:
+        figures = read_progress(store, task.id)
+        if figures:
+            text = ", ".join(f"{key} {value}" for key, value in sorted(figures.items()))
+            print(f"  running/pending {task.id}: {text}")
+    if summary.base_policy:
+        print(f"base policy: {summary.base_policy}")
+    if summary.trials_done:
+        print(f"trials done: {summary.trials_done}   best objective: {summary.best_objective}")
+    if summary.policy_uri:
+        print(f"policy: {summary.policy_uri}")
+    for key, value in summary.final.items():
+        print(f"final {key}: {value}")
+    return 0

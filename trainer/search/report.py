@@ -1,0 +1,304 @@
+"""The end-of-search report: report.json, report.md and plots (matplotlib, PNG).
+
+Plots: held-out rotation accuracy per base candidate; objective per trial for each fold and
+repeat (with the running best); expected strength per op of the found policy (the paper's
+Fig. 2.10, see `policy.expected_strength`); MoCo loss curves of the folds and the retraining.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from selfaugment.trainer.spec import AugmentSearchSpec
+from selfaugment.trainer.store import ArtifactStore
+from selfaugment.trainer.store.layout import POLICY_KEY, read_results, spec_digest
+
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+
+
+def _figure_bytes(draw: Callable[[Any], None], width: float = 7.0, height: float = 3.6) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(width, height), dpi=110)
+    draw(axes)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def _plot_base(results: dict[str, dict[str, Any]]) -> bytes:
+    rows = sorted(results.values(), key=lambda r: r["rotation_accuracy"], reverse=True)
+
+    def draw(axes: Any) -> None:
+        names = [row["transform"] for row in rows]
+        values = [100 * row["rotation_accuracy"] for row in rows]
+        colours = ["tab:green"] + ["tab:blue"] * (len(rows) - 1)
+        axes.barh(names[::-1], values[::-1], color=colours[::-1])
+        axes.axvline(25, color="grey", linestyle=":", label="chance (25%)")
+        axes.set_xlabel("held-out rotation accuracy (%)")
+        axes.set_title("Base policy: rotation score per single transform")
+        axes.legend(loc="lower right")
+
+    return _figure_bytes(draw, height=max(3.0, 0.3 * len(rows) + 1))
+
+
+def _plot_trials(results: dict[str, dict[str, Any]], objective: str) -> bytes:
+    def draw(axes: Any) -> None:
+        for task_id, result in sorted(results.items()):
+            history = result.get("objective_history", [])
+            running, best = [], float("inf")
+            for value in history:
+                best = min(best, value)
+                running.append(best)
+            line = axes.plot(range(1, len(history) + 1), history, ".", alpha=0.35)
+            axes.plot(
+                range(1, len(running) + 1),
+                running,
+                "-",
+                color=line[0].get_color(),
+                label=task_id.removeprefix("search-"),
+            )
+        axes.set_xlabel("trial")
+        axes.set_ylabel(f"objective ({objective}, lower is better)")
+        axes.set_title("TPE search: objective per trial and running best")
+        axes.legend(fontsize="small", ncol=2)
+
+    return _figure_bytes(draw)
+
+
+def _plot_strength(summary: dict[str, float]) -> bytes:
+    def draw(axes: Any) -> None:
+        names = list(summary)
+        axes.bar(names, [summary[name] for name in names], color="tab:purple")
+        axes.set_ylabel("expected strength (p x magnitude)")
+        axes.set_title("Found policy: expected strength per op")
+        axes.tick_params(axis="x", rotation=60)
+
+    return _figure_bytes(draw)
+
+
+def _plot_losses(curves: dict[str, list[float]]) -> bytes:
+    def draw(axes: Any) -> None:
+        for name, losses in curves.items():
+            axes.plot(range(1, len(losses) + 1), losses, label=name)
+        axes.set_xlabel("epoch")
+        axes.set_ylabel("InfoNCE loss")
+        axes.set_title("MoCo training curves")
+        axes.legend(fontsize="small")
+
+    return _figure_bytes(draw)
+
+
+def _plot_randaugment(results: dict[str, dict[str, Any]]) -> bytes:
+    def draw(axes: Any) -> None:
+        for n in sorted({r["n"] for r in results.values()}):
+            rows = sorted((r for r in results.values() if r["n"] == n), key=lambda r: r["m"])
+            axes.plot(
+                [r["m"] for r in rows],
+                [100 * r["rotation_accuracy"] for r in rows],
+                "o-",
+                label=f"N = {n}",
+            )
+        axes.set_xlabel("magnitude M (0..30)")
+        axes.set_ylabel("held-out rotation accuracy (%)")
+        axes.set_title("SelfRandAugment grid")
+        axes.legend()
+
+    return _figure_bytes(draw)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    def cell(value: Any) -> str:
+        return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(value) for value in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_report(store: ArtifactStore, spec: AugmentSearchSpec, workdir: Path) -> dict[str, Any]:
+    """Write report.json, report.md and plots/*.png to the store; returns the report."""
+    results = read_results(store)
+    by_prefix: dict[str, dict[str, dict[str, Any]]] = {}
+    for prefix in ("base-", "fold-", "search-", "randaugment-"):
+        by_prefix[prefix] = {k: v for k, v in results.items() if k.startswith(prefix)}
+    retrain = results.get("retrain", {})
+    merge = results.get("merge", {})
+    plots: dict[str, bytes] = {}
+    title = (
+        "SelfRandAugment"
+        if spec.search.algorithm == "selfrandaugment"
+        else (f"SelfAugment, objective {spec.search.objective}")
+    )
+    md = [f"# Search report ({title})", ""]
+    md.append(
+        f"Dataset `{spec.dataset.uri}`, model {spec.model.arch} width {spec.model.width}, "
+        f"spec digest `{spec_digest(spec)}`."
+    )
+    md.append("")
+
+    if by_prefix["base-"]:
+        plots["base_candidates.png"] = _plot_base(by_prefix["base-"])
+        rows = sorted(by_prefix["base-"].values(), key=lambda r: -r["rotation_accuracy"])
+        md += [
+            "## Base policy",
+            "",
+            _table(
+                ["transform", "rotation accuracy", "rotation loss", "final MoCo loss"],
+                [
+                    [
+                        r["transform"],
+                        r["rotation_accuracy"],
+                        r["rotation_loss"],
+                        r.get("final_loss"),
+                    ]
+                    for r in rows
+                ],
+            ),
+            "",
+            "![base candidates](plots/base_candidates.png)",
+            "",
+        ]
+    if by_prefix["fold-"]:
+        folds = by_prefix["fold-"]
+        md += [
+            "## Folds (base policy " + str(next(iter(folds.values()))["base_policy"]) + ")",
+            "",
+            _table(
+                ["fold", "rotation accuracy", "base rotation loss", "base InfoNCE"],
+                [
+                    [
+                        r["fold"],
+                        r["rotation_accuracy"],
+                        r["base_losses"]["rotation_loss"],
+                        r["base_losses"]["infonce"],
+                    ]
+                    for r in folds.values()
+                ],
+            ),
+            "",
+        ]
+    if by_prefix["search-"]:
+        plots["objective_per_trial.png"] = _plot_trials(by_prefix["search-"], spec.search.objective)
+        md += [
+            "## Search",
+            "",
+            _table(
+                ["fold", "repeat", "trials", "best objective"],
+                [
+                    [r["fold"], r["repeat"], r["trials_done"], r["best_objective"]]
+                    for r in by_prefix["search-"].values()
+                ],
+            ),
+            "",
+            "![objective per trial](plots/objective_per_trial.png)",
+            "",
+        ]
+    if by_prefix["randaugment-"]:
+        plots["randaugment_grid.png"] = _plot_randaugment(by_prefix["randaugment-"])
+        grid = sorted(
+            by_prefix["randaugment-"].values(),
+            key=lambda r: (-r["rotation_accuracy"], r["rotation_loss"]),
+        )
+        md += [
+            "## SelfRandAugment grid",
+            "",
+            "RandAugment (N ops per image, magnitude M of 30), one MoCo model each, ranked by "
+            "held-out rotation accuracy; the first row is retrained.",
+            "",
+            _table(
+                ["N", "M", "rotation accuracy", "rotation loss", "final MoCo loss"],
+                [
+                    [
+                        r["n"],
+                        r["m"],
+                        r["rotation_accuracy"],
+                        r["rotation_loss"],
+                        r.get("final_loss"),
+                    ]
+                    for r in grid
+                ],
+            ),
+            "",
+            "![grid](plots/randaugment_grid.png)",
+            "",
+        ]
+    if merge.get("policy_summary"):
+        plots["policy_strength.png"] = _plot_strength(merge["policy_summary"])
+        md += [
+            "## Found policy",
+            "",
+            f"{merge['sub_policies']} sub-policies (from {merge['candidates']} top candidates), "
+            f"stored at `{store.url(POLICY_KEY)}`.",
+            "",
+            "![expected strength per op](plots/policy_strength.png)",
+            "",
+        ]
+    curves = {
+        task_id: result["loss_history"]
+        for task_id, result in results.items()
+        if result.get("loss_history") and (task_id.startswith("fold-") or task_id == "retrain")
+    }
+    if curves:
+        plots["training_curves.png"] = _plot_losses(curves)
+        md += ["## Training", "", "![training curves](plots/training_curves.png)", ""]
+    if retrain:
+        figures = {k: v for k, v in retrain.items() if k.endswith(("_accuracy", "_loss"))}
+        md += [
+            "## Final model",
+            "",
+            f"Policy `{retrain.get('policy')}`.",
+            "",
+            _table(["metric", "value"], [[k, v] for k, v in sorted(figures.items())]),
+            "",
+        ]
+
+    for name, data in plots.items():
+        store.write_bytes(f"plots/{name}", data)
+    report = {
+        "schema_version": 1,
+        "algorithm": spec.search.algorithm,
+        "objective": spec.search.objective,
+        "spec_digest": spec_digest(spec),
+        "base_policy": next(iter(by_prefix["fold-"].values()), {}).get("base_policy"),
+        "base_candidates": {
+            r["transform"]: {
+                "rotation_accuracy": r["rotation_accuracy"],
+                "rotation_loss": r["rotation_loss"],
+            }
+            for r in by_prefix["base-"].values()
+        },
+        "folds": {
+            k: {"rotation_accuracy": v["rotation_accuracy"], **v["base_losses"]}
+            for k, v in by_prefix["fold-"].items()
+        },
+        "search": {
+            k: {"best_objective": v["best_objective"], "trials": v["trials_done"]}
+            for k, v in by_prefix["search-"].items()
+        },
+        "randaugment": {
+            k: {"n": v["n"], "m": v["m"], "rotation_accuracy": v["rotation_accuracy"]}
+            for k, v in by_prefix["randaugment-"].items()
+        },
+        "policy_uri": store.url(POLICY_KEY) if store.exists(POLICY_KEY) else None,
+        "policy_summary": merge.get("policy_summary", {}),
+        "final": {k: v for k, v in retrain.items() if k.endswith(("_accuracy", "_loss"))},
+        "task_seconds": {k: v.get("seconds") for k, v in results.items()},
+        "plots": [f"plots/{name}" for name in plots],
+    }
+    store.write_json(REPORT_JSON, report)
+    store.write_bytes(REPORT_MD, "\n".join(md).encode())
+    return {
+        "report": store.url(REPORT_JSON),
+        "markdown": store.url(REPORT_MD),
+        "plots": report["plots"],
+    }

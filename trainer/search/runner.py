@@ -1,0 +1,250 @@
+"""The local executor: runs a search's tasks as `selfaugment worker` processes on this machine.
+
+The loop is: list the finished tasks in the store, ask the planner what may start, start it in
+a free slot (a CPU slot, or a GPU slot with CUDA_VISIBLE_DEVICES set), repeat. Interrupting the
+run kills the running workers; running the same command again resumes, redoing only them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from selfaugment.trainer.metrics import SearchMetrics, create_metrics
+from selfaugment.trainer.search.planner import GPU_KINDS, PlanState, Task, plan
+from selfaugment.trainer.spec import AugmentSearchSpec
+from selfaugment.trainer.store import ArtifactStore
+from selfaugment.trainer.store.layout import done_task_ids, prepare_run, read_progress, summarise
+
+
+class TaskFailedError(RuntimeError):
+    """A task failed more often than `parallelism.max_retries` allows."""
+
+
+@dataclass
+class RunningTask:
+    task: Task
+    process: subprocess.Popen[bytes]
+    log: IO[bytes]
+    log_path: Path
+    gpu: int | None
+    started: float
+
+
+def _log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join(text[-lines:])
+
+
+class LocalRunner:
+    """Run every task of a search with at most `workers` processes at once."""
+
+    def __init__(
+        self,
+        spec: AugmentSearchSpec,
+        store: ArtifactStore,
+        *,
+        workers: int,
+        log_dir: Path,
+        run_name: str = "search",
+        metrics: SearchMetrics | None = None,
+        gpus: list[int] | None = None,
+        progress: bool = True,
+        poll_seconds: float = 0.5,
+        store_env: dict[str, str] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.store = store
+        self.workers = max(1, workers)
+        self.log_dir = Path(log_dir)
+        self.run_name = run_name
+        self.metrics = metrics or create_metrics()
+        self.gpus = gpus if gpus is not None else []
+        self.progress = progress
+        self.poll_seconds = poll_seconds
+        self.store_env = store_env or {}
+        self.running: dict[str, RunningTask] = {}
+        self.attempts: Counter[str] = Counter()
+        self.task_seconds: list[float] = []
+        self._bars: Any = None
+        self._last_view: tuple[int, int, str, str] | None = None
+
+    # -- processes -------------------------------------------------------------------------
+    def _threads_per_worker(self) -> int:
+        return max(1, (os.cpu_count() or 1) // self.workers)
+
+    def _free_gpu(self) -> int | None:
+        busy = {running.gpu for running in self.running.values()}
+        return next((gpu for gpu in self.gpus if gpu not in busy), None)
+
+    def _start(self, task: Task) -> bool:
+        wants_gpu = bool(self.gpus) and self.spec.resources.gpus > 0 and task.kind in GPU_KINDS
+        gpu = self._free_gpu() if wants_gpu else None
+        if wants_gpu and gpu is None:
+            return False
+        env = dict(os.environ, **self.store_env)
+        threads = str(self._threads_per_worker())
+        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, SELFAUGMENT_THREADS=threads)
+        env["CUDA_VISIBLE_DEVICES"] = str(gpu) if gpu is not None else ""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / f"{task.id}.log"
+        log = log_path.open("ab")
+        command = [
+            sys.executable,
+            "-m",
+            "selfaugment.cli",
+            "worker",
+            "run",
+            "--store",
+            self.store.uri,
+            "--task",
+            task.id,
+        ]
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        self.running[task.id] = RunningTask(task, process, log, log_path, gpu, time.monotonic())
+        self.attempts[task.id] += 1
+        if self.attempts[task.id] > 1:
+            self.metrics.task_retries.labels("local", self.run_name).inc()
+        return True
+
+    def _reap(self) -> None:
+        for task_id, running in list(self.running.items()):
+            code = running.process.poll()
+            if code is None:
+                continue
+            running.log.close()
+            del self.running[task_id]
+            if code == 0:
+                self.task_seconds.append(time.monotonic() - running.started)
+                continue
+            self.metrics.task_failures.labels("local", self.run_name).inc()
+            if self.attempts[task_id] > self.spec.parallelism.max_retries:
+                self.stop()
+                raise TaskFailedError(
+                    f"task {task_id} failed {self.attempts[task_id]} times (exit code {code}); "
+                    f"log: {running.log_path}\n{_log_tail(running.log_path)}"
+                )
+            self._write(
+                f"task {task_id} failed (exit code {code}), retrying; log: {running.log_path}"
+            )
+
+    def stop(self) -> None:
+        """Terminate running workers (their tasks will be redone on resume)."""
+        for running in self.running.values():
+            if running.process.poll() is None:
+                running.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for running in self.running.values():
+            try:
+                running.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                running.process.kill()
+                running.process.wait()
+            running.log.close()
+        self.running.clear()
+
+    # -- progress and metrics --------------------------------------------------------------
+    def _write(self, message: str) -> None:
+        if self._bars is not None:
+            self._bars.write(message)
+        else:
+            print(message, file=sys.stderr)
+
+    def _report(self, state: PlanState) -> None:
+        labels = ("local", self.run_name)
+        done = len(state.done)
+        self.metrics.search_progress.labels(*labels).set(done / max(1, state.total))
+        for stage in (
+            "base",
+            "folds",
+            "search",
+            "merge",
+            "retrain",
+            "report",
+            "randaugment",
+            "done",
+        ):
+            self.metrics.search_stage.labels(*labels, stage).set(1 if stage == state.stage else 0)
+        self.metrics.tasks.labels(*labels, "succeeded").set(done)
+        self.metrics.tasks.labels(*labels, "running").set(len(self.running))
+        self.metrics.tasks.labels(*labels, "pending").set(state.total - done - len(self.running))
+        if self.task_seconds:
+            remaining = state.total - done
+            mean = sum(self.task_seconds) / len(self.task_seconds)
+            self.metrics.search_eta.labels(*labels).set(remaining * mean / self.workers)
+        details = []
+        for task_id in sorted(self.running):
+            figures = read_progress(self.store, task_id)
+            if "epoch" in figures:
+                self.metrics.train_epoch.labels(*labels, task_id).set(figures["epoch"])
+                if figures.get("loss") is not None:
+                    self.metrics.train_loss.labels(*labels, task_id).set(figures["loss"])
+                details.append(f"{task_id} epoch {figures['epoch']}/{figures.get('epochs', '?')}")
+            elif "trials_done" in figures:
+                details.append(
+                    f"{task_id} trial {figures['trials_done']}/{figures.get('trials_total', '?')}"
+                )
+            else:
+                details.append(task_id)
+        view = (done, state.total, state.stage, " | ".join(details)[:120])
+        if self._bars is not None and view != self._last_view:
+            self._last_view = view
+            self._bars.n = done
+            self._bars.total = state.total
+            self._bars.set_description(f"stage {state.stage}", refresh=False)
+            self._bars.set_postfix_str(view[3], refresh=False)
+            self._bars.refresh()
+
+    # -- main loop -------------------------------------------------------------------------
+    def run(self) -> PlanState:
+        """Run the search to the end (or resume it). Returns the final plan state."""
+        prepare_run(self.store, self.spec)
+        if self.progress:
+            from tqdm import tqdm
+
+            self._bars = tqdm(total=1, unit="task", dynamic_ncols=True, file=sys.stderr)
+        last_done: set[str] = set()
+        try:
+            while True:
+                self._reap()
+                done = done_task_ids(self.store)
+                if done != last_done:
+                    self.metrics.last_progress.labels("local", self.run_name).set(time.time())
+                    last_done = done
+                state = plan(self.spec, done)
+                self._report(state)
+                if state.finished:
+                    summary = summarise(self.store, self.spec)
+                    if summary.best_objective is not None:
+                        self.metrics.best_objective.labels("local", self.run_name).set(
+                            summary.best_objective
+                        )
+                    self.metrics.trials_done.labels("local", self.run_name).set(summary.trials_done)
+                    return state
+                for task in state.ready:
+                    if len(self.running) >= self.workers:
+                        break
+                    if task.id not in self.running:
+                        self._start(task)
+                if not self.running and not state.ready:
+                    raise TaskFailedError(
+                        f"search is stuck in stage {state.stage}: no task can run"
+                    )
+                time.sleep(self.poll_seconds)
+        except BaseException:
+            self.stop()
+            raise
+        finally:
+            if self._bars is not None:
+                self._bars.close()
+                self._bars = None
