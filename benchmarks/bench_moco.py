@@ -3,7 +3,7 @@
 Configs: (a) tiny: resnet18 width 8, 16x16, batch 64; (b) resnet18 width 64, CIFAR stem,
 32x32, batch 64. CPU always; CUDA with bf16 autocast and channels_last when available.
 Views are made on the device by a batched crop-and-flip stand-in (the project's
-BatchAugmenter when `selfaugment.trainer.augment.views` can build the 'mocov2' policy).
+BatchAugmenter when `selfaugment.trainer.policy.views` can build the 'mocov2' policy).
 
     .venv/bin/python benchmarks/bench_moco.py [--steps 6] [--warmup 2] [--threads N]
 """
@@ -45,7 +45,7 @@ def crop_flip(images: torch.Tensor, generator: torch.Generator | None) -> torch.
 
 def make_augmenter() -> tuple[Any, str]:
     try:
-        from selfaugment.trainer.augment.views import build_augmenter
+        from selfaugment.trainer.policy.views import build_augmenter
 
         return build_augmenter(AugmentConfig.model_validate({"policy": "mocov2"})), "mocov2"
     except Exception:  # the policy module may not be there yet

@@ -39,12 +39,12 @@ from torchvision.transforms import v2
 from selfaugment.trainer.augment.ops import OP_NAMES
 from selfaugment.trainer.config import DatasetConfig, PretrainConfig, ProbeConfig
 from selfaugment.trainer.data import holdout_split, load_dataset
+from selfaugment.trainer.evaluation.pretrained import run_pretrain
 from selfaugment.trainer.evaluation.probes import train_probe
 from selfaugment.trainer.evaluation.scoring import PolicyScorer, rotation_head_from_state
 from selfaugment.trainer.moco.checkpoint import checkpoint_config, load_checkpoint
 from selfaugment.trainer.moco.learner import MoCo
 from selfaugment.trainer.moco.models import build_backbone
-from selfaugment.trainer.moco.pretrain import run_pretrain
 from selfaugment.trainer.policy import OpSetting, Policy, apply_policy_pil
 
 RESULTS = Path(__file__).resolve().parent / "results"

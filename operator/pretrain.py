@@ -22,6 +22,13 @@ from selfaugment.operator.status import (
 from selfaugment.trainer.config import ConfigError, parse_config
 from selfaugment.trainer.pretrain_spec import PretrainSpec
 from selfaugment.trainer.store import ArtifactStore
+from selfaugment.trainer.store.layout import (
+    CHECKPOINT_NAME,
+    CONFIG_NAME,
+    PROGRESS_NAME,
+    RESULT_NAME,
+    prefixed_key,
+)
 
 
 def run_prefix(name: str, spec: PretrainSpec) -> str:
@@ -55,8 +62,10 @@ class PretrainReconciler(ResourceReconciler):
         self._condition("SpecValid", True, "Valid", "spec is valid")
         store = open_run_store(spec.storage, self.deps.settings)
         prefix = run_prefix(self.name, spec)
-        if not spec.search_ref and not store.exists(f"{prefix}/config.json"):
-            store.write_json(f"{prefix}/config.json", spec.to_config().model_dump(mode="json"))
+        if not spec.search_ref and not store.exists(prefixed_key(prefix, CONFIG_NAME)):
+            store.write_json(
+                prefixed_key(prefix, CONFIG_NAME), spec.to_config().model_dump(mode="json")
+            )
         self._advance(spec, store, prefix)
         self._patch()
 
@@ -64,14 +73,14 @@ class PretrainReconciler(ResourceReconciler):
         kube, settings = self.deps.kube, self.deps.settings
         job_name = names.pretrain_job_name(self.name)
         self.status["jobName"] = job_name
-        result = read_optional(store, f"{prefix}/result.json")
+        result = read_optional(store, prefixed_key(prefix, RESULT_NAME))
         job = kube.get("batch/v1", "jobs", self.namespace, job_name)
         if result is None and job is None:
             if spec.distributed.nodes > 1:
                 kube.create(manifests.pretrain_service(self.body, spec))
             if kube.create(manifests.pretrain_job(self.body, spec, settings)):
                 self.deps.post_event(self.body, "Normal", "JobCreated", f"created Job {job_name}")
-        progress = read_optional(store, f"{prefix}/progress.json")
+        progress = read_optional(store, prefixed_key(prefix, PROGRESS_NAME))
         epoch, epochs = number(progress, "epoch"), number(progress, "epochs")
         self.status["epoch"] = int(epoch) if epoch is not None else None
         self.status["epochs"] = int(epochs) if epochs is not None else spec.optim.epochs
@@ -84,7 +93,7 @@ class PretrainReconciler(ResourceReconciler):
             self.status["checkpoint"] = (
                 checkpoint
                 if isinstance(checkpoint, str) and "://" in checkpoint
-                else store.url(f"{prefix}/checkpoint.pt")
+                else store.url(prefixed_key(prefix, CHECKPOINT_NAME))
             )
             self._condition(
                 "Ready", True, "Succeeded", f"checkpoint at {self.status['checkpoint']}"
@@ -97,7 +106,10 @@ class PretrainReconciler(ResourceReconciler):
         if state == JOB_FAILED and job is not None:
             self._fail("JobFailed", f"Job {job_name} failed: {job_failure(job)}")
         elif state == JOB_SUCCEEDED:
-            self._fail("NoResult", f"Job {job_name} succeeded but wrote no {prefix}/result.json")
+            self._fail(
+                "NoResult",
+                f"Job {job_name} succeeded but wrote no {prefixed_key(prefix, RESULT_NAME)}",
+            )
         else:
             self.status["phase"] = "Pending" if state in (None, JOB_SUSPENDED) else "Running"
             self._condition("Ready", False, "Training", f"Job {job_name} {state or 'starting'}")

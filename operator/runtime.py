@@ -10,7 +10,12 @@ from selfaugment.operator.kube import Kube
 from selfaugment.operator.settings import OperatorSettings
 from selfaugment.trainer.metrics import SearchMetrics
 from selfaugment.trainer.spec import StorageConfig
-from selfaugment.trainer.store import ArtifactStore, StoreError, open_store
+from selfaugment.trainer.store import (
+    ArtifactNotFoundError,
+    ArtifactStore,
+    StoreError,
+    open_store,
+)
 
 #: post_event(body, type, reason, message): type is Normal or Warning.
 EventPoster = Callable[[Mapping[str, Any], str, str, str], None]
@@ -48,7 +53,7 @@ def read_optional(store: ArtifactStore, key: str) -> Any:
         if not store.exists(key):
             return None
         return store.read_json(key)
+    except ArtifactNotFoundError:  # deleted between exists() and the read
+        return None
     except StoreError as error:
-        if "no such artifact" in str(error):
-            return None
         raise StoreUnavailable(str(error)) from None

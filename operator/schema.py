@@ -15,6 +15,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from selfaugment.errors import SelfAugmentError
+
 #: Keywords copied unchanged from the JSON schema (everything Kubernetes validates itself).
 _KEPT = (
     "description",
@@ -30,7 +32,7 @@ _KEPT = (
 )
 
 
-class SchemaError(ValueError):
+class SchemaError(SelfAugmentError, ValueError):
     """A model uses a JSON-schema construct that has no structural equivalent."""
 
 

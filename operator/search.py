@@ -32,7 +32,13 @@ from selfaugment.trainer.config import ConfigError, parse_config
 from selfaugment.trainer.search.planner import PlanState, Task, plan, stages_between
 from selfaugment.trainer.spec import AugmentSearchSpec
 from selfaugment.trainer.store import ArtifactStore
-from selfaugment.trainer.store.layout import done_task_ids
+from selfaugment.trainer.store.layout import (
+    POLICY_KEY,
+    SPEC_KEY,
+    done_task_ids,
+    progress_key,
+    result_key,
+)
 
 #: Spec sections that may change while a search runs (they only affect Jobs created later).
 MUTABLE_SECTIONS = frozenset({"resources", "parallelism"})
@@ -72,10 +78,10 @@ def _trials(
         per_task = spec.search.trials if task.kind == "search" else 1
         total += per_task
         if task.id in state.done:
-            data = read_optional(store, f"tasks/{task.id}/result.json")
+            data = read_optional(store, result_key(task.id))
             done_trials += per_task
         else:
-            data = read_optional(store, f"tasks/{task.id}/progress.json")
+            data = read_optional(store, progress_key(task.id))
             done_trials += int(data.get("trials_done") or 0) if data else 0
         value = data.get("best_objective") if data else None
         if isinstance(value, int | float) and (best is None or value < best):
@@ -86,12 +92,12 @@ def _trials(
 def _policies(spec: AugmentSearchSpec, store: ArtifactStore, state: PlanState) -> dict[str, Any]:
     base = spec.search.base_policy if spec.search.base_policy != "auto" else None
     if base is None and "fold-0" in state.done:
-        fold = read_optional(store, "tasks/fold-0/result.json") or {}
+        fold = read_optional(store, result_key("fold-0")) or {}
         base = fold.get("base_policy") if isinstance(fold.get("base_policy"), str) else None
     best: dict[str, Any] = {}
-    if store.exists("policy.json"):
-        policy = read_optional(store, "policy.json")
-        best["uri"] = store.url("policy.json")
+    if store.exists(POLICY_KEY):
+        policy = read_optional(store, POLICY_KEY)
+        best["uri"] = store.url(POLICY_KEY)
         entries = (
             policy.get("sub_policies", policy.get("policies"))
             if isinstance(policy, dict)
@@ -154,13 +160,13 @@ class SearchReconciler(ResourceReconciler):
 
     def _started_spec(self, live: AugmentSearchSpec, store: ArtifactStore) -> AugmentSearchSpec:
         """The spec the run started with (live resources/parallelism); written on first run."""
-        stored = read_optional(store, "spec.json")
+        stored = read_optional(store, SPEC_KEY)
         if stored is None:
-            store.write_json("spec.json", live.model_dump(mode="json"))
+            store.write_json(SPEC_KEY, live.model_dump(mode="json"))
             self._condition("SpecImmutable", False, "Unchanged", "")
             return live
         try:
-            started = parse_config(AugmentSearchSpec, stored, source=store.url("spec.json"))
+            started = parse_config(AugmentSearchSpec, stored, source=store.url(SPEC_KEY))
         except ConfigError as error:
             raise StoreUnavailable(str(error)) from None
         changed = changed_sections(live, started)
@@ -210,8 +216,7 @@ class SearchReconciler(ResourceReconciler):
             elif current == JOB_SUCCEEDED:
                 failure = (
                     task,
-                    f"Job {job['metadata']['name']} succeeded but wrote no "
-                    f"tasks/{task.id}/result.json",
+                    f"Job {job['metadata']['name']} succeeded but wrote no {result_key(task.id)}",
                 )
             else:
                 running += 1
@@ -231,7 +236,7 @@ class SearchReconciler(ResourceReconciler):
 
     def _observe_training(self, store: ArtifactStore, task: Task) -> None:
         """Epoch and loss of a running task from its `tasks/<id>/progress.json`, if any."""
-        figures = read_optional(store, f"tasks/{task.id}/progress.json")
+        figures = read_optional(store, progress_key(task.id))
         epoch, loss = number(figures, "epoch"), number(figures, "loss")
         if self.observed is not None and epoch is not None:
             values = {"epoch": epoch} if loss is None else {"epoch": epoch, "loss": loss}

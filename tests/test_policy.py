@@ -33,6 +33,7 @@ from selfaugment.trainer.policy import (
     save_policy,
 )
 from selfaugment.trainer.policy.apply import apply_plan
+from selfaugment.trainer.policy.views import build_augmenter
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -274,8 +275,11 @@ def test_batch_augmenter_output_and_determinism() -> None:
     kept = floats.clone()
     BatchAugmenter("randaugment:2:20", crop=False, flip=False)(floats)
     assert torch.equal(floats, kept)  # the caller's batch is not modified
-    from_config = BatchAugmenter.from_config(AugmentConfig(policy="Rotate", crop=False))
-    assert from_config.policy == resolve_policy("Rotate") and not from_config.crop
+    # The one factory of views from a config honours every field, the base transform included.
+    views = build_augmenter(AugmentConfig(base="Rotate", policy="none", crop=False, flip=False))
+    rotate = BatchAugmenter(resolve_policy("Rotate"), crop=False, flip=False)
+    same_draws = (torch.Generator().manual_seed(5), torch.Generator().manual_seed(5))
+    assert torch.equal(views(images, same_draws[0]), rotate(images, same_draws[1]))
     with pytest.raises(ValueError, match="crop_scale: must satisfy"):
         BatchAugmenter("none", crop_scale=(0.0, 1.0))
 

@@ -26,16 +26,12 @@ from selfaugment.trainer.config import (
     RuntimeConfig,
 )
 from selfaugment.trainer.data import ImageSet, load_dataset
+from selfaugment.trainer.evaluation.pretrained import run_pretrain
 from selfaugment.trainer.evaluation.probes import train_probe
 from selfaugment.trainer.moco.checkpoint import CheckpointError, load_backbone, load_checkpoint
 from selfaugment.trainer.moco.learner import MoCo
 from selfaugment.trainer.moco.models import build_backbone
-from selfaugment.trainer.moco.pretrain import (
-    PretrainError,
-    config_differences,
-    learning_rate,
-    run_pretrain,
-)
+from selfaugment.trainer.moco.pretrain import PretrainError, config_differences, learning_rate
 from selfaugment.trainer.runtime import seed_everything
 
 

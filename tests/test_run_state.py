@@ -10,16 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from selfaugment.trainer.search.reuse import reuse_results, training_digest
+from selfaugment.trainer.search.status import summarise
 from selfaugment.trainer.spec import AugmentSearchSpec, ParallelismConfig
 from selfaugment.trainer.store import open_store
-from selfaugment.trainer.store.layout import (
-    RunMismatchError,
-    done_task_ids,
-    prepare_run,
-    reuse_results,
-    summarise,
-    training_digest,
-)
+from selfaugment.trainer.store.layout import RunMismatchError, done_task_ids, prepare_run
 
 
 def _spec(**search: object) -> AugmentSearchSpec:

@@ -14,10 +14,12 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from selfaugment.errors import SelfAugmentError
+
 SCHEMA_VERSION = 1
 
 
-class ConfigError(ValueError):
+class ConfigError(SelfAugmentError, ValueError):
     """A configuration file or value is invalid; the message names the field and the source."""
 
 

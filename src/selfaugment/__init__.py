@@ -5,5 +5,12 @@ namespace (``selfaugment.trainer``, ``selfaugment.operator``) so that the folder
 ``operator`` never shadows the standard-library module of that name.
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("selfaugment")  # pyproject.toml's version, the one copy
+except PackageNotFoundError:  # pragma: no cover - running from a source tree not installed
+    __version__ = "0+unknown"
+
+#: The version of every result.json, report.json and pretrain.json schema.
 RESULT_SCHEMA_VERSION = 1

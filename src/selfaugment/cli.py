@@ -27,11 +27,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from selfaugment import __version__
+from selfaugment.errors import SelfAugmentError
 
 log = logging.getLogger("selfaugment")
 
 
-class UsageError(Exception):
+class UsageError(SelfAugmentError):
     """A user error: printed without a traceback, exit status 2."""
 
 
@@ -82,7 +83,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from selfaugment.trainer.config import PretrainConfig, load_config
-    from selfaugment.trainer.moco.pretrain import epoch_logger, run_pretrain
+    from selfaugment.trainer.evaluation.pretrained import run_pretrain
+    from selfaugment.trainer.moco.pretrain import epoch_logger
 
     _threads_from_env()
     config = load_config(PretrainConfig, args.config, args.overrides)
@@ -120,7 +122,8 @@ def cmd_policy(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from selfaugment.trainer.search.tasks import run_pretrain_job, run_task
+    from selfaugment.trainer.search.pretrain_job import run_pretrain_job
+    from selfaugment.trainer.search.tasks import run_task
     from selfaugment.trainer.store import open_store
 
     _threads_from_env()
@@ -254,14 +257,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     handler: Callable[[argparse.Namespace], int] = args.handler
-    from selfaugment.errors import USER_ERRORS
-
     try:
         return handler(args)
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    except USER_ERRORS as error:
+    except (SelfAugmentError, FileNotFoundError) as error:
         print(f"selfaugment: error: {error}", file=sys.stderr)
         return 2
 

@@ -1,28 +1,13 @@
-"""The exceptions that mean "the user gave something wrong": printed as one message, exit 2."""
+"""The one base of every error that means "the input or the environment is wrong", not a bug.
 
-from __future__ import annotations
+The CLI prints a `SelfAugmentError` as one line (`selfaugment: error: ...`, exit 2) instead of a
+traceback; the operator turns it into a condition and an Event. Each part of the product defines
+its own subclass next to the code that raises it (ConfigError in trainer/config.py, StoreError in
+trainer/store/, ...); the message names the field, file or object at fault.
 
-from selfaugment.trainer.config import ConfigError
-from selfaugment.trainer.data.types import DatasetError
-from selfaugment.trainer.evaluation.probes import ProbeError
-from selfaugment.trainer.moco.checkpoint import CheckpointError
-from selfaugment.trainer.moco.pretrain import PretrainError
-from selfaugment.trainer.policy.model import PolicyError
-from selfaugment.trainer.search.runner import TaskFailedError
-from selfaugment.trainer.search.tasks import TaskInputError
-from selfaugment.trainer.store import StoreError
-from selfaugment.trainer.store.layout import RunMismatchError
+This module imports nothing, so anything (the operator image without PyTorch among it) can use it.
+"""
 
-USER_ERRORS: tuple[type[Exception], ...] = (
-    CheckpointError,
-    ConfigError,
-    DatasetError,
-    PolicyError,
-    PretrainError,
-    ProbeError,
-    RunMismatchError,
-    StoreError,
-    TaskFailedError,
-    TaskInputError,
-    FileNotFoundError,
-)
+
+class SelfAugmentError(Exception):
+    """Bad input or an unusable environment, reported to the user in one message."""

@@ -21,7 +21,7 @@ from selfaugment.trainer.data.arrays import load_digits_data, load_npz
 from selfaugment.trainer.data.convert import prepare_images
 from selfaugment.trainer.data.folder import decode_folder, list_folder
 from selfaugment.trainer.data.idx import has_idx_files, is_idx_name, load_idx
-from selfaugment.trainer.data.remote import cache_root, fetch_s3, is_s3_uri
+from selfaugment.trainer.data.remote import fetch_s3, is_s3_uri
 from selfaugment.trainer.data.torchvision_files import CIFAR_FOLDER, LOADERS
 from selfaugment.trainer.data.types import (
     ArrayData,
@@ -29,6 +29,7 @@ from selfaugment.trainer.data.types import (
     ImageSet,
     LoadReport,
 )
+from selfaugment.trainer.store.s3 import cache_root
 
 logger = logging.getLogger(__name__)
 

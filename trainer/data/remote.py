@@ -1,7 +1,7 @@
 """Reading s3:// dataset inputs into a local cache (boto3; works with AWS, MinIO, moto).
 
-The endpoint comes from S3_ENDPOINT_URL or AWS_ENDPOINT_URL; credentials are resolved by
-boto3 (environment variables, shared credentials file, instance roles) and never logged.
+The client and the cache directory are the store's (selfaugment.trainer.store.s3): the same
+endpoint variables and credentials as the artifact store, never logged.
 An object is fetched again only when its size or ETag changed since the cached copy.
 """
 
@@ -13,12 +13,11 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from selfaugment.trainer.data.types import DatasetError
+from selfaugment.trainer.store.s3 import cache_root, s3_client
 
 logger = logging.getLogger(__name__)
 
 S3_SCHEME = "s3://"
-ENDPOINT_VARIABLES = ("S3_ENDPOINT_URL", "AWS_ENDPOINT_URL")
-CACHE_VARIABLE = "SELFAUGMENT_CACHE"
 
 
 def is_s3_uri(uri: str) -> bool:
@@ -34,30 +33,6 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     if not bucket:
         raise DatasetError(f"dataset.uri: {uri!r} has no bucket name (expected s3://bucket/key)")
     return bucket, key
-
-
-def cache_root() -> Path:
-    """$SELFAUGMENT_CACHE, or ~/.cache/selfaugment."""
-    configured = os.environ.get(CACHE_VARIABLE)
-    return Path(configured) if configured else Path.home() / ".cache" / "selfaugment"
-
-
-def endpoint_url() -> str | None:
-    """Custom S3 endpoint from the environment (MinIO, moto), or None for AWS itself."""
-    for variable in ENDPOINT_VARIABLES:
-        if os.environ.get(variable):
-            return os.environ[variable]
-    return None
-
-
-def s3_client() -> Any:
-    """A boto3 S3 client for the configured endpoint (path-style addressing when custom)."""
-    import boto3
-    from botocore.config import Config
-
-    endpoint = endpoint_url()
-    config = Config(s3={"addressing_style": "path"}) if endpoint else None
-    return boto3.client("s3", endpoint_url=endpoint, config=config)
 
 
 def _safe_relative(uri: str, relative: str) -> PurePosixPath:

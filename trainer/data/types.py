@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
+from selfaugment.errors import SelfAugmentError
 
-class DatasetError(ValueError):
+
+class DatasetError(SelfAugmentError, ValueError):
     """A dataset cannot be read; the message names the uri, file or config field at fault."""
 
 
@@ -142,3 +145,16 @@ def check_labels(labels: np.ndarray, source: str) -> np.ndarray:
     if labels.size and int(labels.min()) < 0:
         raise DatasetError(f"{source}: labels must be >= 0, found {int(labels.min())}")
     return labels
+
+
+class Images(Protocol):
+    """What training and the probes need of an image set (ImageSet has it)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor | None
+    num_classes: int | None
+    source: str
+
+    def __len__(self) -> int: ...
+
+    def subset(self, indices: Any) -> Any: ...

@@ -24,14 +24,16 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from selfaugment import RESULT_SCHEMA_VERSION
+from selfaugment.errors import SelfAugmentError
 from selfaugment.trainer.config import EvalConfig, EvaluationConfig, ProbeConfig
+from selfaugment.trainer.data.types import Images
 from selfaugment.trainer.runtime import autocast, resolve_device, use_bf16
 
 ProbeTask = Literal["rotation", "linear", "jigsaw"]
@@ -40,7 +42,7 @@ JIGSAW_PERMUTATIONS = torch.tensor(list(itertools.permutations(range(4))))  # 24
 FEATURE_BATCH = 256
 
 
-class ProbeError(RuntimeError):
+class ProbeError(SelfAugmentError):
     """A probe cannot run (missing labels, bad task) or the backbone changed while frozen."""
 
 
@@ -288,19 +290,6 @@ def _check_unchanged(backbone: nn.Module, snapshot: dict[str, torch.Tensor]) -> 
             f"the frozen backbone changed during the probe (entries: {', '.join(changed[:5])}"
             f"{' ...' if len(changed) > 5 else ''}); its weights must stay bit-identical"
         )
-
-
-class Images(Protocol):
-    """What the probes need from an ImageSet (selfaugment.trainer.data.datasets)."""
-
-    images: torch.Tensor
-    labels: torch.Tensor | None
-    num_classes: int | None
-    source: str
-
-    def __len__(self) -> int: ...
-
-    def subset(self, indices: Any) -> Any: ...
 
 
 def evaluate_tasks(

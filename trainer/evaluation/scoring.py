@@ -11,6 +11,7 @@ numbers (and all candidates see the same crops, flips and random draws where the
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from selfaugment.trainer.moco.checkpoint import checkpoint_config, load_checkpoi
 from selfaugment.trainer.moco.learner import MoCo
 from selfaugment.trainer.moco.models import build_backbone
 from selfaugment.trainer.moco.pretrain import Augmenter
+from selfaugment.trainer.policy.views import build_augmenter
 from selfaugment.trainer.runtime import autocast
 
 AugmenterFactory = Callable[[Any], Augmenter]
@@ -41,20 +43,6 @@ class PolicyScore:
 
     def to_dict(self) -> dict[str, float]:
         return {key: value for key, value in asdict(self).items() if value is not None}
-
-
-def default_augmenter_factory(augment: AugmentConfig) -> AugmenterFactory:
-    """policy -> the training views of `augment` (crop, flip, base, policy), then `policy`."""
-
-    def factory(policy: Any) -> Augmenter:
-        from selfaugment.trainer.augment.views import build_augmenter
-        from selfaugment.trainer.policy import resolve_policy
-
-        if isinstance(policy, str):
-            policy = resolve_policy(policy)
-        return build_augmenter(augment, policy)
-
-    return factory
 
 
 def rotation_head_from_state(state: dict[str, torch.Tensor]) -> nn.Linear:
@@ -116,8 +104,8 @@ class PolicyScorer:
         self.batch_size = batch_size
         self.seed = seed
         self.bf16 = bf16
-        self.make_augmenter = augmenter_factory or default_augmenter_factory(
-            augment or AugmentConfig.model_validate({})
+        self.make_augmenter = augmenter_factory or functools.partial(
+            build_augmenter, augment or AugmentConfig.model_validate({})
         )
 
     @classmethod

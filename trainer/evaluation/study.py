@@ -136,9 +136,9 @@ def _train_and_probe(study: dict[str, Any], entry: dict[str, Any], out: str) -> 
     import torch
 
     from selfaugment.trainer.data import load_dataset
+    from selfaugment.trainer.evaluation.pretrained import run_pretrain
     from selfaugment.trainer.evaluation.probes import evaluate_tasks
     from selfaugment.trainer.moco.checkpoint import load_backbone
-    from selfaugment.trainer.moco.pretrain import run_pretrain
     from selfaugment.trainer.runtime import resolve_device
 
     torch.set_num_threads(int(os.environ.get("SELFAUGMENT_THREADS", "1")))

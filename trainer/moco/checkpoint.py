@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from selfaugment.errors import SelfAugmentError
 from selfaugment.trainer.config import PretrainConfig, parse_config
 from selfaugment.trainer.moco.models import ResNetBackbone, build_backbone
 
@@ -22,7 +23,7 @@ CHECKPOINT_KIND = "moco-pretrain"
 BACKBONE_PREFIX = "encoder_q.backbone."
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(SelfAugmentError):
     """A checkpoint file is missing, unreadable or not a pretrain checkpoint; names the file."""
 
 

@@ -13,16 +13,17 @@ import json
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from selfaugment import RESULT_SCHEMA_VERSION
-from selfaugment.trainer.config import AugmentConfig, OptimConfig, PretrainConfig
-from selfaugment.trainer.evaluation.probes import Images, evaluate_tasks
+from selfaugment.errors import SelfAugmentError
+from selfaugment.trainer.config import OptimConfig, PretrainConfig
+from selfaugment.trainer.data.types import Images
 from selfaugment.trainer.moco.checkpoint import (
     CHECKPOINT_KIND,
     CHECKPOINT_SCHEMA_VERSION,
@@ -31,7 +32,8 @@ from selfaugment.trainer.moco.checkpoint import (
     save_checkpoint,
 )
 from selfaugment.trainer.moco.learner import MoCo
-from selfaugment.trainer.moco.models import build_backbone
+from selfaugment.trainer.moco.models import ResNetBackbone, build_backbone
+from selfaugment.trainer.policy.views import build_augmenter
 from selfaugment.trainer.runtime import (
     DistEnv,
     all_reduce_mean,
@@ -88,15 +90,8 @@ RESUME_IGNORED = {
 }
 
 
-class PretrainError(RuntimeError):
+class PretrainError(SelfAugmentError):
     """Pretraining cannot start or continue; the message names the field or file at fault."""
-
-
-def build_augmenter(cfg: AugmentConfig) -> Augmenter:
-    """The view maker of `cfg`: crop and flip, base transform, policy (augment/views.py)."""
-    from selfaugment.trainer.augment import views
-
-    return views.build_augmenter(cfg)
 
 
 def learning_rate(optim: OptimConfig, step: int, steps_per_epoch: int) -> float:
@@ -165,29 +160,33 @@ def _set_trainable(model: MoCo, trainable: str) -> None:
                 param.requires_grad = True
 
 
-def _write_json(path: Path, data: Any) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(data, indent=2) + "\n")
-    temporary.replace(path)
+@dataclass
+class TrainedMoco:
+    """What `train_moco` leaves for whoever evaluates: the report (pretrain.json without its
+    evaluation) and, on the main process, the trained backbone and the images it saw."""
+
+    report: dict[str, Any]
+    backbone: ResNetBackbone | None
+    images: Images
+    device: torch.device
+    bf16: bool
+    seed: int
 
 
-def run_pretrain(
+def train_moco(
     cfg: PretrainConfig,
     output_dir: Path,
     images: Images | None = None,
     progress_callback: ProgressCallback | None = None,
     augmenter: Augmenter | None = None,
-) -> dict[str, Any]:
-    """Train MoCo v2 per `cfg`, resuming from output_dir/checkpoint.pt; returns pretrain.json."""
+) -> TrainedMoco:
+    """Train MoCo v2 per `cfg`, resuming from output_dir/checkpoint.pt. Evaluation is the
+    caller's (selfaugment.trainer.evaluation.pretrained.run_pretrain trains, then probes).
+    Under torchrun, every rank calls this; call `finish_distributed` when done."""
     env = dist_env_from_environ()
     device = resolve_device(cfg.runtime.device, env.local_rank)
-    started_group = env.distributed and not dist.is_initialized()
     init_distributed(device, env)
-    try:
-        return _pretrain(cfg, Path(output_dir), images, progress_callback, augmenter, env, device)
-    finally:
-        if started_group and dist.is_initialized():
-            dist.destroy_process_group()
+    return _pretrain(cfg, Path(output_dir), images, progress_callback, augmenter, env, device)
 
 
 def _pretrain(
@@ -198,7 +197,7 @@ def _pretrain(
     augmenter: Augmenter | None,
     env: DistEnv,
     device: torch.device,
-) -> dict[str, Any]:
+) -> TrainedMoco:
     seed = cfg.runtime.seed
     if images is None:
         from selfaugment.trainer.data import load_dataset
@@ -328,17 +327,6 @@ def _pretrain(
         barrier()
 
     model.set_query_runner(None)
-    if not env.is_main:
-        barrier()
-        return {}
-    evaluation = evaluate_tasks(
-        model.backbone, images, None, cfg.evaluation, device=device, seed=seed, bf16=bf16
-    )
-    if evaluation:
-        torch.save(
-            {task: result.head_state for task, result in evaluation.items()},
-            output_dir / "probe_heads.pt",
-        )
     report = {
         "schema_version": RESULT_SCHEMA_VERSION,
         "final_loss": loss_history[-1],
@@ -348,8 +336,6 @@ def _pretrain(
         "config": config_data,
         "checkpoint": str(checkpoint_path),
         "loss_history": loss_history,
-        "evaluation": {task: result.summary() for task, result in evaluation.items()},
     }
-    _write_json(output_dir / "pretrain.json", report)
-    barrier()
-    return report
+    backbone = model.backbone if env.is_main else None
+    return TrainedMoco(report, backbone, images, device, bf16, seed)

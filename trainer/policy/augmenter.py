@@ -31,7 +31,6 @@ from torch import Tensor
 from selfaugment.trainer.augment.crop import random_resized_crop_flip
 from selfaugment.trainer.augment.ops import CROP_RATIO, CROP_SCALE, OP_NAMES, OPS
 from selfaugment.trainer.augment.tensor import check_images
-from selfaugment.trainer.config import AugmentConfig
 from selfaugment.trainer.policy.apply import apply_plan, sample_plan
 from selfaugment.trainer.policy.builtins import resolve_policy
 from selfaugment.trainer.policy.model import AnyPolicy, OpSetting, Policy, PolicyError, RandAugment
@@ -79,16 +78,6 @@ class BatchAugmenter:
             raise ValueError(f"crop_ratio: must satisfy 0 < low <= high, got {crop_ratio}")
         self.crop, self.flip = crop, flip
         self.crop_scale, self.crop_ratio = crop_scale, crop_ratio
-
-    @classmethod
-    def from_config(cls, config: AugmentConfig) -> BatchAugmenter:
-        """Build from the typed ``augment`` section of a pretrain config."""
-        return cls(
-            resolve_policy(config.policy),
-            crop=config.crop,
-            crop_scale=config.crop_scale,
-            flip=config.flip,
-        )
 
     def __repr__(self) -> str:
         name = self.policy.name

@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from selfaugment.errors import SelfAugmentError
 from selfaugment.trainer.augment.ops import OP_NAMES, OPS
 
 POLICY_SCHEMA_VERSION = 1
@@ -32,7 +33,7 @@ _SETTING_KEYS = ("op", "p", "magnitude")
 _TOP_KEYS = ("schema_version", "name", "sub_policies")
 
 
-class PolicyError(ValueError):
+class PolicyError(SelfAugmentError, ValueError):
     """An invalid policy; the message names the source and the bad entry."""
 
 

@@ -7,17 +7,12 @@ import sys
 from pathlib import Path
 
 from selfaugment.trainer.metrics import create_metrics
+from selfaugment.trainer.search.reuse import reuse_results
 from selfaugment.trainer.search.runner import LocalRunner
+from selfaugment.trainer.search.status import summarise
 from selfaugment.trainer.spec import AugmentSearchSpec
 from selfaugment.trainer.store import open_store
-from selfaugment.trainer.store.layout import (
-    POLICY_KEY,
-    load_spec,
-    prepare_run,
-    read_progress,
-    reuse_results,
-    summarise,
-)
+from selfaugment.trainer.store.layout import POLICY_KEY, load_spec, prepare_run, read_progress
 
 
 def _gpus(spec: AugmentSearchSpec) -> list[int]:

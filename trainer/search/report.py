@@ -14,10 +14,13 @@ from typing import Any
 
 from selfaugment.trainer.spec import AugmentSearchSpec
 from selfaugment.trainer.store import ArtifactStore
-from selfaugment.trainer.store.layout import POLICY_KEY, read_results, spec_digest
-
-REPORT_JSON = "report.json"
-REPORT_MD = "report.md"
+from selfaugment.trainer.store.layout import (
+    POLICY_KEY,
+    REPORT_JSON_KEY,
+    REPORT_MD_KEY,
+    read_results,
+    spec_digest,
+)
 
 
 def _figure_bytes(draw: Callable[[Any], None], width: float = 7.0, height: float = 3.6) -> bytes:
@@ -295,10 +298,10 @@ def write_report(store: ArtifactStore, spec: AugmentSearchSpec, workdir: Path) -
         "task_seconds": {k: v.get("seconds") for k, v in results.items()},
         "plots": [f"plots/{name}" for name in plots],
     }
-    store.write_json(REPORT_JSON, report)
-    store.write_bytes(REPORT_MD, "\n".join(md).encode())
+    store.write_json(REPORT_JSON_KEY, report)
+    store.write_bytes(REPORT_MD_KEY, "\n".join(md).encode())
     return {
-        "report": store.url(REPORT_JSON),
-        "markdown": store.url(REPORT_MD),
+        "report": store.url(REPORT_JSON_KEY),
+        "markdown": store.url(REPORT_MD_KEY),
         "plots": report["plots"],
     }

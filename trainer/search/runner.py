@@ -17,14 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from selfaugment.errors import SelfAugmentError
 from selfaugment.trainer.metrics import SearchMetrics, create_metrics
 from selfaugment.trainer.search.planner import GPU_KINDS, PlanState, Task, plan
+from selfaugment.trainer.search.status import summarise
 from selfaugment.trainer.spec import AugmentSearchSpec
 from selfaugment.trainer.store import ArtifactStore
-from selfaugment.trainer.store.layout import done_task_ids, prepare_run, read_progress, summarise
+from selfaugment.trainer.store.layout import done_task_ids, prepare_run, read_progress
 
 
-class TaskFailedError(RuntimeError):
+class TaskFailedError(SelfAugmentError):
     """A task failed more often than `parallelism.max_retries` allows."""
 
 

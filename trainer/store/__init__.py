@@ -1,6 +1,7 @@
 """The artifact store (a local directory or S3/MinIO) and the layout of a search run in it."""
 
 from selfaugment.trainer.store.artifacts import (
+    ArtifactNotFoundError,
     ArtifactStore,
     LocalStore,
     S3Store,
@@ -8,4 +9,11 @@ from selfaugment.trainer.store.artifacts import (
     open_store,
 )
 
-__all__ = ["ArtifactStore", "LocalStore", "S3Store", "StoreError", "open_store"]
+__all__ = [
+    "ArtifactNotFoundError",
+    "ArtifactStore",
+    "LocalStore",
+    "S3Store",
+    "StoreError",
+    "open_store",
+]

@@ -19,9 +19,15 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
+from selfaugment.errors import SelfAugmentError
 
-class StoreError(RuntimeError):
+
+class StoreError(SelfAugmentError):
     """An artifact could not be read or written; the message names the store URI and key."""
+
+
+class ArtifactNotFoundError(StoreError):
+    """The key holds no artifact (yet)."""
 
 
 def _check_key(key: str) -> str:
@@ -111,7 +117,7 @@ class LocalStore(ArtifactStore):
         try:
             return self._path(key).read_bytes()
         except FileNotFoundError:
-            raise StoreError(f"{self.url(key)}: no such artifact") from None
+            raise ArtifactNotFoundError(f"{self.url(key)}: no such artifact") from None
         except OSError as error:
             raise StoreError(f"{self.url(key)}: cannot read: {error.strerror}") from None
 
@@ -158,26 +164,20 @@ class S3Store(ArtifactStore):
         bucket, _, prefix = uri.removeprefix("s3://").partition("/")
         if not uri.startswith("s3://") or not bucket:
             raise StoreError(f"invalid S3 URI {uri!r}: expected s3://bucket/prefix")
-        import boto3  # imported here: local runs need no S3 client set-up
+        from selfaugment.trainer.store.s3 import s3_client
 
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
-        endpoint = (
-            endpoint or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("S3_ENDPOINT_URL")
-        )
-        self.client = boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            region_name=region or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
-        )
+        self.client = s3_client(endpoint, region)
 
     def _object_key(self, key: str) -> str:
         _check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def _fail(self, action: str, key: str, error: Exception) -> StoreError:
-        code = getattr(error, "response", {}).get("Error", {}).get("Code", type(error).__name__)
+        response = getattr(error, "response", None) or {}  # None for timeouts and refusals
+        code = response.get("Error", {}).get("Code", type(error).__name__)
         return StoreError(f"{self.url(key)}: cannot {action}: {code}")
 
     def read_bytes(self, key: str) -> bytes:
@@ -188,7 +188,7 @@ class S3Store(ArtifactStore):
             return bytes(response["Body"].read())
         except ClientError as error:
             if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                raise StoreError(f"{self.url(key)}: no such artifact") from None
+                raise ArtifactNotFoundError(f"{self.url(key)}: no such artifact") from None
             raise self._fail("read", key, error) from None
         except BotoCoreError as error:
             raise self._fail("read", key, error) from None

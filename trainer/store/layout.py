@@ -1,4 +1,5 @@
-"""Reading a search's state from its artifact store (shared by `status`, the runner, the operator).
+"""The layout of a search run in its artifact store: keys, records, the spec (one definition,
+used by the workers, the runner, the report, `selfaugment status` and the operator).
 
 Layout of a run in the store:
 
@@ -14,35 +15,48 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
 from typing import Any
 
-from selfaugment.trainer.search.planner import PlanState, plan
+from selfaugment.errors import SelfAugmentError
 from selfaugment.trainer.spec import AugmentSearchSpec
 from selfaugment.trainer.store.artifacts import ArtifactStore, StoreError
 
 SPEC_KEY = "spec.json"
 POLICY_KEY = "policy.json"
-RESULT_SCHEMA_VERSION = 1
+REPORT_JSON_KEY = "report.json"
+REPORT_MD_KEY = "report.md"
 
 
-class RunMismatchError(RuntimeError):
+class RunMismatchError(SelfAugmentError):
     """The store already holds a run with a different spec."""
 
 
-def result_key(task_id: str) -> str:
-    return f"tasks/{task_id}/result.json"
-
-
-def progress_key(task_id: str) -> str:
-    return f"tasks/{task_id}/progress.json"
+# The files of one unit of work under its prefix: a search task (tasks/<task-id>/) or a
+# standalone Pretrain (its own prefix). The result's existence means the work is done.
+RESULT_NAME = "result.json"
+PROGRESS_NAME = "progress.json"
+CONFIG_NAME = "config.json"
+CHECKPOINT_NAME = "checkpoint.pt"
 
 
 def task_key(task_id: str, name: str) -> str:
     return f"tasks/{task_id}/{name}"
 
 
-def _digest(spec: AugmentSearchSpec, exclude: Any, **extra: object) -> str:
+def result_key(task_id: str) -> str:
+    return task_key(task_id, RESULT_NAME)
+
+
+def progress_key(task_id: str) -> str:
+    return task_key(task_id, PROGRESS_NAME)
+
+
+def prefixed_key(prefix: str, name: str) -> str:
+    """`name` under a standalone Pretrain's prefix, e.g. prefixed_key(p, RESULT_NAME)."""
+    return f"{prefix.strip('/')}/{name}"
+
+
+def digest(spec: AugmentSearchSpec, exclude: Any, **extra: object) -> str:
     """sha256 of the spec without `exclude` and without runtime settings that change no result."""
     data = spec.model_dump(mode="json", exclude=exclude)
     data["runtime"].pop("progress", None)
@@ -53,7 +67,7 @@ def _digest(spec: AugmentSearchSpec, exclude: Any, **extra: object) -> str:
 
 def spec_digest(spec: AugmentSearchSpec) -> str:
     """A digest of the parts of the spec that change results (not resources or parallelism)."""
-    return _digest(spec, {"resources", "parallelism", "storage"})
+    return digest(spec, {"resources", "parallelism", "storage"})
 
 
 def prepare_run(store: ArtifactStore, spec: AugmentSearchSpec) -> None:
@@ -96,145 +110,3 @@ def read_progress(store: ArtifactStore, task_id: str) -> dict[str, Any]:
     except StoreError:
         return {}
     return value if isinstance(value, dict) else {}
-
-
-@dataclass
-class RunSummary:
-    """What `selfaugment status` prints and the operator puts in status."""
-
-    state: PlanState
-    base_policy: str | None = None
-    best_objective: float | None = None
-    trials_done: int = 0
-    policy_uri: str | None = None
-    policy_summary: dict[str, float] = field(default_factory=dict)
-    final: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "stage": self.state.stage,
-            "finished": self.state.finished,
-            "done": len(self.state.done),
-            "total": self.state.total,
-            "percent": round(self.state.percent, 1),
-            "base_policy": self.base_policy,
-            "best_objective": self.best_objective,
-            "trials_done": self.trials_done,
-            "policy_uri": self.policy_uri,
-            "policy_summary": self.policy_summary,
-            "final": self.final,
-        }
-
-
-def summarise(store: ArtifactStore, spec: AugmentSearchSpec | None = None) -> RunSummary:
-    """Summarise a run from its store: stage, progress, base policy, best objective."""
-    spec = spec or load_spec(store)
-    done = done_task_ids(store)
-    state = plan(spec, done)
-    summary = RunSummary(state=state)
-    results = read_results(store, done)
-    for task_id, result in results.items():
-        if result.get("kind") == "fold" and result.get("base_policy"):
-            summary.base_policy = result["base_policy"]
-        if task_id.startswith("search-"):
-            summary.trials_done += int(result.get("trials_done", 0))
-            best = result.get("best_objective")
-            if best is not None and (
-                summary.best_objective is None or best < summary.best_objective
-            ):
-                summary.best_objective = float(best)
-    if spec.search.base_policy != "auto":
-        summary.base_policy = spec.search.base_policy
-    for task in state.tasks:
-        if task.kind == "search" and task.id not in done:
-            progress = read_progress(store, task.id) if task in state.ready else {}
-            summary.trials_done += int(progress.get("trials_done", 0))
-            best = progress.get("best_objective")
-            if best is not None and (
-                summary.best_objective is None or best < summary.best_objective
-            ):
-                summary.best_objective = float(best)
-    merge = results.get("merge") or results.get("retrain")
-    if merge and merge.get("policy_summary"):
-        summary.policy_summary = merge["policy_summary"]
-    if store.exists(POLICY_KEY):
-        summary.policy_uri = store.url(POLICY_KEY)
-    if "retrain" in results:
-        summary.final = {
-            key: value
-            for key, value in results["retrain"].items()
-            if key in ("rotation_accuracy", "rotation_loss", "linear_accuracy", "final_loss")
-        }
-    return summary
-
-
-#: Search settings that only the search, merge, retrain and report stages read.
-_SEARCH_ONLY_FIELDS = {
-    "objective",
-    "weights",
-    "repeats",
-    "trials",
-    "sub_policies",
-    "ops_per_sub_policy",
-    "top_policies",
-    "startup_trials",
-    "score_batch_size",
-    "score_images",
-    "randaugment",
-}
-
-
-_TRAINING_EXCLUDE: dict[str, Any] = {
-    "resources": True,
-    "parallelism": True,
-    "storage": True,
-    "retrain": True,
-    "search": _SEARCH_ONLY_FIELDS,
-}
-
-
-def base_digest(spec: AugmentSearchSpec) -> str:
-    """A digest of what the base-candidate tasks depend on (not the search's objective)."""
-    return _digest(spec, _TRAINING_EXCLUDE)
-
-
-def training_digest(spec: AugmentSearchSpec) -> str:
-    """A digest of what the base and fold tasks depend on (not the search's objective).
-
-    Two runs with equal digests train identical base-candidate and fold models, so their
-    results can be shared. The supervised objective also trains a linear head per fold, so
-    with another objective only the base tasks can be shared.
-    """
-    return _digest(spec, _TRAINING_EXCLUDE, fold_linear_head=spec.search.objective == "supervised")
-
-
-def reuse_results(
-    source: ArtifactStore, target: ArtifactStore, spec: AugmentSearchSpec
-) -> list[str]:
-    """Copy finished base and fold tasks from another run that trained them the same way.
-
-    Used to compare objectives without retraining the shared stages: the base tasks when the
-    base digests match, the fold tasks too when the training digests match. Returns the copied
-    ids; raises RunMismatchError when nothing can be shared.
-    """
-    source_spec = load_spec(source)
-    if base_digest(source_spec) != base_digest(spec):
-        raise RunMismatchError(
-            f"{source.uri} trained its base and fold models with different settings; "
-            "only the search settings (objective, trials, ...) may differ to reuse them"
-        )
-    stages: tuple[str, ...] = ("base-",)
-    if training_digest(source_spec) == training_digest(spec):
-        stages = ("base-", "fold-")
-    done = done_task_ids(target)
-    copied = []
-    for task_id in sorted(done_task_ids(source)):
-        if not task_id.startswith(stages) or task_id in done:
-            continue
-        prefix = f"tasks/{task_id}/"
-        keys = [key for key in source.list(prefix) if "/work/" not in key]
-        keys.sort(key=lambda key: key.endswith("result.json"))  # the result goes last
-        for key in keys:
-            target.write_bytes(key, source.read_bytes(key))
-        copied.append(task_id)
-    return copied

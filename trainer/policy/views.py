@@ -1,16 +1,19 @@
-"""MoCo views: crop, flip, base transform and policy, composed into one batched augmenter."""
+"""MoCo views: crop, flip, base transform and policy, composed into one batched augmenter.
+
+`build_augmenter` is the one place an `augment` config becomes the views a model trains or is
+scored on: pretraining, the search's stages and the policy scorer all call it.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 
 from selfaugment.trainer.config import AugmentConfig
-
-if TYPE_CHECKING:
-    from selfaugment.trainer.policy import Policy
+from selfaugment.trainer.policy.augmenter import BatchAugmenter
+from selfaugment.trainer.policy.builtins import resolve_policy
+from selfaugment.trainer.policy.model import AnyPolicy
 
 Augmenter = Callable[[torch.Tensor, "torch.Generator | None"], torch.Tensor]
 CROP_TRANSFORM = "RandomResizedCrop"
@@ -27,14 +30,14 @@ def base_augment(name: str, template: AugmentConfig, policy: str = "none") -> Au
     return template.model_copy(update={"crop": False, "base": name, "policy": policy})
 
 
-def build_augmenter(cfg: AugmentConfig, extra: Policy | None = None) -> Augmenter:
+def build_augmenter(cfg: AugmentConfig, extra: AnyPolicy | str | None = None) -> Augmenter:
     """A callable `(uint8 or float images [B,C,H,W], generator) -> float [0,1] views`.
 
     Order: random resized crop and flip, the base transform, `cfg.policy`, then `extra`
     (a candidate policy being scored on top of the base augmentation).
     """
-    from selfaugment.trainer.policy import BatchAugmenter, resolve_policy
-
+    if isinstance(extra, str):
+        extra = resolve_policy(extra)
     stages = [
         BatchAugmenter(
             resolve_policy(cfg.base), crop=cfg.crop, crop_scale=cfg.crop_scale, flip=cfg.flip

@@ -1,0 +1,380 @@
+"""The stages of SelfAugment (Algorithm 1): what each kind of task does, one function per kind.
+
+base (one short MoCo run per candidate transform), fold (MoCo on a fold's training part, its
+rotation head), search (TPE over candidate policies on the held-out part), merge (the union of
+the folds' top policies), randaugment (SelfRandAugment's grid), retrain (the found policy on all
+data) and report. `RUNNERS` maps a task's kind to its function.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from selfaugment.trainer.policy.views import CROP_TRANSFORM, base_augment
+from selfaugment.trainer.config import (
+    AugmentConfig,
+    EvaluationConfig,
+    PretrainConfig,
+)
+from selfaugment.trainer.data import ImageSet, load_dataset
+from selfaugment.trainer.search.context import ProgressWriter, TaskContext, TaskInputError
+from selfaugment.trainer.spec import AugmentSearchSpec
+from selfaugment.trainer.store.layout import (
+    POLICY_KEY,
+    task_key,
+)
+
+log = logging.getLogger(__name__)
+
+
+# -- shared steps ------------------------------------------------------------------------
+def stage_pretrain_config(
+    ctx: TaskContext,
+    augment: AugmentConfig,
+    epochs: int,
+    *,
+    batch_size: int | None = None,
+    lr: float | None = None,
+) -> PretrainConfig:
+    spec = ctx.spec
+    optim = spec.optim.model_copy(
+        update={
+            "epochs": epochs,
+            "batch_size": batch_size or spec.optim.batch_size,
+            "lr": lr or spec.optim.lr,
+        }
+    )
+    runtime = spec.runtime.model_copy(update={"seed": spec.search.seed})
+    return PretrainConfig(
+        dataset=spec.dataset,
+        model=spec.model,
+        moco=spec.moco,
+        optim=optim,
+        augment=augment,
+        runtime=runtime,
+        evaluation=EvaluationConfig(tasks=[]),
+    )
+
+
+def train_moco(ctx: TaskContext, cfg: PretrainConfig, images: ImageSet) -> tuple[dict, Path]:
+    """Train (or resume) MoCo in the task's work directory; returns (result, checkpoint)."""
+    from selfaugment.trainer.evaluation.pretrained import run_pretrain
+
+    output = ctx.workdir / "pretrain"
+    ctx.progress.update(force=True, epoch=0, epochs=cfg.optim.epochs)
+    on_epoch = epoch_reporter(ctx.progress, cfg.optim.epochs)
+    result = run_pretrain(cfg, output, images=images, progress_callback=on_epoch)
+    return result, output / "checkpoint.pt"
+
+
+def epoch_reporter(progress: ProgressWriter, epochs: int) -> Callable[[dict[str, Any]], None]:
+    """Per epoch: a log line (the worker's log, `kubectl logs`) and the task's progress.json."""
+    from selfaugment.trainer.moco.pretrain import epoch_logger
+
+    log_epoch = epoch_logger(epochs, log.info)
+
+    def on_epoch(figures: dict[str, Any]) -> None:
+        log_epoch(figures)
+        progress.update(epoch=figures.get("epoch"), epochs=epochs, loss=figures.get("loss"))
+
+    return on_epoch
+
+
+def train_and_probe_rotation(
+    ctx: TaskContext, augment: AugmentConfig, epochs: int, fold: int
+) -> tuple[dict[str, Any], Path, Any, Any]:
+    """MoCo on the fold's training part, then a rotation head scored on its held-out part.
+
+    Returns (pretrain result, checkpoint, frozen backbone, rotation ProbeResult).
+    """
+    from selfaugment.trainer.evaluation.probes import train_probe
+    from selfaugment.trainer.moco.checkpoint import load_backbone
+
+    train, heldout = ctx.fold_data(fold)
+    cfg = stage_pretrain_config(ctx, augment, epochs)
+    pretrain, checkpoint = train_moco(ctx, cfg, train)
+    backbone, _ = load_backbone(checkpoint)
+    probe = train_probe(
+        backbone,
+        "rotation",
+        train.images,
+        heldout.images,
+        ctx.spec.evaluation,
+        device=_device(ctx),
+        seed=ctx.seed,
+    )
+    return pretrain, checkpoint, backbone, probe
+
+
+def select_base(spec: AugmentSearchSpec, results: dict[str, dict[str, Any]]) -> str:
+    """The base transform: given in the spec, or the best held-out rotation accuracy."""
+    if spec.search.base_policy != "auto":
+        return spec.search.base_policy
+    base = [result for task_id, result in results.items() if task_id.startswith("base-")]
+    if not base:
+        raise TaskInputError("no base-candidate results: the base stage has not run")
+    best = max(base, key=lambda result: (result["rotation_accuracy"], -result["rotation_loss"]))
+    return str(best["transform"])
+
+
+def fold_augment(ctx: TaskContext, base: str, policy: str = "none") -> AugmentConfig:
+    return base_augment(base, ctx.spec.augment, policy)
+
+
+# -- task kinds --------------------------------------------------------------------------
+def run_base(ctx: TaskContext) -> dict[str, Any]:
+    """One short MoCo run with a single transform (p = 1), scored by held-out rotation."""
+    transform = ctx.task.params["transform"]
+    augment = base_augment(transform, ctx.spec.augment.model_copy(update={"flip": False}))
+    pretrain, _, _, probe = train_and_probe_rotation(ctx, augment, ctx.spec.search.base_epochs, 0)
+    return {
+        "transform": transform,
+        "rotation_accuracy": probe.accuracy,
+        "rotation_loss": probe.loss,
+        "final_loss": pretrain.get("final_loss"),
+        "loss_history": pretrain.get("loss_history", []),
+    }
+
+
+def run_fold(ctx: TaskContext) -> dict[str, Any]:
+    """MoCo with the base policy on the fold's training part; heads; base-policy losses."""
+    from selfaugment.trainer.evaluation.probes import train_probe
+
+    fold = int(ctx.task.params["fold"])
+    base = select_base(ctx.spec, ctx.results("base-"))
+    augment = fold_augment(ctx, base)
+    pretrain, checkpoint, backbone, rotation = train_and_probe_rotation(
+        ctx, augment, ctx.spec.search.fold_epochs, fold
+    )
+    train, heldout = ctx.fold_data(fold)
+    heads = {"rotation": rotation.head_state}
+    result: dict[str, Any] = {
+        "fold": fold,
+        "base_policy": base,
+        "rotation_accuracy": rotation.accuracy,
+        "rotation_loss": rotation.loss,
+        "final_loss": pretrain.get("final_loss"),
+        "loss_history": pretrain.get("loss_history", []),
+    }
+    if ctx.spec.search.objective == "supervised":
+        if not train.has_labels:
+            raise TaskInputError(
+                f"search.objective 'supervised' needs labels, but {ctx.spec.dataset.uri} has none"
+            )
+        linear = train_probe(
+            backbone,
+            "linear",
+            train.images,
+            heldout.images,
+            ctx.spec.evaluation,
+            train_labels=train.labels,
+            test_labels=heldout.labels,
+            num_classes=train.num_classes,
+            device=_device(ctx),
+            seed=ctx.seed,
+        )
+        heads["linear"] = linear.head_state
+        result["linear_accuracy"] = linear.accuracy
+    heads_path = ctx.workdir / "heads.pt"
+    torch.save(heads, heads_path)
+    scorer = _scorer(ctx, checkpoint, heads, ctx.scoring_images(heldout), base)
+    result["base_losses"] = scorer.score(None).to_dict()
+    result["checkpoint"] = ctx.upload(checkpoint, "checkpoint.pt")
+    ctx.upload(heads_path, "heads.pt")
+    return result
+
+
+def run_search(ctx: TaskContext) -> dict[str, Any]:
+    """T repeats of TPE per fold: this task is one (fold, repeat)."""
+    from selfaugment.trainer.search.tpe import Normalisers, TrialRecord, run_tpe, top_trials
+
+    search = ctx.spec.search
+    fold, repeat = int(ctx.task.params["fold"]), int(ctx.task.params["repeat"])
+    folds = ctx.results("fold-")
+    if len(folds) != search.folds:
+        raise TaskInputError(f"search needs all {search.folds} fold results, found {len(folds)}")
+    normalisers = Normalisers(
+        rotation_loss=sum(r["base_losses"]["rotation_loss"] for r in folds.values()) / len(folds),
+        infonce=sum(r["base_losses"]["infonce"] for r in folds.values()) / len(folds),
+    )
+    fold_id = f"fold-{fold}"
+    base = folds[fold_id]["base_policy"]
+    checkpoint = ctx.fetch(fold_id, "checkpoint.pt")
+    heads = torch.load(ctx.fetch(fold_id, "heads.pt"), map_location="cpu", weights_only=True)
+    _, heldout = ctx.fold_data(fold)
+    scorer = _scorer(ctx, checkpoint, heads, ctx.scoring_images(heldout), base)
+    from selfaugment.trainer.augment.ops import OP_NAMES
+    from selfaugment.trainer.policy import Policy
+
+    best: list[float] = []
+
+    def score(policy_json: dict[str, Any]) -> dict[str, float]:
+        return dict(scorer.score(Policy.from_json(policy_json)).to_dict())
+
+    def on_trial(record: TrialRecord) -> None:
+        best.append(min([record.objective, *best[-1:]]))
+        ctx.progress.update(
+            trials_done=record.index + 1, trials_total=search.trials, best_objective=best[-1]
+        )
+
+    records = run_tpe(
+        score,
+        op_names=OP_NAMES,
+        sub_policies=search.sub_policies,
+        ops_per_sub_policy=search.ops_per_sub_policy,
+        trials=search.trials,
+        startup_trials=search.startup_trials,
+        objective=search.objective,
+        normalisers=normalisers,
+        weights=search.weights,
+        seed=search.seed * 1000 + fold * 10 + repeat,
+        name_prefix=f"f{fold}-r{repeat}",
+        on_trial=on_trial,
+    )
+    top = top_trials(records, search.top_policies)
+    ctx.store.write_json(
+        task_key(ctx.task.id, "trials.json"), [record.to_dict() for record in records]
+    )
+    return {
+        "fold": fold,
+        "repeat": repeat,
+        "objective": search.objective,
+        "normalisers": {"rotation_loss": normalisers.rotation_loss, "infonce": normalisers.infonce},
+        "trials_done": len(records),
+        "best_objective": top[0].objective if top else None,
+        "objective_history": [record.objective for record in records],
+        "top": [record.to_dict() for record in top],
+    }
+
+
+def run_merge(ctx: TaskContext) -> dict[str, Any]:
+    """Union of the top policies of every fold and repeat, de-duplicated."""
+    from selfaugment.trainer.policy import Policy, expected_strength, merge
+
+    searches = ctx.results("search-")
+    candidates = [
+        Policy.from_json(trial["policy"], source=f"{task_id} trial {trial['index']}")
+        for task_id, result in sorted(searches.items())
+        for trial in result["top"]
+    ]
+    merged = merge(candidates, name=f"selfaugment-{ctx.spec.search.objective}")
+    ctx.store.write_bytes(POLICY_KEY, merged.to_json().encode())
+    return {
+        "candidates": len(candidates),
+        "sub_policies": len(merged.sub_policies),
+        "policy_uri": ctx.store.url(POLICY_KEY),
+        "policy_summary": expected_strength(merged),
+    }
+
+
+def run_randaugment(ctx: TaskContext) -> dict[str, Any]:
+    """SelfRandAugment: one model per (N, M), scored by held-out rotation."""
+    n, m = int(ctx.task.params["n"]), int(ctx.task.params["m"])
+    augment = fold_augment(ctx, CROP_TRANSFORM, f"randaugment:{n}:{m}")
+    pretrain, _, _, probe = train_and_probe_rotation(ctx, augment, ctx.spec.search.fold_epochs, 0)
+    return {
+        "n": n,
+        "m": m,
+        "rotation_accuracy": probe.accuracy,
+        "rotation_loss": probe.loss,
+        "final_loss": pretrain.get("final_loss"),
+    }
+
+
+def run_retrain(ctx: TaskContext) -> dict[str, Any]:
+    """MoCo from scratch on all data with the found policy, then rotation (+ linear) eval."""
+    from selfaugment.trainer.evaluation.probes import evaluate_tasks
+    from selfaugment.trainer.moco.checkpoint import load_backbone
+    from selfaugment.trainer.policy.builtins import randaugment_as_policy
+    from selfaugment.trainer.policy.model import RandAugment
+
+    spec = ctx.spec
+    if spec.search.algorithm == "selfrandaugment":
+        grid = ctx.results("randaugment-")
+        best = max(grid.values(), key=lambda r: (r["rotation_accuracy"], -r["rotation_loss"]))
+        policy_name = f"randaugment:{best['n']}:{best['m']}"
+        augment = fold_augment(ctx, CROP_TRANSFORM, policy_name)
+        # policy.json as for SelfAugment: the same distribution as explicit sub-policies
+        explicit = randaugment_as_policy(RandAugment(int(best["n"]), int(best["m"])))
+        ctx.store.write_bytes(POLICY_KEY, explicit.to_json().encode())
+    else:
+        policy_path = ctx.workdir / "policy.json"
+        policy_path.write_bytes(ctx.store.read_bytes(POLICY_KEY))
+        policy_name = ctx.store.url(POLICY_KEY)
+        base = select_base(spec, ctx.results("base-"))
+        augment = fold_augment(ctx, base, str(policy_path))
+    cfg = stage_pretrain_config(
+        ctx, augment, spec.retrain.epochs, batch_size=spec.retrain.batch_size, lr=spec.retrain.lr
+    )
+    pretrain, checkpoint = train_moco(ctx, cfg, ctx.data)
+    backbone, _ = load_backbone(checkpoint)
+    test = load_dataset(spec.evaluation_dataset, seed=ctx.seed) if spec.evaluation_dataset else None
+    labelled = ctx.data.has_labels and (test is None or test.has_labels)
+    tasks: list[Any] = ["rotation", "linear"] if labelled else ["rotation"]
+    evaluation = EvaluationConfig(tasks=tasks, probe=spec.evaluation)
+    probes = evaluate_tasks(
+        backbone, ctx.data, test, evaluation, device=_device(ctx), seed=ctx.seed
+    )
+    result: dict[str, Any] = {
+        "policy": policy_name,
+        "augment": augment.model_dump(mode="json"),
+        "final_loss": pretrain.get("final_loss"),
+        "loss_history": pretrain.get("loss_history", []),
+        "checkpoint": ctx.upload(checkpoint, "checkpoint.pt"),
+    }
+    for task_name, probe in probes.items():
+        result[f"{task_name}_accuracy"] = probe.accuracy
+        result[f"{task_name}_loss"] = probe.loss
+    return result
+
+
+def run_report(ctx: TaskContext) -> dict[str, Any]:
+    from selfaugment.trainer.search.report import write_report
+
+    return write_report(ctx.store, ctx.spec, ctx.workdir)
+
+
+RUNNERS: dict[str, Callable[[TaskContext], dict[str, Any]]] = {
+    "base": run_base,
+    "fold": run_fold,
+    "search": run_search,
+    "merge": run_merge,
+    "randaugment": run_randaugment,
+    "retrain": run_retrain,
+    "report": run_report,
+}
+
+
+# -- helpers -----------------------------------------------------------------------------
+def _device(ctx: TaskContext) -> torch.device:
+    from selfaugment.trainer.runtime import resolve_device
+
+    return resolve_device(ctx.spec.runtime.device)
+
+
+def _scorer(
+    ctx: TaskContext, checkpoint: Path, heads: dict[str, Any], heldout: ImageSet, base: str
+) -> Any:
+    """A forward-pass scorer whose views are the base augmentation, then the candidate."""
+    from selfaugment.trainer.evaluation.scoring import PolicyScorer
+    from selfaugment.trainer.runtime import use_bf16
+
+    views = fold_augment(ctx, base)
+    device = _device(ctx)
+    return PolicyScorer.from_checkpoint(
+        checkpoint,
+        heads["rotation"],
+        heldout.images,
+        device=device,
+        batch_size=ctx.spec.search.score_batch_size,
+        seed=ctx.seed,
+        augment=views,
+        bf16=use_bf16(ctx.spec.runtime, device),
+        linear_head=heads.get("linear"),
+        labels=heldout.labels if "linear" in heads else None,
+    )
