@@ -15,13 +15,13 @@ from typing import Any
 
 import torch
 
-from selfaugment.trainer.policy.views import CROP_TRANSFORM, base_augment
 from selfaugment.trainer.config import (
     AugmentConfig,
     EvaluationConfig,
     PretrainConfig,
 )
 from selfaugment.trainer.data import ImageSet, load_dataset
+from selfaugment.trainer.policy.views import CROP_TRANSFORM, base_augment
 from selfaugment.trainer.search.context import ProgressWriter, TaskContext, TaskInputError
 from selfaugment.trainer.spec import AugmentSearchSpec
 from selfaugment.trainer.store.layout import (
