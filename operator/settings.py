@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from selfaugment.environ import env_int
 from selfaugment.trainer.spec import ResourcesConfig, StorageConfig
 
 #: The user of docker/Dockerfile.worker.
@@ -28,16 +29,6 @@ _OPERATORS = ("Exists", "Equal")
 _EFFECTS = ("", "NoSchedule", "PreferNoSchedule", "NoExecute")
 
 
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValueError(f"environment variable {name}={raw!r}: expected an integer") from None
-
-
 def _env_optional_int(name: str, default: int) -> int | None:
     """An integer; unset gives `default`, empty or "none" gives None."""
     raw = os.environ.get(name)
@@ -45,7 +36,7 @@ def _env_optional_int(name: str, default: int) -> int | None:
         return default
     if raw.strip().lower() in ("", "none", "null"):
         return None
-    return _env_int(name, default)
+    return env_int(name, default)
 
 
 def _env_float(name: str, default: float) -> float:
@@ -149,8 +140,8 @@ class OperatorSettings:
             ),
             service_account=os.environ.get("SELFAUGMENT_SERVICE_ACCOUNT") or None,
             timer_interval=_env_float("SELFAUGMENT_TIMER_INTERVAL", cls.timer_interval),
-            metrics_port=_env_int("SELFAUGMENT_METRICS_PORT", cls.metrics_port),
-            job_ttl_seconds=_env_int("SELFAUGMENT_JOB_TTL_SECONDS", 0) if ttl else None,
+            metrics_port=env_int("SELFAUGMENT_METRICS_PORT", cls.metrics_port),
+            job_ttl_seconds=env_int("SELFAUGMENT_JOB_TTL_SECONDS", 0) if ttl else None,
             gpu_resource=os.environ.get("SELFAUGMENT_GPU_RESOURCE") or cls.gpu_resource,
             worker_node_selector=parse_node_selector(selector, _env_json(selector)),
             worker_tolerations=parse_tolerations(tolerations, _env_json(tolerations)),

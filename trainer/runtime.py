@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from selfaugment.environ import env_int
 from selfaugment.trainer.config import RuntimeConfig
 
 
@@ -33,23 +33,13 @@ class DistEnv:
         return self.rank == 0
 
 
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValueError(f"environment variable {name} must be an integer, got {raw!r}") from None
-
-
 def dist_env_from_environ() -> DistEnv:
     """Read RANK / WORLD_SIZE / LOCAL_RANK as set by torchrun."""
-    world_size = _env_int("WORLD_SIZE", 1)
-    rank = _env_int("RANK", 0)
+    world_size = env_int("WORLD_SIZE", 1)
+    rank = env_int("RANK", 0)
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"invalid RANK={rank} for WORLD_SIZE={world_size}")
-    return DistEnv(rank=rank, world_size=world_size, local_rank=_env_int("LOCAL_RANK", rank))
+    return DistEnv(rank=rank, world_size=world_size, local_rank=env_int("LOCAL_RANK", rank))
 
 
 def resolve_device(spec: str, local_rank: int = 0) -> torch.device:

@@ -1,4 +1,4 @@
-"""Batched geometric ops and Cutout on [B, C, H, W] tensors, matching ``augment_pil``.
+"""Batched geometric ops and Cutout on [B, C, H, W] tensors, matching ``augment/pil.py``.
 
 Each geometric op builds one inverse affine matrix per sample in pixel units and resamples
 the whole batch with a single gather: output pixel (x, y) takes the input pixel
@@ -7,7 +7,7 @@ This is exactly PIL's NEAREST rule for ``Image.transform``/``Image.rotate``. We 
 own gather rather than ``grid_sample(mode="nearest")``, which rounds half to even at ties
 and fills with zeros. Uncovered pixels read a one-pixel gray border. PIL computes the coordinates in 16.16 fixed point and we compute
 them in float32, so pixels whose source coordinate lies within ~1e-3 px of a pixel edge
-can take the neighbouring pixel (see the tolerances in ``tests/test_ops.py``). Works for
+can take the neighbouring pixel (see the tolerances in ``tests/augment/test_ops.py``). Works for
 uint8 and float inputs alike (no arithmetic on the values), on any device.
 """
 

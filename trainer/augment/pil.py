@@ -1,7 +1,7 @@
 """Per-image PIL reference implementation of the 15 augmentation ops.
 
 Readable, one image at a time, built on PIL's own ``ImageOps``/``ImageEnhance``. The
-batched tensor ops in ``augment_tensor`` are tested against these functions.
+batched tensor ops in ``augment/tensor.py`` are tested against these functions.
 
 Every op has the signature ``op(image, argument, rng=None) -> image`` where ``argument``
 is the op's own unit (degrees, shear, enhance factor, bits, ...; see ``ops.OPS``). Only

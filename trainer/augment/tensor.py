@@ -3,7 +3,7 @@
 Inputs are uint8 (0..255) or floating point (0..1); the output has the input's dtype and
 device. Arguments are per sample (a Tensor[B]) or one float for the whole batch. Work is
 done in float32 on the 0..255 scale ("levels"). For uint8 inputs the result is rounded the
-way PIL rounds, so it matches ``augment_pil`` exactly (``tests/test_ops.py``):
+way PIL rounds, so it matches ``augment/pil.py`` exactly (``tests/augment/test_ops.py``):
 
 - enhance ops blend ``degenerate + factor * (image - degenerate)`` in float32 and truncate
   (PIL ``ImagingBlend``); grayscale is PIL's integer ``L`` conversion
@@ -17,7 +17,7 @@ Float inputs take a faster path on the 0..1 scale without rounding (so they equa
 uint8 result within about one level), except in the inherently discrete ops Equalize and
 Posterize, which quantise to 256 levels first. The float path avoids boolean masks and
 ``torch.where`` on whole images (several times slower than arithmetic on CPU). Geometric
-ops and Cutout live in ``augment_geometric``.
+ops and Cutout live in ``augment/geometric.py``.
 """
 
 from __future__ import annotations

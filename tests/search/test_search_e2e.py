@@ -25,7 +25,7 @@ from selfaugment.trainer.spec import AugmentSearchSpec
 from selfaugment.trainer.store import open_store
 from selfaugment.trainer.store.layout import done_task_ids
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 TINY = {
     "dataset.limit": 240,
     "model.width": 4,

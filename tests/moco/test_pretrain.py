@@ -193,9 +193,9 @@ def _ddp_worker(rank: int, world_size: int, port: int, output: str) -> None:
 
 
 def test_ddp_two_processes_on_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Spawned children unpickle _ddp_worker by module name (tests.test_pretrain): put the
+    # Spawned children unpickle _ddp_worker by module name (tests.moco.test_pretrain): put the
     # repository root on the sys.path that multiprocessing hands to them.
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2]))
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     payload = load_checkpoint(tmp_path / "checkpoint.pt")
     assert payload["epoch"] == 1 and np.isfinite(payload["loss_history"][0])

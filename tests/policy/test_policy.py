@@ -35,7 +35,7 @@ from selfaugment.trainer.policy import (
 from selfaugment.trainer.policy.apply import apply_plan
 from selfaugment.trainer.policy.views import build_augmenter
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def five_sigma(p: float, n: int) -> float:
