@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from selfaugment.logs import quiet_client_libraries
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -21,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     from selfaugment.operator import handlers  # noqa: F401  (registers the handlers)
 
     kopf.configure(verbose=args.verbose, log_prefix=True)
+    quiet_client_libraries()  # no request headers (tokens, signatures) in debug logs
     kopf.run(
         standalone=True,
         clusterwide=not args.namespace,

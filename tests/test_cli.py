@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image
 
 from selfaugment.cli import main
@@ -88,3 +91,27 @@ def test_policy_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert main([*args, "--image-size", "16"]) == 0
     with Image.open(grid) as image:
         assert image.width >= 5 * 64 and image.height >= 3 * 64
+
+
+def test_verbose_logging_never_shows_credentials(s3_server: str) -> None:
+    """`selfaugment -v status` on a run in S3 (moto): our debug logs, but no access key ID,
+    secret or request signature (botocore logs signed request headers at DEBUG)."""
+    import boto3
+
+    from selfaugment.trainer.spec import AugmentSearchSpec
+    from selfaugment.trainer.store import open_store
+    from selfaugment.trainer.store.layout import prepare_run
+
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="runs")
+    raw = yaml.safe_load((EXAMPLES / "search-smoke.yaml").read_text())
+    prepare_run(open_store("s3://runs/verbose"), AugmentSearchSpec.model_validate(raw))
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "selfaugment"), "-v", "status", "s3://runs/verbose"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "stage: base" in done.stdout
+    for secret in ("test-access-key", "test-secret-key", "Signature=", "AWS4-HMAC-SHA256"):
+        assert secret not in done.stdout + done.stderr, secret

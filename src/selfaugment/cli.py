@@ -28,6 +28,7 @@ from pathlib import Path
 
 from selfaugment import __version__
 from selfaugment.errors import SelfAugmentError
+from selfaugment.logs import quiet_client_libraries
 
 log = logging.getLogger("selfaugment")
 
@@ -256,6 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    quiet_client_libraries()
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)

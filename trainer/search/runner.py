@@ -3,6 +3,12 @@
 The loop is: list the finished tasks in the store, ask the planner what may start, start it in
 a free slot (a CPU slot, or a GPU slot with CUDA_VISIBLE_DEVICES set), repeat. Interrupting the
 run kills the running workers; running the same command again resumes, redoing only them.
+
+Workers die with their runner however it stops: Ctrl-C and SIGTERM (`timeout`, systemd,
+`docker stop`) stop them in an orderly way, and on Linux each worker asks the kernel for SIGTERM
+when its runner dies (PR_SET_PDEATHSIG), which covers SIGKILL and the OOM killer. A run holds its
+store's lock (trainer/store/lock.py) while it runs, so a second runner cannot start its tasks
+again.
 """
 
 from __future__ import annotations
@@ -24,10 +30,34 @@ from selfaugment.trainer.search.status import summarise
 from selfaugment.trainer.spec import AugmentSearchSpec
 from selfaugment.trainer.store import ArtifactStore
 from selfaugment.trainer.store.layout import done_task_ids, prepare_run, read_progress
+from selfaugment.trainer.store.lock import hold_run_lock
 
 
 class TaskFailedError(SelfAugmentError):
     """A task failed more often than `parallelism.max_retries` allows."""
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with(parent: int) -> None:
+    """In a new worker, before it runs: SIGTERM when `parent` (the runner) dies (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the orderly stop still applies
+        return
+    if os.getppid() != parent:  # the runner died before prctl took effect
+        os._exit(1)
+
+
+class Terminated(KeyboardInterrupt):
+    """The runner received SIGTERM: stop like Ctrl-C (workers stopped, resumable)."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
 
 
 @dataclass
@@ -112,7 +142,14 @@ class LocalRunner:
             "--task",
             task.id,
         ]
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        runner = os.getpid()
+        process = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            preexec_fn=(lambda: _die_with(runner)) if sys.platform == "linux" else None,
+        )
         self.running[task.id] = RunningTask(task, process, log, log_path, gpu, time.monotonic())
         self.attempts[task.id] += 1
         if self.attempts[task.id] > 1:
@@ -210,7 +247,19 @@ class LocalRunner:
     # -- main loop -------------------------------------------------------------------------
     def run(self) -> PlanState:
         """Run the search to the end (or resume it). Returns the final plan state."""
-        prepare_run(self.store, self.spec)
+        try:
+            previous = signal.signal(signal.SIGTERM, _raise_terminated)
+        except ValueError:  # not the main thread: the caller owns the signals
+            previous = None
+        try:
+            with hold_run_lock(self.store):
+                prepare_run(self.store, self.spec)
+                return self._run()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+    def _run(self) -> PlanState:
         if self.progress:
             from tqdm import tqdm
 
