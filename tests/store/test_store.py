@@ -71,3 +71,27 @@ def test_bad_uris() -> None:
         open_store("gs://bucket/x")
     with pytest.raises(StoreError, match="expected s3://bucket/prefix"):
         S3Store("s3://")
+
+
+def test_unreachable_endpoint_is_retried_then_named_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A refused connection (nothing listens on the port): each retry is logged with the
+    endpoint and the cause, then one StoreError names the object, the endpoint and the cause."""
+    import socket
+
+    with socket.socket() as sock:  # a port that was free a moment ago: connections are refused
+        sock.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "refused-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "refused-secret")
+    monkeypatch.setenv("SELFAUGMENT_S3_MAX_ATTEMPTS", "3")
+    store = open_store("s3://bucket/run", endpoint=endpoint)
+    with caplog.at_level("WARNING"), pytest.raises(StoreError) as raised:
+        store.exists("spec.json")
+    message = str(raised.value)
+    assert message.startswith("s3://bucket/run/spec.json: cannot stat at " + endpoint)
+    assert "EndpointConnectionError" in message and "\n" not in message
+    retries = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    assert len(retries) == 2 and all(endpoint in line for line in retries), retries
+    assert "refused-key" not in message + "".join(retries)

@@ -170,15 +170,18 @@ class S3Store(ArtifactStore):
         self.prefix = prefix.strip("/")
         self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
         self.client = s3_client(endpoint, region)
+        self.endpoint = self.client.meta.endpoint_url
 
     def _object_key(self, key: str) -> str:
         _check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def _fail(self, action: str, key: str, error: Exception) -> StoreError:
+        """One line naming the object, the endpoint and the cause (never credentials)."""
         response = getattr(error, "response", None) or {}  # None for timeouts and refusals
-        code = response.get("Error", {}).get("Code", type(error).__name__)
-        return StoreError(f"{self.url(key)}: cannot {action}: {code}")
+        code = response.get("Error", {}).get("Code")
+        cause = code or f"{type(error).__name__}: {error}"
+        return StoreError(f"{self.url(key)}: cannot {action} at {self.endpoint}: {cause}")
 
     def read_bytes(self, key: str) -> bytes:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -229,7 +232,12 @@ class S3Store(ArtifactStore):
         return sorted(keys)
 
     def delete(self, key: str) -> None:
-        self.client.delete_object(Bucket=self.bucket, Key=self._object_key(key))
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._object_key(key))
+        except (ClientError, BotoCoreError) as error:
+            raise self._fail("delete", key, error) from None
 
 
 def open_store(
