@@ -24,9 +24,70 @@ class ConfigError(SelfAugmentError, ValueError):
 
 
 class StrictModel(BaseModel):
-    """Base for all configs: unknown fields are errors, assignment is validated."""
+    """Base for all configs: unknown fields are errors, assignment is validated, and a boolean
+    is never read as a number (`trials: true` is an error, not 1)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, field in cls.model_fields.items():
+                value = data.get(name, data.get(field.alias) if field.alias else None)
+                if isinstance(value, bool) and _is_numeric(field.annotation):
+                    raise ValueError(f"{name}: expected a number, got the boolean {value}")
+        return data
+
+
+def _is_numeric(annotation: Any) -> bool:
+    """int or float, alone or in an Optional/Union (not bool itself)."""
+    if annotation in (int, float):
+        return True
+    return any(arg in (int, float) for arg in getattr(annotation, "__args__", ()))
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML (and JSON) where a repeated key is an error instead of the last one winning."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise ConfigError(f"line {key_node.start_mark.line + 1}: key {key!r} appears twice")
+        seen.add(key)
+    return loader.construct_mapping(node, deep=True)
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping
+)
+
+
+def read_config_text(text: str | bytes, source: str) -> Any:
+    """Parse YAML/JSON config text: ConfigError (one line, naming `source`) on bytes that are not
+    UTF-8, repeated keys, nesting too deep to read, or invalid syntax."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise ConfigError(
+                f"{source}: not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
+                f"{error.start})"
+            ) from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply to read") from None
+    except ValueError as error:  # e.g. an integer of more than sys.get_int_max_str_digits()
+        first = str(error).split(";")[0]
+        raise ConfigError(f"{source}: a value cannot be read: {first}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{source}: not valid YAML/JSON: {error}") from None
 
 
 DatasetFormat = Literal["auto", "imagefolder", "idx", "npz", "digits", "cifar10", "svhn", "stl10"]
@@ -37,6 +98,7 @@ class DatasetConfig(StrictModel):
 
     uri: str = Field(
         "sklearn:digits",
+        min_length=1,
         description=(
             "Local path, s3://bucket/prefix, or a built-in source: 'sklearn:digits' (bundled with "
             "scikit-learn), 'torchvision:cifar10|svhn|stl10' (read from the path in `root`)."
@@ -86,7 +148,13 @@ class MocoConfig(StrictModel):
 
     dim: int = Field(128, ge=8, description="Output dimension of the projection head.")
     queue_size: int = Field(
-        65536, ge=16, description="Number of negative keys kept in the queue (MoCo: 65536)."
+        65536,
+        ge=16,
+        le=1_048_576,
+        description=(
+            "Number of negative keys kept in the queue (MoCo: 65536; at most 2^20, 512 MB at "
+            "dim 128)."
+        ),
     )
     momentum: float = Field(
         0.999, ge=0.0, lt=1.0, description="Momentum of the key-encoder update (MoCo: 0.999)."
@@ -162,7 +230,9 @@ class RuntimeConfig(StrictModel):
         None, description="Use channels_last memory format; default: on for CUDA, off for CPU."
     )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
-    seed: int = Field(0, description="Seed for data order, augmentation and initialisation.")
+    seed: int = Field(
+        0, ge=0, le=2**32 - 1, description="Seed for data order, augmentation and initialisation."
+    )
     checkpoint_every: int = Field(
         1, ge=1, description="Write a resumable checkpoint every N epochs."
     )
@@ -291,13 +361,10 @@ def load_config(
     if path is not None:
         source = str(path)
         try:
-            text = Path(path).read_text()
+            raw = Path(path).read_bytes()
         except OSError as error:
             raise ConfigError(f"{source}: cannot read config file: {error.strerror}") from None
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{source}: not valid YAML/JSON: {error}") from None
+        loaded = read_config_text(raw, source)
         data = loaded if loaded is not None else {}
     if overrides:
         data = apply_overrides(data, overrides)

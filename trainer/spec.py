@@ -113,7 +113,12 @@ class SearchConfig(StrictModel):
             "fold's held-out part); all of them when unset, as in the paper."
         ),
     )
-    seed: int = Field(0, description="Seed of the splits, the TPE sampler and all training runs.")
+    seed: int = Field(
+        0,
+        ge=0,
+        le=2**32 - 1,
+        description="Seed of the splits, the TPE sampler and all training runs.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> SearchConfig:

@@ -115,9 +115,16 @@ def resolve_policy(spec: str | Path | AnyPolicy) -> AnyPolicy:
 def load_policy(path: str | Path) -> Policy:
     """Read and validate a policy JSON file (errors name the file and the entry)."""
     try:
-        text = Path(path).read_text()
+        raw = Path(path).read_bytes()
     except OSError as error:
         raise PolicyError(f"{path}: cannot read policy file: {error.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise PolicyError(
+            f"{path}: not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
+            f"{error.start})"
+        ) from None
     return Policy.from_json(text, source=str(path))
 
 

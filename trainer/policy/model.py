@@ -134,12 +134,16 @@ class Policy:
         """Parse and validate JSON text or an already-decoded mapping (not modified)."""
         if isinstance(data, str):
             try:
-                data = json.loads(data)
+                data = json.loads(data, object_pairs_hook=_unique_keys)
             except json.JSONDecodeError as error:
                 raise PolicyError(
                     f"{source}: not valid JSON: {error.msg} (line {error.lineno}, "
                     f"column {error.colno})"
                 ) from None
+            except RecursionError:
+                raise PolicyError(f"{source}: nested too deeply to read") from None
+            except ValueError as error:  # a repeated key, or an integer of > 4300 digits
+                raise PolicyError(f"{source}: {str(error).split(';')[0]}") from None
         return _parse_policy(data, source)
 
 
@@ -300,3 +304,13 @@ def describe(policy: AnyPolicy) -> str:
             bar = "#" * max(1, math.ceil(value * 40))
             lines.append(f"  {name:<12} {value:6.3f}  {bar}")
     return "\n".join(lines)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object where a repeated key is an error instead of the last one winning."""
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"key {key!r} appears twice in one object")
+        result[key] = value
+    return result

@@ -34,6 +34,10 @@ def run_search(
     reuse_from: str | None = None,
 ) -> int:
     """Run (or resume) a search; prints where the policy and the report are."""
+    from selfaugment.trainer.search.preflight import preflight  # reads the dataset: torch
+
+    count = preflight(spec)
+    print(f"dataset {spec.dataset.uri}: {count} images", file=sys.stderr)
     output = output or Path("runs") / config_name
     store_uri = spec.storage.uri or str(output)
     store = open_store(store_uri, endpoint=spec.storage.endpoint, region=spec.storage.region)

@@ -38,6 +38,8 @@ class TaskFailedError(SelfAugmentError):
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+#: `selfaugment` exits with 2 on a SelfAugmentError (bad input, unusable environment).
+BAD_INPUT_EXIT_CODE = 2
 
 
 def _die_with(parent: int) -> None:
@@ -167,6 +169,12 @@ class LocalRunner:
                 self.task_seconds.append(time.monotonic() - running.started)
                 continue
             self.metrics.task_failures.labels("local", self.run_name).inc()
+            if code == BAD_INPUT_EXIT_CODE:  # the same input fails the same way: no retry
+                self.stop()
+                raise TaskFailedError(
+                    f"task {task_id} failed on its input (not retried); log: "
+                    f"{running.log_path}\n{_log_tail(running.log_path)}"
+                )
             if self.attempts[task_id] > self.spec.parallelism.max_retries:
                 self.stop()
                 raise TaskFailedError(

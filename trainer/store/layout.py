@@ -18,6 +18,7 @@ import json
 from typing import Any
 
 from selfaugment.errors import SelfAugmentError
+from selfaugment.trainer.config import parse_config
 from selfaugment.trainer.spec import AugmentSearchSpec
 from selfaugment.trainer.store.artifacts import ArtifactStore, StoreError
 
@@ -73,20 +74,48 @@ def spec_digest(spec: AugmentSearchSpec) -> str:
 def prepare_run(store: ArtifactStore, spec: AugmentSearchSpec) -> None:
     """Write spec.json, or check that the stored run has the same spec (resume)."""
     if store.exists(SPEC_KEY):
-        stored = AugmentSearchSpec.model_validate(store.read_json(SPEC_KEY))
+        stored = load_spec(store)
         if spec_digest(stored) != spec_digest(spec):
+            differences = spec_differences(stored, spec)
             raise RunMismatchError(
-                f"{store.url(SPEC_KEY)} holds a run with a different spec; use another output "
-                "directory or storage prefix, or rerun with the stored spec to resume"
+                f"{store.url(SPEC_KEY)} holds a run with a different spec "
+                f"({'; '.join(differences)}); use another output directory or storage prefix, "
+                "or rerun with the stored spec to resume"
             )
     store.write_json(SPEC_KEY, spec.model_dump(mode="json"))
 
 
+def spec_differences(stored: AugmentSearchSpec, given: AugmentSearchSpec) -> list[str]:
+    """`field: stored X, given Y` for each field that changes results (spec_digest's fields)."""
+    excluded = {"resources", "parallelism", "storage"}
+    before = _flatten(stored.model_dump(mode="json", exclude=excluded))
+    after = _flatten(given.model_dump(mode="json", exclude=excluded))
+    ignored = {"runtime.progress", "runtime.num_workers"}
+    return [
+        f"{key}: stored {before.get(key)!r}, given {after.get(key)!r}"
+        for key in sorted(before.keys() | after.keys())
+        if key not in ignored and before.get(key) != after.get(key)
+    ]
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict):
+        return {prefix: data}
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        flat.update(
+            _flatten(value, f"{prefix}{key}." if isinstance(value, dict) else f"{prefix}{key}")
+        )
+    return flat
+
+
 def load_spec(store: ArtifactStore) -> AugmentSearchSpec:
+    """The run's spec.json, validated (ConfigError naming the file when it no longer is)."""
     try:
-        return AugmentSearchSpec.model_validate(store.read_json(SPEC_KEY))
+        data = store.read_json(SPEC_KEY)
     except StoreError as error:
         raise StoreError(f"{error}; is this a SelfAugment run directory?") from None
+    return parse_config(AugmentSearchSpec, data, store.url(SPEC_KEY))
 
 
 def done_task_ids(store: ArtifactStore) -> set[str]:
