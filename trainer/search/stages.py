@@ -9,7 +9,7 @@ data) and report. `RUNNERS` maps a task's kind to its function.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,14 @@ from selfaugment.trainer.spec import AugmentSearchSpec
 from selfaugment.trainer.store.layout import (
     POLICY_KEY,
     task_key,
+)
+from selfaugment.trainer.store.records import (
+    BaseResult,
+    FoldResult,
+    MergeResult,
+    RandAugmentResult,
+    RetrainResult,
+    SearchResult,
 )
 
 log = logging.getLogger(__name__)
@@ -127,7 +135,7 @@ def fold_augment(ctx: TaskContext, base: str, policy: str = "none") -> AugmentCo
 
 
 # -- task kinds --------------------------------------------------------------------------
-def run_base(ctx: TaskContext) -> dict[str, Any]:
+def run_base(ctx: TaskContext) -> BaseResult:
     """One short MoCo run with a single transform (p = 1), scored by held-out rotation."""
     transform = ctx.task.params["transform"]
     augment = base_augment(transform, ctx.spec.augment.model_copy(update={"flip": False}))
@@ -141,7 +149,7 @@ def run_base(ctx: TaskContext) -> dict[str, Any]:
     }
 
 
-def run_fold(ctx: TaskContext) -> dict[str, Any]:
+def run_fold(ctx: TaskContext) -> FoldResult:
     """MoCo with the base policy on the fold's training part; heads; base-policy losses."""
     from selfaugment.trainer.evaluation.probes import train_probe
 
@@ -153,14 +161,7 @@ def run_fold(ctx: TaskContext) -> dict[str, Any]:
     )
     train, heldout = ctx.fold_data(fold)
     heads = {"rotation": rotation.head_state}
-    result: dict[str, Any] = {
-        "fold": fold,
-        "base_policy": base,
-        "rotation_accuracy": rotation.accuracy,
-        "rotation_loss": rotation.loss,
-        "final_loss": pretrain.get("final_loss"),
-        "loss_history": pretrain.get("loss_history", []),
-    }
+    linear_accuracy: float | None = None
     if ctx.spec.search.objective == "supervised":
         if not train.has_labels:
             raise TaskInputError(
@@ -179,17 +180,27 @@ def run_fold(ctx: TaskContext) -> dict[str, Any]:
             seed=ctx.seed,
         )
         heads["linear"] = linear.head_state
-        result["linear_accuracy"] = linear.accuracy
+        linear_accuracy = linear.accuracy
     heads_path = ctx.workdir / "heads.pt"
     torch.save(heads, heads_path)
     scorer = _scorer(ctx, checkpoint, heads, ctx.scoring_images(heldout), base)
-    result["base_losses"] = scorer.score(None).to_dict()
-    result["checkpoint"] = ctx.upload(checkpoint, "checkpoint.pt")
+    result: FoldResult = {
+        "fold": fold,
+        "base_policy": base,
+        "rotation_accuracy": rotation.accuracy,
+        "rotation_loss": rotation.loss,
+        "final_loss": pretrain.get("final_loss"),
+        "loss_history": pretrain.get("loss_history", []),
+        "base_losses": scorer.score(None).to_dict(),
+        "checkpoint": ctx.upload(checkpoint, "checkpoint.pt"),
+    }
+    if linear_accuracy is not None:
+        result["linear_accuracy"] = linear_accuracy
     ctx.upload(heads_path, "heads.pt")
     return result
 
 
-def run_search(ctx: TaskContext) -> dict[str, Any]:
+def run_search(ctx: TaskContext) -> SearchResult:
     """T repeats of TPE per fold: this task is one (fold, repeat)."""
     from selfaugment.trainer.search.tpe import Normalisers, TrialRecord, run_tpe, top_trials
 
@@ -252,7 +263,7 @@ def run_search(ctx: TaskContext) -> dict[str, Any]:
     }
 
 
-def run_merge(ctx: TaskContext) -> dict[str, Any]:
+def run_merge(ctx: TaskContext) -> MergeResult:
     """Union of the top policies of every fold and repeat, de-duplicated."""
     from selfaugment.trainer.policy import Policy, expected_strength, merge
 
@@ -272,7 +283,7 @@ def run_merge(ctx: TaskContext) -> dict[str, Any]:
     }
 
 
-def run_randaugment(ctx: TaskContext) -> dict[str, Any]:
+def run_randaugment(ctx: TaskContext) -> RandAugmentResult:
     """SelfRandAugment: one model per (N, M), scored by held-out rotation."""
     n, m = int(ctx.task.params["n"]), int(ctx.task.params["m"])
     augment = fold_augment(ctx, CROP_TRANSFORM, f"randaugment:{n}:{m}")
@@ -286,7 +297,7 @@ def run_randaugment(ctx: TaskContext) -> dict[str, Any]:
     }
 
 
-def run_retrain(ctx: TaskContext) -> dict[str, Any]:
+def run_retrain(ctx: TaskContext) -> RetrainResult:
     """MoCo from scratch on all data with the found policy, then rotation (+ linear) eval."""
     from selfaugment.trainer.evaluation.probes import evaluate_tasks
     from selfaugment.trainer.moco.checkpoint import load_backbone
@@ -320,16 +331,19 @@ def run_retrain(ctx: TaskContext) -> dict[str, Any]:
     probes = evaluate_tasks(
         backbone, ctx.data, test, evaluation, device=_device(ctx), seed=ctx.seed
     )
-    result: dict[str, Any] = {
+    result: RetrainResult = {
         "policy": policy_name,
         "augment": augment.model_dump(mode="json"),
         "final_loss": pretrain.get("final_loss"),
         "loss_history": pretrain.get("loss_history", []),
         "checkpoint": ctx.upload(checkpoint, "checkpoint.pt"),
     }
-    for task_name, probe in probes.items():
-        result[f"{task_name}_accuracy"] = probe.accuracy
-        result[f"{task_name}_loss"] = probe.loss
+    if "rotation" in probes:
+        result["rotation_accuracy"] = probes["rotation"].accuracy
+        result["rotation_loss"] = probes["rotation"].loss
+    if "linear" in probes:
+        result["linear_accuracy"] = probes["linear"].accuracy
+        result["linear_loss"] = probes["linear"].loss
     return result
 
 
@@ -339,7 +353,7 @@ def run_report(ctx: TaskContext) -> dict[str, Any]:
     return write_report(ctx.store, ctx.spec, ctx.workdir)
 
 
-RUNNERS: dict[str, Callable[[TaskContext], dict[str, Any]]] = {
+RUNNERS: dict[str, Callable[[TaskContext], Mapping[str, Any]]] = {
     "base": run_base,
     "fold": run_fold,
     "search": run_search,

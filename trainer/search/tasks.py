@@ -29,6 +29,7 @@ from selfaugment.trainer.store.layout import (
     result_key,
     spec_digest,
 )
+from selfaugment.trainer.store.records import TaskFields
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +57,15 @@ def run_task(store: ArtifactStore, task_id: str) -> dict[str, Any]:
     )
     started = time.time()
     log.info("task %s (%s) starting", task.id, task.kind)
-    result = RUNNERS[task.kind](ctx)
-    result.update(
-        schema_version=RESULT_SCHEMA_VERSION,
-        task=task.id,
-        kind=task.kind,
-        stage=task.stage,
-        seconds=round(time.time() - started, 2),
-    )
+    record = RUNNERS[task.kind](ctx)
+    fields: TaskFields = {
+        "schema_version": RESULT_SCHEMA_VERSION,
+        "task": task.id,
+        "kind": task.kind,
+        "stage": task.stage,
+        "seconds": round(time.time() - started, 2),
+    }
+    result = {**record, **fields}
     store.write_json(result_key(task.id), result)
     log.info("task %s done in %.1f s", task.id, result["seconds"])
     return result
