@@ -131,6 +131,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the results")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     dataset = DatasetConfig(uri="sklearn:digits", image_size=args.image_size, channels=3)
@@ -210,9 +211,10 @@ def main() -> int:
         "baseline_candidates_per_minute": baseline_rate,
         "speedup": scorer_rate / baseline_rate,
     }
-    RESULTS.mkdir(exist_ok=True)
+    results = args.out
+    results.mkdir(parents=True, exist_ok=True)
     name = f"scoring-{args.device.split(':')[0]}"
-    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (results / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         f"# Candidate scoring speed ({args.device})",
         "",
@@ -228,7 +230,7 @@ def main() -> int:
         f"Speed-up: **{result['speedup']:.1f}x** ({len(heldout)} held-out images, "
         f"{args.image_size}px, {result['setup']['model']}).",
     ]
-    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    (results / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

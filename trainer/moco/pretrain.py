@@ -281,11 +281,18 @@ def _pretrain(
             batch = data[order[first : first + local_batch]]
             view_q = augment(batch, generator).contiguous(memory_format=memory_format)
             view_k = augment(batch, generator).contiguous(memory_format=memory_format)
-            with autocast(device, bf16):
-                loss, _ = model(view_q, view_k)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            try:
+                with autocast(device, bf16):
+                    loss, _ = model(view_q, view_k)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            except torch.cuda.OutOfMemoryError:  # also raised as torch.OutOfMemoryError
+                raise PretrainError(
+                    f"out of memory on {device} at optim.batch_size={global_batch} "
+                    f"({local_batch} per process): lower optim.batch_size (and optim.lr with it)"
+                    + ("" if bf16 else ", or train in bf16 (runtime.precision)")
+                ) from None
             running += loss.detach()
             global_step += 1
         epoch_loss = float(all_reduce_mean(running / steps_per_epoch).item())
