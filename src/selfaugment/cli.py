@@ -33,6 +33,17 @@ from selfaugment.logs import quiet_client_libraries
 log = logging.getLogger("selfaugment")
 
 
+def _positive(text: str) -> int:
+    """argparse type: an integer of at least 1 (an error names the option and the value)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 class UsageError(SelfAugmentError):
     """A user error: printed without a traceback, exit status 2."""
 
@@ -198,8 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("policy", help="policy file or built-in name")
     render.add_argument("-o", "--output", type=Path, required=True, help="PNG file to write")
     render.add_argument("--dataset", default="sklearn:digits", help="dataset uri for samples")
-    render.add_argument("--images", type=int, default=8, help="rows (source images)")
-    render.add_argument("--samples", type=int, default=8, help="augmented samples per image")
+    render.add_argument("--images", type=_positive, default=8, help="rows (source images)")
+    render.add_argument("--samples", type=_positive, default=8, help="augmented samples per image")
     render.add_argument("--image-size", type=int, default=32, help="image side")
     render.add_argument("--seed", type=int, default=0)
     policy.set_defaults(handler=cmd_policy)

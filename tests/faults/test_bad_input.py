@@ -163,3 +163,60 @@ def test_a_stored_spec_that_no_longer_validates_is_named_by_status(
     error = capsys.readouterr().err
     assert code == 2 and "Traceback" not in error, error
     assert "spec.json" in error and "search.folds" in error
+
+
+class Payload:
+    """An arbitrary Python object inside a .pt file."""
+
+
+def test_eval_of_a_file_that_is_not_a_checkpoint_never_suggests_unsafe_loading(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    pickled = tmp_path / "objects.pt"
+    torch.save({"kind": "other", "payload": Payload()}, pickled)  # a class weights_only refuses
+    text = tmp_path / "text.pt"
+    text.write_text("not a checkpoint")
+    for path in (pickled, text):
+        code = main(["eval", "--checkpoint", str(path), "-o", str(tmp_path / "out")])
+        error = capsys.readouterr().err
+        assert code == 2, error
+        (line,) = [line for line in error.splitlines() if line.startswith("selfaugment: error:")]
+        assert str(path) in line and "not a SelfAugment checkpoint" in line, error
+        assert "weights_only" not in error and "Traceback" not in error
+
+
+@pytest.mark.parametrize("option", ["--images", "--samples"])
+def test_policy_render_needs_at_least_one_image_and_sample(
+    option: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    policy = REPO / "examples" / "mocov2-policy.json"
+    with pytest.raises(SystemExit) as exited:
+        main(["policy", "render", str(policy), "-o", str(tmp_path / "grid.png"), option, "0"])
+    error = capsys.readouterr().err
+    assert exited.value.code == 2 and f"argument {option}: must be at least 1, got 0" in error
+    assert not (tmp_path / "grid.png").exists()
+
+
+def test_linear_evaluation_of_a_one_class_dataset_is_refused() -> None:
+    """Any head scores 100% on one class: an error that says so, not linear accuracy 1.0."""
+    import torch
+
+    from selfaugment.trainer.config import ModelConfig, ProbeConfig
+    from selfaugment.trainer.evaluation.probes import ProbeError, train_probe
+    from selfaugment.trainer.moco.models import build_backbone
+
+    images = torch.randint(0, 256, (48, 1, 16, 16), dtype=torch.uint8)
+    labels = torch.zeros(48, dtype=torch.long)
+    with pytest.raises(ProbeError, match="needs at least 2 classes, but scans has 1"):
+        train_probe(
+            build_backbone(ModelConfig(width=8), 1),
+            "linear",
+            images[:32],
+            images[32:],
+            ProbeConfig(epochs=1),
+            train_labels=labels[:32],
+            test_labels=labels[32:],
+            dataset_name="scans",
+        )

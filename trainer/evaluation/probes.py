@@ -239,6 +239,12 @@ def train_probe(
             test_x = extract_features(backbone, test_images, device, bf16=bf16)
             train_y, test_y = train_labels.to(device).long(), test_labels.to(device).long()
             classes = num_classes or int(max(train_y.max().item(), test_y.max().item())) + 1
+            present = int(torch.unique(torch.cat([train_y, test_y])).numel())
+            if present < 2:  # any head scores 100%: a figure that says nothing
+                raise ProbeError(
+                    f"linear evaluation needs at least 2 classes, but {dataset_name} has "
+                    f"{present}; evaluate with rotation only (evaluation.tasks)"
+                )
         else:
             train = jigsaw_tile_features(backbone, train_images, device, bf16)
             test = jigsaw_tile_features(backbone, test_images, device, bf16)

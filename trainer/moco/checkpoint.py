@@ -48,7 +48,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises several types for damaged files
-        raise CheckpointError(f"{path}: cannot read checkpoint: {error}") from None
+        raise CheckpointError(f"{path}: {_unreadable(error)}") from None
     if not isinstance(payload, dict) or payload.get("kind") != CHECKPOINT_KIND:
         raise CheckpointError(f"{path}: not a SelfAugment pretrain checkpoint")
     version = payload.get("schema_version")
@@ -58,6 +58,19 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"(expected {CHECKPOINT_SCHEMA_VERSION})"
         )
     return payload
+
+
+def _unreadable(error: Exception) -> str:
+    """One line on why torch.load(weights_only=True) refused a file, never torch's advice to
+    retry unsafely: a checkpoint of ours holds only tensors and plain data."""
+    text = str(error)
+    if "weights_only" in text or "Weights only load failed" in text:
+        return (
+            "not a SelfAugment checkpoint: it is not a plain tensor file (refused, because "
+            "loading its Python objects could run code)"
+        )
+    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    return f"cannot read checkpoint: {first[:200]}"
 
 
 def checkpoint_config(payload: dict[str, Any], source: str) -> PretrainConfig:

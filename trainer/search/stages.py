@@ -326,6 +326,9 @@ def run_retrain(ctx: TaskContext) -> RetrainResult:
     backbone, _ = load_backbone(checkpoint)
     test = load_dataset(spec.evaluation_dataset, seed=ctx.seed) if spec.evaluation_dataset else None
     labelled = ctx.data.has_labels and (test is None or test.has_labels)
+    if labelled and (ctx.data.num_classes or 0) < 2:
+        log.warning("%s has one class: no linear evaluation", spec.dataset.uri)
+        labelled = False
     tasks: list[Any] = ["rotation", "linear"] if labelled else ["rotation"]
     evaluation = EvaluationConfig(tasks=tasks, probe=spec.evaluation)
     probes = evaluate_tasks(
