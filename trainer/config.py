@@ -8,6 +8,7 @@ comment on each field says where a number comes from.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -320,6 +321,27 @@ def format_validation_error(error: ValidationError, source: str) -> str:
             continue
         lines.append(f"{source}: {location}: {message} (got {problem.get('input')!r})")
     return "\n".join(lines)
+
+
+def field_differences(
+    stored: Mapping[str, Any],
+    current: Mapping[str, Any],
+    ignored: Collection[str] = (),
+    prefix: str = "",
+) -> list[tuple[str, Any, Any]]:
+    """(dotted name, stored value, current value) of every field that differs between two
+    dumped configs, walking nested mappings; dotted names in `ignored` are skipped."""
+    differences: list[tuple[str, Any, Any]] = []
+    for key in sorted(set(stored) | set(current)):
+        name = f"{prefix}{key}"
+        if name in ignored:
+            continue
+        before, after = stored.get(key), current.get(key)
+        if isinstance(before, Mapping) and isinstance(after, Mapping):
+            differences += field_differences(before, after, ignored, f"{name}.")
+        elif before != after:
+            differences.append((name, before, after))
+    return differences
 
 
 def parse_config(model: type[ModelT], data: dict[str, Any], source: str = "config") -> ModelT:

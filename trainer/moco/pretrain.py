@@ -22,7 +22,7 @@ from torch import nn
 
 from selfaugment import RESULT_SCHEMA_VERSION
 from selfaugment.errors import SelfAugmentError
-from selfaugment.trainer.config import OptimConfig, PretrainConfig
+from selfaugment.trainer.config import OptimConfig, PretrainConfig, field_differences
 from selfaugment.trainer.data.types import Images
 from selfaugment.trainer.moco.checkpoint import (
     CHECKPOINT_KIND,
@@ -109,21 +109,9 @@ def epoch_permutation(count: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(count, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
-def config_differences(
-    stored: dict[str, Any], current: dict[str, Any], prefix: str = ""
-) -> list[str]:
+def config_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Dotted names of config fields that differ (ignoring RESUME_IGNORED)."""
-    differences = []
-    for key in sorted(set(stored) | set(current)):
-        name = f"{prefix}{key}"
-        if name in RESUME_IGNORED:
-            continue
-        before, after = stored.get(key), current.get(key)
-        if isinstance(before, dict) and isinstance(after, dict):
-            differences += config_differences(before, after, f"{name}.")
-        elif before != after:
-            differences.append(name)
-    return differences
+    return [name for name, _, _ in field_differences(stored, current, RESUME_IGNORED)]
 
 
 def _initialise_from(model: MoCo, path: str) -> None:

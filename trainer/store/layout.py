@@ -18,7 +18,7 @@ import json
 from typing import Any
 
 from selfaugment.errors import SelfAugmentError
-from selfaugment.trainer.config import parse_config
+from selfaugment.trainer.config import field_differences, parse_config
 from selfaugment.trainer.spec import AugmentSearchSpec
 from selfaugment.trainer.store.artifacts import ArtifactStore, StoreError
 
@@ -57,18 +57,23 @@ def prefixed_key(prefix: str, name: str) -> str:
     return f"{prefix.strip('/')}/{name}"
 
 
+#: Spec sections and runtime settings that change no result: a run may resume with others.
+RESULT_NEUTRAL_SECTIONS = frozenset({"resources", "parallelism", "storage"})
+RESULT_NEUTRAL_RUNTIME = ("progress", "num_workers")
+
+
 def digest(spec: AugmentSearchSpec, exclude: Any, **extra: object) -> str:
     """sha256 of the spec without `exclude` and without runtime settings that change no result."""
     data = spec.model_dump(mode="json", exclude=exclude)
-    data["runtime"].pop("progress", None)
-    data["runtime"].pop("num_workers", None)
+    for setting in RESULT_NEUTRAL_RUNTIME:
+        data["runtime"].pop(setting, None)
     data.update(extra)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def spec_digest(spec: AugmentSearchSpec) -> str:
     """A digest of the parts of the spec that change results (not resources or parallelism)."""
-    return digest(spec, {"resources", "parallelism", "storage"})
+    return digest(spec, set(RESULT_NEUTRAL_SECTIONS))
 
 
 def prepare_run(store: ArtifactStore, spec: AugmentSearchSpec) -> None:
@@ -87,26 +92,14 @@ def prepare_run(store: ArtifactStore, spec: AugmentSearchSpec) -> None:
 
 def spec_differences(stored: AugmentSearchSpec, given: AugmentSearchSpec) -> list[str]:
     """`field: stored X, given Y` for each field that changes results (spec_digest's fields)."""
-    excluded = {"resources", "parallelism", "storage"}
-    before = _flatten(stored.model_dump(mode="json", exclude=excluded))
-    after = _flatten(given.model_dump(mode="json", exclude=excluded))
-    ignored = {"runtime.progress", "runtime.num_workers"}
     return [
-        f"{key}: stored {before.get(key)!r}, given {after.get(key)!r}"
-        for key in sorted(before.keys() | after.keys())
-        if key not in ignored and before.get(key) != after.get(key)
-    ]
-
-
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(data, dict):
-        return {prefix: data}
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        flat.update(
-            _flatten(value, f"{prefix}{key}." if isinstance(value, dict) else f"{prefix}{key}")
+        f"{name}: stored {before!r}, given {after!r}"
+        for name, before, after in field_differences(
+            stored.model_dump(mode="json", exclude=set(RESULT_NEUTRAL_SECTIONS)),
+            given.model_dump(mode="json", exclude=set(RESULT_NEUTRAL_SECTIONS)),
+            ignored={f"runtime.{setting}" for setting in RESULT_NEUTRAL_RUNTIME},
         )
-    return flat
+    ]
 
 
 def load_spec(store: ArtifactStore) -> AugmentSearchSpec:
