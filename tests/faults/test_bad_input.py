@@ -29,6 +29,15 @@ def _smoke() -> dict[str, Any]:
     return raw
 
 
+def _one_error_line(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    """Run the CLI: it must exit 2 with exactly one `selfaugment: error:` line and no traceback."""
+    code = main(list(argv))
+    error = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in error, error
+    (line,) = [line for line in error.splitlines() if line.startswith("selfaugment: error:")]
+    return line
+
+
 CASES = {
     "negative seed": (("search", "seed", -1), "search.seed"),
     "seed beyond 2**32": (("search", "seed", 2**64), "search.seed"),
@@ -48,12 +57,8 @@ def test_bad_input_fails_before_any_task_naming_the_field(
     raw.setdefault(section, {})[field] = value
     config = tmp_path / "search.yaml"
     config.write_text(yaml.safe_dump(raw))
-    code = main(["search", "-f", str(config), "-o", str(tmp_path / "run")])
-    error = capsys.readouterr().err
-    assert code == 2, error
-    lines = [line for line in error.splitlines() if line.startswith("selfaugment: error:")]
-    assert len(lines) == 1 and named in lines[0], error
-    assert "Traceback" not in error
+    line = _one_error_line(capsys, "search", "-f", str(config), "-o", str(tmp_path / "run"))
+    assert named in line, line
     assert not (tmp_path / "run" / "tasks").exists()  # no task started
 
 
@@ -103,10 +108,7 @@ def test_unreadable_config_is_one_line_naming_the_file(
     text, named = UNREADABLE[case]
     config = tmp_path / "search.yaml"
     config.write_bytes(text)
-    code = main(["search", "-f", str(config), "-o", str(tmp_path / "run")])
-    error = capsys.readouterr().err
-    assert code == 2 and "Traceback" not in error, error
-    (line,) = [line for line in error.splitlines() if line.startswith("selfaugment: error:")]
+    line = _one_error_line(capsys, "search", "-f", str(config), "-o", str(tmp_path / "run"))
     assert str(config) in line and named in line, line
 
 
@@ -146,11 +148,9 @@ def test_a_changed_spec_is_refused_naming_the_fields(
     changed["moco"]["temperature"] = 0.1
     config = tmp_path / "search.yaml"
     config.write_text(yaml.safe_dump(changed))
-    code = main(["search", "-f", str(config), "-o", str(tmp_path / "run")])
-    error = capsys.readouterr().err
-    assert code == 2, error
-    assert "search.trials: stored 20, given 40" in error
-    assert "moco.temperature: stored 0.2, given 0.1" in error
+    line = _one_error_line(capsys, "search", "-f", str(config), "-o", str(tmp_path / "run"))
+    assert "search.trials: stored 20, given 40" in line
+    assert "moco.temperature: stored 0.2, given 0.1" in line
 
 
 def test_a_stored_spec_that_no_longer_validates_is_named_by_status(
@@ -159,10 +159,8 @@ def test_a_stored_spec_that_no_longer_validates_is_named_by_status(
     run = tmp_path / "run"
     run.mkdir()
     (run / "spec.json").write_text('{"search": {"folds": 0}}')
-    code = main(["status", str(run)])
-    error = capsys.readouterr().err
-    assert code == 2 and "Traceback" not in error, error
-    assert "spec.json" in error and "search.folds" in error
+    line = _one_error_line(capsys, "status", str(run))
+    assert "spec.json" in line and "search.folds" in line
 
 
 class Payload:
