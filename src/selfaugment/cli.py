@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from selfaugment import __version__
-from selfaugment.errors import SelfAugmentError
+from selfaugment.errors import EXIT_BAD_INPUT, SelfAugmentError
 from selfaugment.logs import quiet_client_libraries
 
 log = logging.getLogger("selfaugment")
@@ -277,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except (SelfAugmentError, FileNotFoundError) as error:
         print(f"selfaugment: error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -11,3 +11,8 @@ This module imports nothing, so anything (the operator image without PyTorch amo
 
 class SelfAugmentError(Exception):
     """Bad input or an unusable environment, reported to the user in one message."""
+
+
+#: The exit status of `selfaugment` on a SelfAugmentError; the local runner does not retry a
+#: worker that exits with it (the same input fails the same way).
+EXIT_BAD_INPUT = 2

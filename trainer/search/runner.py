@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from selfaugment.errors import SelfAugmentError
+from selfaugment.errors import EXIT_BAD_INPUT, SelfAugmentError
 from selfaugment.trainer.metrics import SearchMetrics, create_metrics
 from selfaugment.trainer.search.planner import GPU_KINDS, PlanState, Task, plan
 from selfaugment.trainer.search.status import summarise
@@ -38,8 +38,6 @@ class TaskFailedError(SelfAugmentError):
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
-#: `selfaugment` exits with 2 on a SelfAugmentError (bad input, unusable environment).
-BAD_INPUT_EXIT_CODE = 2
 
 
 def _die_with(parent: int) -> None:
@@ -169,7 +167,7 @@ class LocalRunner:
                 self.task_seconds.append(time.monotonic() - running.started)
                 continue
             self.metrics.task_failures.labels("local", self.run_name).inc()
-            if code == BAD_INPUT_EXIT_CODE:  # the same input fails the same way: no retry
+            if code == EXIT_BAD_INPUT:  # the same input fails the same way: no retry
                 self.stop()
                 raise TaskFailedError(
                     f"task {task_id} failed on its input (not retried); log: "
