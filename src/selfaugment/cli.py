@@ -169,7 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     search = commands.add_parser("search", help="run the SelfAugment search (resumes if rerun)")
     _add_config_arguments(search)
     search.add_argument(
-        "-o", "--output", type=Path, default=None, help="run directory (default runs/<config>)"
+        "-o",
+        "--output",
+        default=None,
+        metavar="RUN",
+        help="where the run is stored: a directory (default runs/<config>) or s3://bucket/prefix",
     )
     search.add_argument("--workers", type=int, default=None, help="concurrent worker processes")
     search.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics")

@@ -183,6 +183,11 @@ def test_search_stores_everything_in_s3(tmp_path: Path, s3_server: str) -> None:
     local = {p.relative_to(tmp_path / "local").as_posix() for p in (tmp_path / "local").rglob("*")}
     assert local and all(name.startswith("logs") for name in local)
     assert "test-secret-key" not in json.dumps(sorted(keys))
+    assert "tiny/.run.lock" not in keys  # the run's lease is released when it ends
+    # each worker's scratch files in the cache went with its task: no checkpoint stays there
+    cache = Path(os.environ["SELFAUGMENT_CACHE"])
+    scratch = [p.relative_to(cache).as_posix() for p in (cache / "work").rglob("*") if p.is_file()]
+    assert scratch == [], scratch
 
 
 @pytest.mark.slow

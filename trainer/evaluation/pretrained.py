@@ -11,12 +11,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
 from selfaugment.trainer.config import PretrainConfig
 from selfaugment.trainer.data.types import Images
 from selfaugment.trainer.evaluation.probes import evaluate_tasks
+from selfaugment.trainer.moco.checkpoint import save_checkpoint
 from selfaugment.trainer.moco.pretrain import Augmenter, ProgressCallback, train_moco
 from selfaugment.trainer.runtime import barrier, dist_env_from_environ
 
@@ -51,7 +51,7 @@ def run_pretrain(
         )
         if evaluation:
             heads = {task: result.head_state for task, result in evaluation.items()}
-            torch.save(heads, output_dir / PROBE_HEADS)
+            save_checkpoint(output_dir / PROBE_HEADS, heads)
         report = dict(
             trained.report,
             evaluation={task: result.summary() for task, result in evaluation.items()},

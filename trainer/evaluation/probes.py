@@ -34,6 +34,7 @@ from selfaugment import RESULT_SCHEMA_VERSION
 from selfaugment.errors import SelfAugmentError
 from selfaugment.trainer.config import EvalConfig, EvaluationConfig, ProbeConfig
 from selfaugment.trainer.data.types import Images
+from selfaugment.trainer.moco.checkpoint import save_checkpoint
 from selfaugment.trainer.runtime import autocast, resolve_device, use_bf16
 
 ProbeTask = Literal["rotation", "linear", "jigsaw"]
@@ -362,7 +363,7 @@ def run_eval(cfg: EvalConfig, output_dir: Path) -> dict[str, Any]:
         "tasks": {task: result.summary() for task, result in results.items()},
     }
     (output_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
-    torch.save(
-        {task: result.head_state for task, result in results.items()}, output_dir / "probe_heads.pt"
+    save_checkpoint(
+        output_dir / "probe_heads.pt", {task: result.head_state for task, result in results.items()}
     )
     return report

@@ -8,7 +8,6 @@ augmentation generator), loss_history (mean loss per epoch) and metrics (per-epo
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import torch
 from selfaugment.errors import SelfAugmentError
 from selfaugment.trainer.config import PretrainConfig, parse_config
 from selfaugment.trainer.moco.models import ResNetBackbone, build_backbone
+from selfaugment.trainer.store.artifacts import atomic_write
 
 CHECKPOINT_SCHEMA_VERSION = 1
 CHECKPOINT_KIND = "moco-pretrain"
@@ -27,17 +27,10 @@ class CheckpointError(SelfAugmentError):
     """A checkpoint file is missing, unreadable or not a pretrain checkpoint; names the file."""
 
 
-def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write `payload` to `path` atomically (temporary file in the same folder, then os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(payload, temporary)
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
+def save_checkpoint(path: str | Path, payload: Any) -> None:
+    """Write `payload` (tensors and plain data) to `path` atomically; a full disk raises
+    DiskFullError naming the folder, not torch's "unexpected pos"."""
+    atomic_write(path, lambda file: torch.save(payload, file))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

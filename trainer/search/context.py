@@ -46,6 +46,18 @@ def work_directory(store: ArtifactStore, name: str, run_key: str = "") -> Path:
     return path
 
 
+#: How many skipped files a result, status and report name (the count is always whole).
+SKIPPED_NAMED = 20
+
+
+def skipped_record(skipped: list[tuple[str, str]]) -> dict[str, Any]:
+    """Unreadable images a task's dataset load left out: the count and the first few by name."""
+    return {
+        "count": len(skipped),
+        "files": [{"file": name, "reason": reason} for name, reason in skipped[:SKIPPED_NAMED]],
+    }
+
+
 @dataclass
 class ProgressWriter:
     """Writes a task's latest figures to the store, at most every `interval` seconds."""
@@ -74,9 +86,14 @@ class TaskContext:
     workdir: Path
     progress: ProgressWriter
 
-    @cached_property
+    loaded_data: ImageSet | None = None
+
+    @property
     def data(self) -> ImageSet:
-        return load_dataset(self.spec.dataset, seed=self.spec.search.seed)
+        """The search's dataset, decoded on first use."""
+        if self.loaded_data is None:
+            self.loaded_data = load_dataset(self.spec.dataset, seed=self.spec.search.seed)
+        return self.loaded_data
 
     @cached_property
     def splits(self) -> list[tuple[Any, Any]]:

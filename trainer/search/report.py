@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from selfaugment.trainer.search.status import describe_skipped, skipped_images
 from selfaugment.trainer.spec import AugmentSearchSpec
 from selfaugment.trainer.store import ArtifactStore
 from selfaugment.trainer.store.layout import (
@@ -147,6 +148,10 @@ def write_report(store: ArtifactStore, spec: AugmentSearchSpec, workdir: Path) -
         f"Dataset `{spec.dataset.uri}`, model {spec.model.arch} width {spec.model.width}, "
         f"spec digest `{spec_digest(spec)}`."
     )
+    skipped = skipped_images(results)
+    if skipped:
+        md.append("")
+        md.append(f"**Data:** {describe_skipped(skipped, shown=len(skipped['files']))}.")
     md.append("")
 
     if by_prefix["base-"]:
@@ -296,6 +301,7 @@ def write_report(store: ArtifactStore, spec: AugmentSearchSpec, workdir: Path) -
         "policy_summary": merge.get("policy_summary", {}),
         "final": {k: v for k, v in retrain.items() if k.endswith(("_accuracy", "_loss"))},
         "task_seconds": {k: v.get("seconds") for k, v in results.items()},
+        "skipped_images": skipped,
         "plots": [f"plots/{name}" for name in plots],
     }
     store.write_json(REPORT_JSON_KEY, report)

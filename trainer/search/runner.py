@@ -7,8 +7,8 @@ run kills the running workers; running the same command again resumes, redoing o
 Workers die with their runner however it stops: Ctrl-C and SIGTERM (`timeout`, systemd,
 `docker stop`) stop them in an orderly way, and on Linux each worker asks the kernel for SIGTERM
 when its runner dies (PR_SET_PDEATHSIG), which covers SIGKILL and the OOM killer. A run holds its
-store's lock (trainer/store/lock.py) while it runs, so a second runner cannot start its tasks
-again.
+store's lock (trainer/store/lock.py: a flock, or a renewed lease in S3) while it runs, so a
+second runner cannot start its tasks again; a runner whose S3 lease is taken over stops.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ from selfaugment.trainer.search.planner import GPU_KINDS, PlanState, Task, plan
 from selfaugment.trainer.search.status import summarise
 from selfaugment.trainer.spec import AugmentSearchSpec
 from selfaugment.trainer.store import ArtifactStore
+from selfaugment.trainer.store.artifacts import remove_temporary_files
 from selfaugment.trainer.store.layout import done_task_ids, prepare_run, read_progress
-from selfaugment.trainer.store.lock import hold_run_lock
+from selfaugment.trainer.store.lock import LOCK_NAME, RunLock, hold_run_lock
 
 
 class TaskFailedError(SelfAugmentError):
@@ -258,14 +259,25 @@ class LocalRunner:
         except ValueError:  # not the main thread: the caller owns the signals
             previous = None
         try:
-            with hold_run_lock(self.store):
+            with hold_run_lock(self.store) as lock:
                 prepare_run(self.store, self.spec)
-                return self._run()
+                self._remove_leftovers()
+                return self._run(lock)
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
 
-    def _run(self) -> PlanState:
+    def _remove_leftovers(self) -> None:
+        """Temporary files of writes that a kill interrupted (no one else writes: we hold the
+        lock). S3 runs keep theirs in each worker's work directory, which the worker sweeps."""
+        marker = self.store.local_path(LOCK_NAME)
+        if marker is None:
+            return
+        removed = remove_temporary_files(marker.parent)
+        if removed:
+            self._write(f"removed {len(removed)} temporary file(s) left by interrupted writes")
+
+    def _run(self, lock: RunLock) -> PlanState:
         if self.progress:
             from tqdm import tqdm
 
@@ -273,6 +285,7 @@ class LocalRunner:
         last_done: set[str] = set()
         try:
             while True:
+                lock.check()
                 self._reap()
                 done = done_task_ids(self.store)
                 if done != last_done:

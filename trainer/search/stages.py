@@ -21,9 +21,12 @@ from selfaugment.trainer.config import (
     PretrainConfig,
 )
 from selfaugment.trainer.data import ImageSet, load_dataset
+from selfaugment.trainer.moco.checkpoint import save_checkpoint
 from selfaugment.trainer.policy.views import CROP_TRANSFORM, base_augment
 from selfaugment.trainer.search.context import ProgressWriter, TaskContext, TaskInputError
+from selfaugment.trainer.search.tpe import TrialRecord
 from selfaugment.trainer.spec import AugmentSearchSpec
+from selfaugment.trainer.store import ArtifactNotFoundError
 from selfaugment.trainer.store.layout import (
     POLICY_KEY,
     task_key,
@@ -182,7 +185,7 @@ def run_fold(ctx: TaskContext) -> FoldResult:
         heads["linear"] = linear.head_state
         linear_accuracy = linear.accuracy
     heads_path = ctx.workdir / "heads.pt"
-    torch.save(heads, heads_path)
+    save_checkpoint(heads_path, heads)
     scorer = _scorer(ctx, checkpoint, heads, ctx.scoring_images(heldout), base)
     result: FoldResult = {
         "fold": fold,
@@ -202,7 +205,7 @@ def run_fold(ctx: TaskContext) -> FoldResult:
 
 def run_search(ctx: TaskContext) -> SearchResult:
     """T repeats of TPE per fold: this task is one (fold, repeat)."""
-    from selfaugment.trainer.search.tpe import Normalisers, TrialRecord, run_tpe, top_trials
+    from selfaugment.trainer.search.tpe import Normalisers, run_tpe, top_trials
 
     search = ctx.spec.search
     fold, repeat = int(ctx.task.params["fold"]), int(ctx.task.params["repeat"])
@@ -222,12 +225,27 @@ def run_search(ctx: TaskContext) -> SearchResult:
     from selfaugment.trainer.augment.ops import OP_NAMES
     from selfaugment.trainer.policy import Policy
 
+    trials_key = task_key(ctx.task.id, "trials.json")
+    previous = _finished_trials(ctx, trials_key)
+    kept = list(previous)
     best: list[float] = []
+    for record in previous:
+        best.append(min([record.objective, *best[-1:]]))
+    if previous:
+        log.info("resuming the search from %d finished trials", len(previous))
+        ctx.progress.update(
+            force=True,
+            trials_done=len(previous),
+            trials_total=search.trials,
+            best_objective=best[-1],
+        )
 
     def score(policy_json: dict[str, Any]) -> dict[str, float]:
         return dict(scorer.score(Policy.from_json(policy_json)).to_dict())
 
     def on_trial(record: TrialRecord) -> None:
+        kept.append(record)
+        ctx.store.write_json(trials_key, [trial.to_dict() for trial in kept])  # kept as they end
         best.append(min([record.objective, *best[-1:]]))
         ctx.progress.update(
             trials_done=record.index + 1, trials_total=search.trials, best_objective=best[-1]
@@ -246,11 +264,10 @@ def run_search(ctx: TaskContext) -> SearchResult:
         seed=search.seed * 1000 + fold * 10 + repeat,
         name_prefix=f"f{fold}-r{repeat}",
         on_trial=on_trial,
+        previous=previous,
     )
     top = top_trials(records, search.top_policies)
-    ctx.store.write_json(
-        task_key(ctx.task.id, "trials.json"), [record.to_dict() for record in records]
-    )
+    ctx.store.write_json(trials_key, [record.to_dict() for record in records])
     return {
         "fold": fold,
         "repeat": repeat,
@@ -261,6 +278,25 @@ def run_search(ctx: TaskContext) -> SearchResult:
         "objective_history": [record.objective for record in records],
         "top": [record.to_dict() for record in top],
     }
+
+
+def _finished_trials(ctx: TaskContext, key: str) -> list[TrialRecord]:
+    """The trials a killed run of this task kept; none when there are none or they are unusable."""
+    try:
+        stored = ctx.store.read_json(key)
+    except ArtifactNotFoundError:
+        return []
+    try:
+        records = [TrialRecord.from_dict(trial) for trial in stored][: ctx.spec.search.trials]
+    except (TypeError, KeyError, ValueError, AttributeError) as error:
+        log.warning("%s: unusable (%s); the search starts again", ctx.store.url(key), error)
+        return []
+    if [record.index for record in records] != list(range(len(records))) or any(
+        not record.sample for record in records
+    ):
+        log.warning("%s: not a prefix of this search; the search starts again", ctx.store.url(key))
+        return []
+    return records
 
 
 def run_merge(ctx: TaskContext) -> MergeResult:

@@ -32,6 +32,8 @@ class RunSummary:
     policy_uri: str | None = None
     policy_summary: dict[str, float] = field(default_factory=dict)
     final: dict[str, Any] = field(default_factory=dict)
+    #: unreadable images the dataset loads left out: {"count", "files": [{"file", "reason"}]}
+    skipped_images: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -46,7 +48,28 @@ class RunSummary:
             "policy_uri": self.policy_uri,
             "policy_summary": self.policy_summary,
             "final": self.final,
+            "skipped_images": self.skipped_images,
         }
+
+
+def skipped_images(results: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The unreadable images a run's tasks left out (every task reads the same dataset)."""
+    records = [
+        result["skipped_images"] for result in results.values() if "skipped_images" in result
+    ]
+    return max(records, key=lambda record: int(record.get("count", 0)), default=None)
+
+
+def describe_skipped(record: dict[str, Any] | None, shown: int = 5) -> str | None:
+    """One line: how many images were left out and the first few by name, with the reason."""
+    if not record:
+        return None
+    files = record.get("files", [])
+    named = ", ".join(f"{item['file']} ({item['reason']})" for item in files[:shown])
+    more = int(record["count"]) - min(len(files), shown)
+    return f"{record['count']} unreadable image(s) left out of the dataset: {named}" + (
+        f" and {more} more" if more > 0 else ""
+    )
 
 
 def summarise(store: ArtifactStore, spec: AugmentSearchSpec | None = None) -> RunSummary:
@@ -56,6 +79,7 @@ def summarise(store: ArtifactStore, spec: AugmentSearchSpec | None = None) -> Ru
     state = plan(spec, done)
     summary = RunSummary(state=state)
     results = read_results(store, done)
+    summary.skipped_images = skipped_images(results)
     for task_id, result in results.items():
         if result.get("kind") == "fold" and result.get("base_policy"):
             summary.base_policy = result["base_policy"]

@@ -9,6 +9,7 @@ is what marks the task done. What each kind of task does is in stages.py.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from typing import Any
 
@@ -17,11 +18,13 @@ from selfaugment.trainer.search.context import (
     ProgressWriter,
     TaskContext,
     TaskInputError,
+    skipped_record,
     work_directory,
 )
 from selfaugment.trainer.search.planner import task_by_id
 from selfaugment.trainer.search.stages import RUNNERS
 from selfaugment.trainer.store import ArtifactStore
+from selfaugment.trainer.store.artifacts import remove_temporary_files
 from selfaugment.trainer.store.layout import (
     done_task_ids,
     load_spec,
@@ -48,11 +51,14 @@ def run_task(store: ArtifactStore, task_id: str) -> dict[str, Any]:
     missing = [dep for dep in task.depends_on if dep not in done]
     if missing:
         raise TaskInputError(f"task {task.id} cannot start: unfinished {', '.join(missing)}")
+    workdir = work_directory(store, f"tasks/{task.id}/work", spec_digest(spec))
+    for leftover in remove_temporary_files(workdir):
+        log.info("removed %s, left by a killed write", leftover)
     ctx = TaskContext(
         spec=spec,
         store=store,
         task=task,
-        workdir=work_directory(store, f"tasks/{task.id}/work", spec_digest(spec)),
+        workdir=workdir,
         progress=ProgressWriter(store, progress_key(task.id)),
     )
     started = time.time()
@@ -65,7 +71,11 @@ def run_task(store: ArtifactStore, task_id: str) -> dict[str, Any]:
         "stage": task.stage,
         "seconds": round(time.time() - started, 2),
     }
-    result = {**record, **fields}
+    result: dict[str, Any] = {**record, **fields}
+    if ctx.loaded_data is not None and ctx.loaded_data.skipped:
+        result["skipped_images"] = skipped_record(ctx.loaded_data.skipped)
     store.write_json(result_key(task.id), result)
     log.info("task %s done in %.1f s", task.id, result["seconds"])
+    if store.local_path(result_key(task.id)) is None:  # S3: the scratch files are done with
+        shutil.rmtree(workdir, ignore_errors=True)
     return result

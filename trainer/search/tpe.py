@@ -11,12 +11,17 @@ turned into one objective value, lower is better:
     supervised     L_sup (cross-entropy of a supervised linear head; an oracle needing labels)
 
 E[.] is the mean over the folds of the loss under the base policy (paper, Section 3.2).
+
+Trials are kept as they finish (the caller's `on_trial` stores them) and a search resumes from
+them: `run_tpe(previous=...)` replays the finished trials into hyperopt's history and advances
+the random state past them, so a search that was killed and resumed proposes exactly the
+candidates an uninterrupted one would (tests/faults/test_kills.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -41,6 +46,8 @@ class TrialRecord:
     policy: dict[str, Any]
     losses: dict[str, float]
     objective: float
+    #: hyperopt's raw values of the candidate (op indices, unrounded floats), for resuming
+    sample: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -48,7 +55,18 @@ class TrialRecord:
             "policy": self.policy,
             "losses": self.losses,
             "objective": self.objective,
+            "sample": self.sample,
         }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrialRecord:
+        return cls(
+            index=int(data["index"]),
+            policy=dict(data["policy"]),
+            losses={key: float(value) for key, value in data["losses"].items()},
+            objective=float(data["objective"]),
+            sample={key: float(value) for key, value in data.get("sample", {}).items()},
+        )
 
 
 def objective_value(
@@ -123,11 +141,19 @@ def run_tpe(
     seed: int,
     name_prefix: str,
     on_trial: Callable[[TrialRecord], None] | None = None,
+    previous: Sequence[TrialRecord] = (),
 ) -> list[TrialRecord]:
-    """Run `trials` TPE evaluations; `score(policy_json) -> losses`. Returns every trial."""
-    from hyperopt import STATUS_OK, Trials, fmin, tpe
+    """Run `trials` TPE evaluations; `score(policy_json) -> losses`. Returns every trial.
 
-    records: list[TrialRecord] = []
+    `previous`: the trials a killed run of the same search finished (in order); they are not
+    scored again, and the search goes on from them as if it had never stopped.
+    """
+    from hyperopt import STATUS_OK, fmin, tpe
+
+    records: list[TrialRecord] = list(previous)[:trials]
+    if [record.index for record in records] != list(range(len(records))):
+        raise ValueError("previous trials must be the first trials of the search, in order")
+    history, rstate = _resumed(records, op_names, seed)
 
     def evaluate(sample: dict[str, Any]) -> dict[str, Any]:
         index = len(records)
@@ -136,22 +162,72 @@ def run_tpe(
         )
         losses = score(policy)
         value = objective_value(objective, losses, normalisers, weights)
-        record = TrialRecord(index=index, policy=policy, losses=losses, objective=value)
+        record = TrialRecord(
+            index=index,
+            policy=policy,
+            losses=losses,
+            objective=value,
+            sample=_raw_values(sample, op_names),
+        )
         records.append(record)
         if on_trial is not None:
             on_trial(record)
         return {"loss": value, "status": STATUS_OK}
 
-    fmin(
-        fn=evaluate,
-        space=search_space(op_names, sub_policies, ops_per_sub_policy),
-        algo=partial(tpe.suggest, n_startup_jobs=min(startup_trials, trials)),
-        max_evals=trials,
-        trials=Trials(),
-        rstate=np.random.default_rng(seed),
-        show_progressbar=False,
-    )
+    if len(records) < trials:
+        fmin(
+            fn=evaluate,
+            space=search_space(op_names, sub_policies, ops_per_sub_policy),
+            algo=partial(tpe.suggest, n_startup_jobs=min(startup_trials, trials)),
+            max_evals=trials,
+            trials=history,
+            rstate=rstate,
+            show_progressbar=False,
+        )
     return records
+
+
+def _raw_values(sample: dict[str, Any], op_names: Sequence[str]) -> dict[str, float]:
+    """hyperopt's own encoding of a sample: the index of a chosen op, the floats as drawn."""
+    return {
+        label: float(list(op_names).index(value)) if label.endswith("_op") else float(value)
+        for label, value in sample.items()
+    }
+
+
+def _resumed(
+    records: Sequence[TrialRecord], op_names: Sequence[str], seed: int
+) -> tuple[Any, np.random.Generator]:
+    """hyperopt history holding `records`, and the random state as it was after them.
+
+    fmin draws one integer from its random state per proposal (hyperopt 0.2.7+), so drawing
+    len(records) integers puts the state where the interrupted search left it.
+    """
+    from hyperopt import JOB_STATE_DONE, STATUS_OK, Trials
+    from hyperopt.fmin import generate_trial
+
+    history = Trials()
+    documents = []
+    for record in records:
+        if not record.sample:
+            raise ValueError(f"trial {record.index} has no recorded sample: cannot resume from it")
+        values = {
+            label: int(value) if label.endswith("_op") else value
+            for label, value in record.sample.items()
+        }
+        if any(label.endswith("_op") and not 0 <= v < len(op_names) for label, v in values.items()):
+            raise ValueError(f"trial {record.index} names an op outside this search's ops")
+        document = generate_trial(record.index, values)
+        document["state"] = JOB_STATE_DONE
+        document["result"] = {"loss": record.objective, "status": STATUS_OK}
+        documents.append(document)
+    if documents:
+        history.insert_trial_docs(documents)
+        history.refresh()
+    rstate = np.random.default_rng(seed)
+    for _ in records:
+        rstate.integers(2**31 - 1)
+    return history, rstate
 
 
 def top_trials(records: Sequence[TrialRecord], count: int) -> list[TrialRecord]:

@@ -11,13 +11,15 @@ S3_ENDPOINT_URL. Credentials are never logged, stored or put in error messages.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
-import tempfile
+import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from selfaugment.errors import SelfAugmentError
 
@@ -89,18 +91,77 @@ class ArtifactStore(ABC):
         return None
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+#: Temporary files of unfinished writes end so; a runner removes those a killed write left.
+TEMPORARY_SUFFIX = ".partial"
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+#: Every file the product writes gets this mode (what open() would give under the umask).
+FILE_MODE = 0o666 & ~_UMASK
+
+
+class DiskFullError(SelfAugmentError):
+    """A write ran out of space (or quota); names the folder."""
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write a file whole or not at all: `write(file)` fills a temporary file in the same
+    folder, which replaces `path` once flushed to disk. A full disk raises DiskFullError
+    naming the folder; no temporary file is left behind."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{TEMPORARY_SUFFIX}")
     try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(temporary, "wb") as file:
+            os.fchmod(file.fileno(), FILE_MODE)
+            write(file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+    except (OSError, RuntimeError) as error:  # torch's writer wraps the OSError in a RuntimeError
+        if _out_of_space(error):
+            raise DiskFullError(
+                f"no space left on {path.parent} (writing {path.name}; "
+                f"{_free_bytes(path.parent)} free): free some space or point the run elsewhere"
+            ) from None
         raise
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _out_of_space(error: BaseException | None) -> bool:
+    """Whether `error`, or an error it was raised while handling, is ENOSPC or EDQUOT."""
+    seen = 0
+    while error is not None and seen < 8:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return False
+
+
+def _free_bytes(folder: Path) -> str:
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return "unknown"
+    return f"{free / 2**20:.1f} MiB"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    def write(file: BinaryIO) -> None:
+        file.write(data)
+
+    atomic_write(path, write)
+
+
+def remove_temporary_files(root: str | Path) -> list[Path]:
+    """Remove what killed writes left under `root` (files named by atomic_write); returns them.
+    Only call it while no write can be under way there (a runner holding the run lock)."""
+    removed = []
+    for path in Path(root).rglob(f".*{TEMPORARY_SUFFIX}"):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 class LocalStore(ArtifactStore):
@@ -124,6 +185,8 @@ class LocalStore(ArtifactStore):
     def write_bytes(self, key: str, data: bytes) -> None:
         try:
             _atomic_write(self._path(key), data)
+        except DiskFullError:
+            raise
         except OSError as error:
             raise StoreError(f"{self.url(key)}: cannot write: {error.strerror}") from None
 
@@ -148,10 +211,8 @@ class LocalStore(ArtifactStore):
         target = self._path(key)
         if Path(local_path).resolve() == target:
             return
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temporary = target.with_name(f".{target.name}.upload.tmp")
-        shutil.copyfile(local_path, temporary)
-        os.replace(temporary, target)
+        with open(local_path, "rb") as source:
+            atomic_write(target, lambda file: shutil.copyfileobj(source, file, 2**20))
 
     def local_path(self, key: str) -> Path | None:
         return self._path(key)
@@ -231,13 +292,65 @@ class S3Store(ArtifactStore):
             raise self._fail("list", prefix or "<root>", error) from None
         return sorted(keys)
 
-    def delete(self, key: str) -> None:
+    def delete(self, key: str, *, if_match: str | None = None) -> None:
+        """Remove the object; with `if_match`, only while its ETag is still that one."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        condition = {"IfMatch": if_match} if if_match else {}
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._object_key(key), **condition)
+        except ClientError as error:
+            if if_match and _precondition_failed(error):
+                return
+            raise self._fail("delete", key, error) from None
+        except BotoCoreError as error:
+            raise self._fail("delete", key, error) from None
+
+    def write_if(self, key: str, data: bytes, *, etag: str | None = None) -> str | None:
+        """A conditional write: create the object only if it is absent (`etag` None), or
+        replace it only while its ETag is `etag`. Returns the new ETag, or None when the
+        condition did not hold (someone else wrote first)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
+        try:
+            response = self.client.put_object(
+                Bucket=self.bucket, Key=self._object_key(key), Body=data, **condition
+            )
+        except ClientError as error:
+            if _precondition_failed(error):
+                return None
+            raise self._fail("write", key, error) from None
+        except BotoCoreError as error:
+            raise self._fail("write", key, error) from None
+        return str(response["ETag"])
+
+    def read_with_age(self, key: str) -> tuple[bytes, str, float]:
+        """The object's bytes, its ETag, and its age in seconds by the server's own clock
+        (Last-Modified against the response's Date), so client clocks do not matter."""
+        from email.utils import parsedate_to_datetime
+
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            self.client.delete_object(Bucket=self.bucket, Key=self._object_key(key))
-        except (ClientError, BotoCoreError) as error:
-            raise self._fail("delete", key, error) from None
+            response = self.client.get_object(Bucket=self.bucket, Key=self._object_key(key))
+            data = bytes(response["Body"].read())
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                raise ArtifactNotFoundError(f"{self.url(key)}: no such artifact") from None
+            raise self._fail("read", key, error) from None
+        except BotoCoreError as error:
+            raise self._fail("read", key, error) from None
+        served = response["ResponseMetadata"].get("HTTPHeaders", {}).get("date")
+        now = parsedate_to_datetime(served) if served else response["LastModified"]
+        age = (now - response["LastModified"]).total_seconds()
+        return data, str(response["ETag"]), max(0.0, age)
+
+
+def _precondition_failed(error: Exception) -> bool:
+    """A conditional request lost: the object changed (412) or a concurrent write won (409)."""
+    code = getattr(error, "response", {}).get("Error", {}).get("Code")
+    return code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
 
 
 def open_store(
