@@ -78,9 +78,7 @@ def _trials(run: Path) -> dict[str, list[dict]]:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(SELFAUGMENT), *args], capture_output=True, text=True, timeout=900
-    )
+    return subprocess.run([str(SELFAUGMENT), *args], capture_output=True, text=True, timeout=900)
 
 
 def test_a_killed_search_keeps_its_trials_and_names_skipped_images(tmp_path: Path) -> None:

@@ -6,6 +6,9 @@ itself is tested; real scoring by forward passes is tested in test_scoring and t
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import pytest
 
 from selfaugment.trainer.search.tpe import (
@@ -60,20 +63,20 @@ def _invert_strength(policy: dict) -> dict[str, float]:
     return {"rotation_loss": 10.0 - total, "infonce": 1.0}
 
 
+_SEARCH: dict[str, Any] = {
+    "op_names": OPS,
+    "sub_policies": 2,
+    "ops_per_sub_policy": 2,
+    "startup_trials": 10,
+    "objective": "min_rotation",
+    "normalisers": NORM,
+    "weights": ObjectiveWeights(),
+    "name_prefix": "t",
+}
+
+
 def _search(seed: int, trials: int = 40) -> list[TrialRecord]:
-    return run_tpe(
-        _invert_strength,
-        op_names=OPS,
-        sub_policies=2,
-        ops_per_sub_policy=2,
-        trials=trials,
-        startup_trials=10,
-        objective="min_rotation",
-        normalisers=NORM,
-        weights=ObjectiveWeights(),
-        seed=seed,
-        name_prefix="t",
-    )
+    return run_tpe(_invert_strength, **_SEARCH, trials=trials, seed=seed)
 
 
 def test_tpe_improves_on_random_start_and_is_deterministic() -> None:
@@ -94,3 +97,35 @@ def test_top_trials_orders_and_drops_non_finite() -> None:
 
     records = [record(0, 3.0), record(1, float("nan")), record(2, 1.0), record(3, 1.0)]
     assert [r.index for r in top_trials(records, 3)] == [2, 3, 0]
+
+
+def test_a_resumed_search_proposes_what_an_uninterrupted_one_would() -> None:
+    """Killed after trial 16 with its trials kept (through JSON, as the store keeps them), the
+    search resumes from them: the finished trials are not scored again, and the rest are the
+    very candidates the uninterrupted search proposed."""
+    full = _search(seed=3, trials=30)
+
+    class Killed(Exception):
+        pass
+
+    kept: list[TrialRecord] = []
+
+    def keep(record: TrialRecord) -> None:
+        kept.append(TrialRecord.from_dict(json.loads(json.dumps(record.to_dict()))))
+        if record.index == 16:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_tpe(_invert_strength, **{**_SEARCH, "seed": 3, "trials": 30}, on_trial=keep)
+    scored: list[dict] = []
+
+    def score(policy: dict) -> dict[str, float]:
+        scored.append(policy)
+        return _invert_strength(policy)
+
+    resumed = run_tpe(score, **{**_SEARCH, "seed": 3, "trials": 30}, previous=kept)
+    assert len(kept) == 17 and len(scored) == 13
+    assert [r.policy for r in resumed] == [r.policy for r in full]
+    assert [r.objective for r in resumed] == [r.objective for r in full]
+    with pytest.raises(ValueError, match="first trials of the search"):
+        run_tpe(score, **{**_SEARCH, "seed": 3, "trials": 30}, previous=kept[1:])
