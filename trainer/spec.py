@@ -54,6 +54,28 @@ class RandAugmentGrid(StrictModel):
         return self
 
 
+class BaseSelection(StrictModel):
+    """How the base transform is chosen among the candidates (when `base_policy` is 'auto').
+
+    `exhaustive` trains every candidate for `base_epochs` (the paper's setting).
+    `successive_halving` trains every candidate for a short first rung, keeps the best 1/eta
+    by held-out rotation accuracy (the paper's criterion), continues those from their own
+    checkpoints to the next rung, and so on to `base_epochs` (as ASHA/Hyperband do). The
+    learning-rate schedule is that of `base_epochs`, so a candidate that survives every rung
+    trains exactly as it would in the exhaustive stage.
+    """
+
+    method: Literal["exhaustive", "successive_halving"] = Field(
+        "exhaustive", description="'exhaustive' (paper) or 'successive_halving'."
+    )
+    eta: int = Field(
+        2, ge=2, le=8, description="Successive halving keeps the best 1/eta of each rung."
+    )
+    min_epochs: int = Field(
+        1, ge=1, description="Successive halving: the fewest epochs a rung trains for."
+    )
+
+
 class SearchConfig(StrictModel):
     """The policy search (Algorithm 1 of the SelfAugment paper)."""
 
@@ -77,6 +99,7 @@ class SearchConfig(StrictModel):
         ge=1,
         description="MoCo epochs per base candidate (paper: about 10% of a full schedule).",
     )
+    base_selection: BaseSelection = Field(default_factory=BaseSelection)
     fold_epochs: int = Field(200, ge=1, description="MoCo epochs per fold with the base policy.")
     folds: int = Field(5, ge=1, le=20, description="K: data splits (paper: 5).")
     repeats: int = Field(2, ge=1, description="T: TPE repeats per fold (paper: 2).")
@@ -122,6 +145,11 @@ class SearchConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> SearchConfig:
+        if self.base_selection.min_epochs > self.base_epochs:
+            raise ValueError(
+                f"base_selection.min_epochs ({self.base_selection.min_epochs}) cannot exceed "
+                f"base_epochs ({self.base_epochs})"
+            )
         if self.top_policies > self.trials:
             raise ValueError(
                 f"top_policies ({self.top_policies}) cannot exceed trials ({self.trials})"

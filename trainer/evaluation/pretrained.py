@@ -30,13 +30,15 @@ def run_pretrain(
     images: Images | None = None,
     progress_callback: ProgressCallback | None = None,
     augmenter: Augmenter | None = None,
+    stop_epoch: int | None = None,
 ) -> dict[str, Any]:
     """Train MoCo v2 per `cfg` (resuming from output_dir/checkpoint.pt), evaluate the frozen
-    backbone with `cfg.evaluation`, and return pretrain.json ({} on ranks other than 0)."""
+    backbone with `cfg.evaluation`, and return pretrain.json ({} on ranks other than 0).
+    `stop_epoch`: stop after that epoch of cfg's schedule (a successive-halving rung)."""
     output_dir = Path(output_dir)
     started_group = dist_env_from_environ().distributed and not dist.is_initialized()
     try:
-        trained = train_moco(cfg, output_dir, images, progress_callback, augmenter)
+        trained = train_moco(cfg, output_dir, images, progress_callback, augmenter, stop_epoch)
         if trained.backbone is None:  # not the main process: wait for its evaluation
             barrier()
             return {}

@@ -167,14 +167,19 @@ def train_moco(
     images: Images | None = None,
     progress_callback: ProgressCallback | None = None,
     augmenter: Augmenter | None = None,
+    stop_epoch: int | None = None,
 ) -> TrainedMoco:
     """Train MoCo v2 per `cfg`, resuming from output_dir/checkpoint.pt. Evaluation is the
     caller's (selfaugment.trainer.evaluation.pretrained.run_pretrain trains, then probes).
-    Under torchrun, every rank calls this; call `finish_distributed` when done."""
+    Under torchrun, every rank calls this; call `finish_distributed` when done.
+
+    `stop_epoch` stops after that many epochs of cfg's schedule (learning rate and all), with a
+    checkpoint from which a later call goes on exactly as if it had never stopped."""
     env = dist_env_from_environ()
     device = resolve_device(cfg.runtime.device, env.local_rank)
     init_distributed(device, env)
-    return _pretrain(cfg, Path(output_dir), images, progress_callback, augmenter, env, device)
+    stop = cfg.optim.epochs if stop_epoch is None else min(stop_epoch, cfg.optim.epochs)
+    return _pretrain(cfg, Path(output_dir), images, progress_callback, augmenter, env, device, stop)
 
 
 def _pretrain(
@@ -185,6 +190,7 @@ def _pretrain(
     augmenter: Augmenter | None,
     env: DistEnv,
     device: torch.device,
+    stop_epoch: int,
 ) -> TrainedMoco:
     seed = cfg.runtime.seed
     if images is None:
@@ -256,7 +262,7 @@ def _pretrain(
 
     data = images.images.to(device)  # uint8, N x C x H x W
     model.train()
-    for epoch in range(start_epoch, cfg.optim.epochs):
+    for epoch in range(start_epoch, stop_epoch):
         generator.manual_seed(seed * 1_000_003 + env.rank * 10_007 + epoch)
         order = epoch_permutation(count, seed, epoch).to(device)
         running = torch.zeros((), device=device)
@@ -296,7 +302,7 @@ def _pretrain(
             "time": elapsed,
         }
         metrics.append(record)
-        last = epoch + 1 == cfg.optim.epochs
+        last = epoch + 1 == stop_epoch
         if env.is_main:
             if (epoch + 1) % cfg.runtime.checkpoint_every == 0 or last:
                 save_checkpoint(
@@ -325,7 +331,7 @@ def _pretrain(
     report = {
         "schema_version": RESULT_SCHEMA_VERSION,
         "final_loss": loss_history[-1],
-        "epochs": cfg.optim.epochs,
+        "epochs": len(loss_history),
         "num_images": count,
         "in_channels": in_channels,
         "config": config_data,

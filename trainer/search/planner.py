@@ -6,7 +6,8 @@ done when its result exists in the store; the planner never does I/O.
 
 Stages of the SelfAugment algorithm (Algorithm 1 of Reed et al. 2021):
 
-    base      one short MoCo run per single transform, rotation-scored (skipped if given)
+    base      one short MoCo run per single transform, rotation-scored (skipped if given);
+              with successive halving, in rungs (base_rungs)
     folds     MoCo with the base policy on each fold's training part, rotation head on top
     search    per fold and repeat, TPE over candidate policies scored by forward passes
     merge     union of the top policies of every fold and repeat, de-duplicated
@@ -18,6 +19,7 @@ SelfRandAugment replaces base/folds/search/merge by `randaugment`: one model per
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,6 +96,48 @@ def base_candidates(spec: AugmentSearchSpec) -> list[str]:
     return list(BASE_TRANSFORMS) if chosen == "all" else list(chosen)
 
 
+@dataclass(frozen=True)
+class Rung:
+    """One rung of the base selection: `candidates` trainings, each reaching epoch `epochs`."""
+
+    index: int
+    epochs: int
+    candidates: int
+
+
+def base_rungs(spec: AugmentSearchSpec) -> list[Rung]:
+    """The rungs of the base-candidate stage; one rung of `base_epochs` when exhaustive.
+
+    Successive halving keeps ceil(n / eta**k) candidates at rung k, until two remain or the
+    rungs' epochs (base_epochs // eta**(R-1-k), the last being base_epochs) would fall below
+    `min_epochs`; the last rung compares its candidates at the full budget.
+    """
+    search = spec.search
+    count, epochs = len(base_candidates(spec)), search.base_epochs
+    selection = search.base_selection
+    if selection.method == "exhaustive" or count <= 2:
+        return [Rung(0, epochs, count)]
+    eta = selection.eta
+    by_candidates = 1
+    while math.ceil(count / eta**by_candidates) >= 2:
+        by_candidates += 1
+    by_epochs = 1
+    while epochs // eta**by_epochs >= selection.min_epochs:
+        by_epochs += 1
+    total = min(by_candidates, by_epochs)
+    return [
+        Rung(k, epochs // eta ** (total - 1 - k), math.ceil(count / eta**k)) for k in range(total)
+    ]
+
+
+def base_task_id(rung: int, slot: int, transform: str, rungs: int) -> str:
+    """`base-<transform>` (exhaustive), `base-r0-<transform>`, then `base-r<k>-s<slot>`: a later
+    rung's slot s continues the s-th best candidate of the rung before it."""
+    if rungs == 1:
+        return f"base-{transform.lower()}"
+    return f"base-r0-{transform.lower()}" if rung == 0 else f"base-r{rung}-s{slot}"
+
+
 def randaugment_grid(spec: AugmentSearchSpec) -> list[tuple[int, int]]:
     return [(n, m) for n in spec.search.randaugment.n for m in spec.search.randaugment.m]
 
@@ -114,10 +158,19 @@ def all_tasks(spec: AugmentSearchSpec) -> list[Task]:
 
     base_ids: list[str] = []
     if search.base_policy == "auto":
-        for name in base_candidates(spec):
-            task_id = f"base-{name.lower()}"
-            base_ids.append(task_id)
-            tasks.append(Task(task_id, "base", "base", {"transform": name}))
+        rungs = base_rungs(spec)
+        previous: tuple[str, ...] = ()
+        for rung in rungs:
+            rung_ids = []
+            for slot in range(rung.candidates):
+                name = base_candidates(spec)[slot] if rung.index == 0 else ""
+                task_id = base_task_id(rung.index, slot, name, len(rungs))
+                params: dict[str, Any] = {"rung": rung.index, "epochs": rung.epochs}
+                params.update({"transform": name} if rung.index == 0 else {"slot": slot})
+                rung_ids.append(task_id)
+                tasks.append(Task(task_id, "base", "base", params, previous))
+            base_ids.extend(rung_ids)
+            previous = tuple(rung_ids)
     fold_ids = []
     for fold in range(search.folds):
         task_id = f"fold-{fold}"

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from selfaugment.trainer.search.planner import base_candidates, base_rungs
 from selfaugment.trainer.search.status import describe_skipped, skipped_images
 from selfaugment.trainer.spec import AugmentSearchSpec
 from selfaugment.trainer.store import ArtifactStore
@@ -53,6 +54,42 @@ def _plot_base(results: dict[str, dict[str, Any]]) -> bytes:
         axes.legend(loc="lower right")
 
     return _figure_bytes(draw, height=max(3.0, 0.3 * len(rows) + 1))
+
+
+def _latest_per_candidate(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each base candidate's result at the last rung it reached."""
+    latest: dict[str, dict[str, Any]] = {}
+    for result in results.values():
+        name = result["transform"]
+        if name not in latest or result.get("rung", 0) > latest[name].get("rung", 0):
+            latest[name] = result
+    return latest
+
+
+def _scores_per_rung(results: dict[str, dict[str, Any]]) -> dict[str, dict[int, float]]:
+    scores: dict[str, dict[int, float]] = {}
+    for result in results.values():
+        scores.setdefault(result["transform"], {})[result.get("rung", 0)] = result[
+            "rotation_accuracy"
+        ]
+    return scores
+
+
+def _base_selection(spec: AugmentSearchSpec, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """How the base was chosen and what it cost: rungs, epochs trained against exhaustive."""
+    rungs = base_rungs(spec)
+    before = {rung.index: rungs[rung.index - 1].epochs if rung.index else 0 for rung in rungs}
+    trained = sum(
+        int(r.get("epochs", spec.search.base_epochs)) - before.get(int(r.get("rung", 0)), 0)
+        for r in results.values()
+    )
+    return {
+        "method": spec.search.base_selection.method if len(rungs) > 1 else "exhaustive",
+        "rungs": [{"rung": r.index, "epochs": r.epochs, "candidates": r.candidates} for r in rungs],
+        "epochs_trained": trained,
+        "epochs_exhaustive": len(base_candidates(spec)) * spec.search.base_epochs,
+        "worker_seconds": round(sum(float(r.get("seconds", 0.0)) for r in results.values()), 1),
+    }
 
 
 def _plot_trials(results: dict[str, dict[str, Any]], objective: str) -> bytes:
@@ -154,28 +191,52 @@ def write_report(store: ArtifactStore, spec: AugmentSearchSpec, workdir: Path) -
         md.append(f"**Data:** {describe_skipped(skipped, shown=len(skipped['files']))}.")
     md.append("")
 
-    if by_prefix["base-"]:
-        plots["base_candidates.png"] = _plot_base(by_prefix["base-"])
-        rows = sorted(by_prefix["base-"].values(), key=lambda r: -r["rotation_accuracy"])
-        md += [
-            "## Base policy",
-            "",
-            _table(
-                ["transform", "rotation accuracy", "rotation loss", "final MoCo loss"],
-                [
+    candidates = _latest_per_candidate(by_prefix["base-"])
+    selection = _base_selection(spec, by_prefix["base-"]) if by_prefix["base-"] else None
+    if candidates:
+        plots["base_candidates.png"] = _plot_base(candidates)
+        rows = sorted(
+            candidates.values(), key=lambda r: (-r.get("rung", 0), -r["rotation_accuracy"])
+        )
+        rungs = base_rungs(spec)
+        md += ["## Base policy", ""]
+        if selection and len(rungs) > 1:
+            scores = _scores_per_rung(by_prefix["base-"])
+            md += [
+                f"Successive halving (eta {spec.search.base_selection.eta}): "
+                f"{selection['epochs_trained']} candidate-epochs trained instead of "
+                f"{selection['epochs_exhaustive']} "
+                f"({selection['epochs_exhaustive'] / selection['epochs_trained']:.1f}x fewer), "
+                f"{selection['worker_seconds']:.0f} worker-seconds. Held-out rotation accuracy "
+                "per rung; a blank cell is where a candidate was stopped.",
+                "",
+                _table(
+                    ["transform", *[f"rung {r.index} ({r.epochs} ep)" for r in rungs]],
                     [
-                        r["transform"],
-                        r["rotation_accuracy"],
-                        r["rotation_loss"],
-                        r.get("final_loss"),
-                    ]
-                    for r in rows
-                ],
-            ),
-            "",
-            "![base candidates](plots/base_candidates.png)",
-            "",
-        ]
+                        [
+                            r["transform"],
+                            *[scores[r["transform"]].get(rung.index, "") for rung in rungs],
+                        ]
+                        for r in rows
+                    ],
+                ),
+            ]
+        else:
+            md.append(
+                _table(
+                    ["transform", "rotation accuracy", "rotation loss", "final MoCo loss"],
+                    [
+                        [
+                            r["transform"],
+                            r["rotation_accuracy"],
+                            r["rotation_loss"],
+                            r.get("final_loss"),
+                        ]
+                        for r in rows
+                    ],
+                )
+            )
+        md += ["", "![base candidates](plots/base_candidates.png)", ""]
     if by_prefix["fold-"]:
         folds = by_prefix["fold-"]
         md += [
@@ -279,12 +340,15 @@ def write_report(store: ArtifactStore, spec: AugmentSearchSpec, workdir: Path) -
         "spec_digest": spec_digest(spec),
         "base_policy": next(iter(by_prefix["fold-"].values()), {}).get("base_policy"),
         "base_candidates": {
-            r["transform"]: {
+            name: {
                 "rotation_accuracy": r["rotation_accuracy"],
                 "rotation_loss": r["rotation_loss"],
+                "rung": r.get("rung", 0),
+                "epochs": r.get("epochs", spec.search.base_epochs),
             }
-            for r in by_prefix["base-"].values()
+            for name, r in candidates.items()
         },
+        "base_selection": selection,
         "folds": {
             k: {"rotation_accuracy": v["rotation_accuracy"], **v["base_losses"]}
             for k, v in by_prefix["fold-"].items()

@@ -9,6 +9,7 @@ data) and report. `RUNNERS` maps a task's kind to its function.
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,11 @@ from selfaugment.trainer.data import ImageSet, load_dataset
 from selfaugment.trainer.moco.checkpoint import save_checkpoint
 from selfaugment.trainer.policy.views import CROP_TRANSFORM, base_augment
 from selfaugment.trainer.search.context import ProgressWriter, TaskContext, TaskInputError
+from selfaugment.trainer.search.planner import base_rungs
 from selfaugment.trainer.search.tpe import TrialRecord
 from selfaugment.trainer.spec import AugmentSearchSpec
 from selfaugment.trainer.store import ArtifactNotFoundError
+from selfaugment.trainer.store.artifacts import atomic_write
 from selfaugment.trainer.store.layout import (
     POLICY_KEY,
     task_key,
@@ -72,15 +75,33 @@ def stage_pretrain_config(
     )
 
 
-def train_moco(ctx: TaskContext, cfg: PretrainConfig, images: ImageSet) -> tuple[dict, Path]:
-    """Train (or resume) MoCo in the task's work directory; returns (result, checkpoint)."""
+def train_moco(
+    ctx: TaskContext,
+    cfg: PretrainConfig,
+    images: ImageSet,
+    *,
+    stop_epoch: int | None = None,
+    continue_from: Path | None = None,
+) -> tuple[dict, Path]:
+    """Train (or resume) MoCo in the task's work directory; returns (result, checkpoint).
+
+    `continue_from`: a checkpoint of the same config (an earlier rung's) to go on from, unless
+    this task already has a checkpoint of its own; `stop_epoch`: stop there (see train_moco)."""
     from selfaugment.trainer.evaluation.pretrained import run_pretrain
 
     output = ctx.workdir / "pretrain"
-    ctx.progress.update(force=True, epoch=0, epochs=cfg.optim.epochs)
-    on_epoch = epoch_reporter(ctx.progress, cfg.optim.epochs)
-    result = run_pretrain(cfg, output, images=images, progress_callback=on_epoch)
-    return result, output / "checkpoint.pt"
+    checkpoint = output / "checkpoint.pt"
+    if continue_from is not None and not checkpoint.exists():
+        output.mkdir(parents=True, exist_ok=True)
+        with open(continue_from, "rb") as source:
+            atomic_write(checkpoint, lambda file: shutil.copyfileobj(source, file, 2**20))
+    epochs = stop_epoch or cfg.optim.epochs
+    ctx.progress.update(force=True, epoch=0, epochs=epochs)
+    on_epoch = epoch_reporter(ctx.progress, epochs)
+    result = run_pretrain(
+        cfg, output, images=images, progress_callback=on_epoch, stop_epoch=stop_epoch
+    )
+    return result, checkpoint
 
 
 def epoch_reporter(progress: ProgressWriter, epochs: int) -> Callable[[dict[str, Any]], None]:
@@ -97,7 +118,13 @@ def epoch_reporter(progress: ProgressWriter, epochs: int) -> Callable[[dict[str,
 
 
 def train_and_probe_rotation(
-    ctx: TaskContext, augment: AugmentConfig, epochs: int, fold: int
+    ctx: TaskContext,
+    augment: AugmentConfig,
+    epochs: int,
+    fold: int,
+    *,
+    stop_epoch: int | None = None,
+    continue_from: Path | None = None,
 ) -> tuple[dict[str, Any], Path, Any, Any]:
     """MoCo on the fold's training part, then a rotation head scored on its held-out part.
 
@@ -108,7 +135,9 @@ def train_and_probe_rotation(
 
     train, heldout = ctx.fold_data(fold)
     cfg = stage_pretrain_config(ctx, augment, epochs)
-    pretrain, checkpoint = train_moco(ctx, cfg, train)
+    pretrain, checkpoint = train_moco(
+        ctx, cfg, train, stop_epoch=stop_epoch, continue_from=continue_from
+    )
     backbone, _ = load_backbone(checkpoint)
     probe = train_probe(
         backbone,
@@ -122,15 +151,27 @@ def train_and_probe_rotation(
     return pretrain, checkpoint, backbone, probe
 
 
+def rank_candidates(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Base-candidate results best first: held-out rotation accuracy (the paper's criterion),
+    then the lower rotation loss, then the transform's name (so ties rank alike everywhere)."""
+    return sorted(
+        results, key=lambda r: (-r["rotation_accuracy"], r["rotation_loss"], r["transform"])
+    )
+
+
 def select_base(spec: AugmentSearchSpec, results: dict[str, dict[str, Any]]) -> str:
-    """The base transform: given in the spec, or the best held-out rotation accuracy."""
+    """The base transform: given in the spec, or the best of the last rung of candidates."""
     if spec.search.base_policy != "auto":
         return spec.search.base_policy
-    base = [result for task_id, result in results.items() if task_id.startswith("base-")]
+    last = len(base_rungs(spec)) - 1
+    base = [
+        result
+        for task_id, result in results.items()
+        if task_id.startswith("base-") and int(result.get("rung", 0)) == last
+    ]
     if not base:
         raise TaskInputError("no base-candidate results: the base stage has not run")
-    best = max(base, key=lambda result: (result["rotation_accuracy"], -result["rotation_loss"]))
-    return str(best["transform"])
+    return str(rank_candidates(base)[0]["transform"])
 
 
 def fold_augment(ctx: TaskContext, base: str, policy: str = "none") -> AugmentConfig:
@@ -139,17 +180,46 @@ def fold_augment(ctx: TaskContext, base: str, policy: str = "none") -> AugmentCo
 
 # -- task kinds --------------------------------------------------------------------------
 def run_base(ctx: TaskContext) -> BaseResult:
-    """One short MoCo run with a single transform (p = 1), scored by held-out rotation."""
-    transform = ctx.task.params["transform"]
+    """A short MoCo run with a single transform (p = 1), scored by held-out rotation.
+
+    Exhaustive selection trains each candidate for `base_epochs` at once. Successive halving
+    trains rung 0 per candidate; a later rung's slot s continues the s-th best candidate of the
+    rung before from that task's checkpoint, to its rung's epoch of the same schedule.
+    """
+    rungs = base_rungs(ctx.spec)
+    rung = int(ctx.task.params.get("rung", 0))
+    stop_epoch = rungs[rung].epochs
+    continue_from: Path | None = None
+    source: str | None = None
+    if rung == 0:
+        transform = str(ctx.task.params["transform"])
+    else:
+        slot = int(ctx.task.params["slot"])
+        ranked = rank_candidates([ctx.results("")[task_id] for task_id in ctx.task.depends_on])
+        transform, source = str(ranked[slot]["transform"]), str(ranked[slot]["task"])
+        continue_from = ctx.fetch(source, "checkpoint.pt")
     augment = base_augment(transform, ctx.spec.augment.model_copy(update={"flip": False}))
-    pretrain, _, _, probe = train_and_probe_rotation(ctx, augment, ctx.spec.search.base_epochs, 0)
-    return {
+    pretrain, checkpoint, _, probe = train_and_probe_rotation(
+        ctx,
+        augment,
+        ctx.spec.search.base_epochs,
+        0,
+        stop_epoch=stop_epoch,
+        continue_from=continue_from,
+    )
+    result: BaseResult = {
         "transform": transform,
         "rotation_accuracy": probe.accuracy,
         "rotation_loss": probe.loss,
         "final_loss": pretrain.get("final_loss"),
         "loss_history": pretrain.get("loss_history", []),
+        "rung": rung,
+        "epochs": stop_epoch,
+        "continued_from": source,
     }
+    if rung + 1 < len(rungs):  # the next rung may go on from this checkpoint
+        ctx.upload(checkpoint, "checkpoint.pt")
+    return result
 
 
 def run_fold(ctx: TaskContext) -> FoldResult:

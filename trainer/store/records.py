@@ -30,6 +30,9 @@ class BaseResult(TypedDict):
     rotation_loss: float
     final_loss: float | None
     loss_history: list[float]
+    rung: int  # successive halving: the rung (0 when exhaustive)
+    epochs: int  # the epoch of the base_epochs schedule this training reached
+    continued_from: str | None  # the earlier rung's task this one went on from
 
 
 class FoldResult(TypedDict):

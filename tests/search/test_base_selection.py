@@ -1,0 +1,135 @@
+"""Base-policy selection by successive halving: the rungs, their task ids, and the promise that
+a candidate surviving every rung trains exactly as it would in the exhaustive stage.
+
+The stage test runs real workers' code in this process (`run_task`) on the bundled digits with a
+width-4 ResNet, so the whole search takes about a minute on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from selfaugment.trainer.config import ConfigError, load_config, parse_config
+from selfaugment.trainer.search.planner import all_tasks, base_rungs, plan
+from selfaugment.trainer.search.tasks import run_task
+from selfaugment.trainer.spec import AugmentSearchSpec
+from selfaugment.trainer.store import open_store
+from selfaugment.trainer.store.layout import done_task_ids, prepare_run
+
+REPO = Path(__file__).resolve().parents[2]
+ALL16 = "all"
+
+
+def _spec(**search: Any) -> AugmentSearchSpec:
+    raw = yaml.safe_load((REPO / "examples" / "search-smoke.yaml").read_text())
+    raw["search"].update(search)
+    return parse_config(AugmentSearchSpec, raw, source="test")
+
+
+def test_rungs_halve_the_candidates_and_end_at_the_full_budget() -> None:
+    spec = _spec(
+        base_candidates=ALL16,
+        base_epochs=20,
+        base_selection={"method": "successive_halving", "eta": 2},
+    )
+    rungs = base_rungs(spec)
+    assert [(r.epochs, r.candidates) for r in rungs] == [(2, 16), (5, 8), (10, 4), (20, 2)]
+    ids = [task.id for task in all_tasks(spec) if task.kind == "base"]
+    assert ids[:2] == ["base-r0-randomresizedcrop", "base-r0-shearx"]
+    assert ids[16:18] == ["base-r1-s0", "base-r1-s1"] and ids[-1] == "base-r3-s1"
+    assert len(ids) == 16 + 8 + 4 + 2
+    state = plan(spec, set())
+    assert {task.id for task in state.ready} == set(ids[:16])  # later rungs wait for theirs
+    rung_one = next(task for task in all_tasks(spec) if task.id == "base-r1-s0")
+    assert rung_one.depends_on == tuple(ids[:16])
+    # the rungs stop where epochs would fall below min_epochs; the last rung has >= 2
+    few = _spec(base_epochs=2, base_selection={"method": "successive_halving"})
+    assert [(r.epochs, r.candidates) for r in base_rungs(few)] == [(1, 16), (2, 8)]
+    exhaustive = _spec(base_epochs=20)
+    assert [(r.epochs, r.candidates) for r in base_rungs(exhaustive)] == [(20, 16)]
+    assert "base-rotate" in {task.id for task in all_tasks(exhaustive)}  # ids unchanged
+
+
+def test_bad_base_selection_is_refused_naming_the_field() -> None:
+    with pytest.raises(ConfigError, match="min_epochs"):
+        _spec(base_epochs=4, base_selection={"method": "successive_halving", "min_epochs": 5})
+    with pytest.raises(ConfigError, match="base_selection.eta"):
+        _spec(base_selection={"method": "successive_halving", "eta": 1})
+    with pytest.raises(ConfigError, match="base_selection.method"):
+        _spec(base_selection={"method": "hyperband"})
+
+
+TINY = {
+    "dataset.limit": 240,
+    "model.width": 4,
+    "moco.queue_size": 128,
+    "optim.batch_size": 64,
+    "search.base_candidates": "[RandomResizedCrop, Rotate, Cutout]",
+    "search.base_epochs": 2,
+    "search.fold_epochs": 1,
+    "search.folds": 2,
+    "search.repeats": 1,
+    "search.trials": 3,
+    "search.startup_trials": 2,
+    "search.top_policies": 2,
+    "search.sub_policies": 2,
+    "retrain.epochs": 1,
+    "evaluation.epochs": 2,
+}
+
+
+def _tiny(**extra: object) -> AugmentSearchSpec:
+    overrides = [f"{key}={value}" for key, value in {**TINY, **extra}.items()]
+    return load_config(AugmentSearchSpec, REPO / "examples" / "search-smoke.yaml", overrides)
+
+
+def _run_all(spec: AugmentSearchSpec, root: Path) -> dict[str, dict[str, Any]]:
+    store = open_store(root)
+    prepare_run(store, spec)
+    while not (state := plan(spec, done_task_ids(store))).finished:
+        run_task(store, state.ready[0].id)
+    return {
+        path.parent.name: json.loads(path.read_text())
+        for path in (root / "tasks").glob("*/result.json")
+    }
+
+
+def test_a_survivor_trains_exactly_as_in_the_exhaustive_stage(tmp_path: Path) -> None:
+    spec = _tiny(**{"search.base_selection.method": "successive_halving"})
+    assert [(r.epochs, r.candidates) for r in base_rungs(spec)] == [(1, 3), (2, 2)]
+    results = _run_all(spec, tmp_path / "halving")
+    first = [results[f"base-r0-{name}"] for name in ("randomresizedcrop", "rotate", "cutout")]
+    assert all(r["epochs"] == 1 and len(r["loss_history"]) == 1 for r in first)
+    ranked = sorted(first, key=lambda r: (-r["rotation_accuracy"], r["rotation_loss"]))
+    survivors = [results["base-r1-s0"], results["base-r1-s1"]]
+    # slot s of rung 1 goes on from the s-th best of rung 0, from that task's checkpoint
+    assert [r["transform"] for r in survivors] == [r["transform"] for r in ranked[:2]]
+    assert [r["continued_from"] for r in survivors] == [r["task"] for r in ranked[:2]]
+    for survivor, source in zip(survivors, ranked[:2], strict=True):
+        assert survivor["epochs"] == 2 and survivor["loss_history"][:1] == source["loss_history"]
+    chosen = max(survivors, key=lambda r: (r["rotation_accuracy"], -r["rotation_loss"]))
+    assert results["fold-0"]["base_policy"] == chosen["transform"]
+
+    # the same candidate trained at once for base_epochs (the exhaustive stage): same model
+    transform = survivors[0]["transform"]
+    exhaustive = _tiny(**{"search.base_candidates": f"[{transform}]"})
+    store = open_store(tmp_path / "exhaustive")
+    prepare_run(store, exhaustive)
+    alone = run_task(store, f"base-{transform.lower()}")
+    assert alone["loss_history"] == survivors[0]["loss_history"]
+    assert alone["rotation_accuracy"] == survivors[0]["rotation_accuracy"]
+
+    # the report shows the rungs and what they saved
+    report = json.loads((tmp_path / "halving" / "report.json").read_text())
+    selection = report["base_selection"]
+    assert selection["method"] == "successive_halving"
+    assert (selection["epochs_trained"], selection["epochs_exhaustive"]) == (5, 6)
+    assert report["base_candidates"][transform]["rung"] == 1
+    markdown = (tmp_path / "halving" / "report.md").read_text()
+    assert "Successive halving (eta 2): 5 candidate-epochs trained instead of 6" in markdown
+    assert "rung 1 (2 ep)" in markdown
