@@ -323,3 +323,13 @@ class AugmentSearchSpec(StrictModel):
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     parallelism: ParallelismConfig = Field(default_factory=ParallelismConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    @model_validator(mode="after")
+    def _check_candidates(self) -> AugmentSearchSpec:
+        chosen = self.search.base_candidates
+        if self.dataset.channels == 1 and chosen != BASE_CANDIDATES_ALL and "Color" in chosen:
+            raise ValueError(
+                "search.base_candidates: Color is the identity on 1-channel images "
+                "(dataset.channels: 1), so it cannot be a base policy; leave it out"
+            )
+        return self

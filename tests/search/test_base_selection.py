@@ -38,20 +38,25 @@ def test_rungs_halve_the_candidates_and_end_at_the_full_budget() -> None:
         base_selection={"method": "successive_halving", "eta": 2},
     )
     rungs = base_rungs(spec)
-    assert [(r.epochs, r.candidates) for r in rungs] == [(2, 16), (5, 8), (10, 4), (20, 2)]
+    # digits are 1-channel: Color (saturation) is the identity there and is left out
+    assert [(r.epochs, r.candidates) for r in rungs] == [(2, 15), (5, 8), (10, 4), (20, 2)]
     ids = [task.id for task in all_tasks(spec) if task.kind == "base"]
     assert ids[:2] == ["base-r0-randomresizedcrop", "base-r0-shearx"]
-    assert ids[16:18] == ["base-r1-s0", "base-r1-s1"] and ids[-1] == "base-r3-s1"
-    assert len(ids) == 16 + 8 + 4 + 2
+    assert "base-r0-color" not in ids
+    assert ids[15:17] == ["base-r1-s0", "base-r1-s1"] and ids[-1] == "base-r3-s1"
+    assert len(ids) == 15 + 8 + 4 + 2
     state = plan(spec, set())
-    assert {task.id for task in state.ready} == set(ids[:16])  # later rungs wait for theirs
+    assert {task.id for task in state.ready} == set(ids[:15])  # later rungs wait for theirs
     rung_one = next(task for task in all_tasks(spec) if task.id == "base-r1-s0")
-    assert rung_one.depends_on == tuple(ids[:16])
+    assert rung_one.depends_on == tuple(ids[:15])
     # the rungs stop where epochs would fall below min_epochs; the last rung has >= 2
     few = _spec(base_epochs=2, base_selection={"method": "successive_halving"})
-    assert [(r.epochs, r.candidates) for r in base_rungs(few)] == [(1, 16), (2, 8)]
+    assert [(r.epochs, r.candidates) for r in base_rungs(few)] == [(1, 15), (2, 8)]
     exhaustive = _spec(base_epochs=20)
-    assert [(r.epochs, r.candidates) for r in base_rungs(exhaustive)] == [(20, 16)]
+    assert [(r.epochs, r.candidates) for r in base_rungs(exhaustive)] == [(20, 15)]
+    rgb = _spec(base_epochs=20, base_selection={"method": "successive_halving"})
+    rgb = rgb.model_copy(update={"dataset": rgb.dataset.model_copy(update={"channels": 3})})
+    assert [r.candidates for r in base_rungs(rgb)] == [16, 8, 4, 2]
     assert "base-rotate" in {task.id for task in all_tasks(exhaustive)}  # ids unchanged
 
 
@@ -62,6 +67,8 @@ def test_bad_base_selection_is_refused_naming_the_field() -> None:
         _spec(base_selection={"method": "successive_halving", "eta": 1})
     with pytest.raises(ConfigError, match="base_selection.method"):
         _spec(base_selection={"method": "hyperband"})
+    with pytest.raises(ConfigError, match="Color is the identity on 1-channel images"):
+        _spec(base_candidates=["Rotate", "Color"])
 
 
 TINY = {
@@ -133,3 +140,12 @@ def test_a_survivor_trains_exactly_as_in_the_exhaustive_stage(tmp_path: Path) ->
     markdown = (tmp_path / "halving" / "report.md").read_text()
     assert "Successive halving (eta 2): 5 candidate-epochs trained instead of 6" in markdown
     assert "rung 1 (2 ep)" in markdown
+    assert report["left_out_ops"] == ["Color"] and "identity on 1-channel images" in markdown
+    for trials in (tmp_path / "halving" / "tasks").glob("search-*/trials.json"):
+        ops = {
+            op["op"]
+            for t in json.loads(trials.read_text())
+            for sub in t["policy"]["sub_policies"]
+            for op in sub
+        }
+        assert "Color" not in ops

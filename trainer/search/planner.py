@@ -90,10 +90,27 @@ class PlanState:
         return 100.0 * len(self.done) / max(1, len(self.tasks))
 
 
+#: Ops that leave every image of a 1-channel dataset as it is (saturation of a grey image).
+IDENTITY_ON_GREY = frozenset({"Color"})
+
+
+def identity_ops(spec: AugmentSearchSpec) -> frozenset[str]:
+    """Ops that cannot change this dataset's images: left out of the base candidates ('all')
+    and of the TPE search space, which would otherwise spend trainings and trials on them."""
+    return IDENTITY_ON_GREY if spec.dataset.channels == 1 else frozenset()
+
+
 def base_candidates(spec: AugmentSearchSpec) -> list[str]:
     """Transforms tried for the base policy, in a fixed order."""
     chosen = spec.search.base_candidates
-    return list(BASE_TRANSFORMS) if chosen == "all" else list(chosen)
+    if chosen == "all":
+        return [name for name in BASE_TRANSFORMS if name not in identity_ops(spec)]
+    return list(chosen)
+
+
+def search_ops(spec: AugmentSearchSpec, op_names: tuple[str, ...]) -> tuple[str, ...]:
+    """The ops TPE chooses from: every op but those that are the identity on this data."""
+    return tuple(name for name in op_names if name not in identity_ops(spec))
 
 
 @dataclass(frozen=True)

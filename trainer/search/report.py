@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from selfaugment.trainer.search.planner import base_candidates, base_rungs
+from selfaugment.trainer.search.planner import base_candidates, base_rungs, identity_ops
 from selfaugment.trainer.search.status import describe_skipped, skipped_images
 from selfaugment.trainer.spec import AugmentSearchSpec
 from selfaugment.trainer.store import ArtifactStore
@@ -236,6 +236,13 @@ def write_report(store: ArtifactStore, spec: AugmentSearchSpec, workdir: Path) -
                     ],
                 )
             )
+        left_out = sorted(identity_ops(spec))
+        if left_out:
+            md += [
+                "",
+                f"Left out of the candidates and of the search space, as the identity on "
+                f"{spec.dataset.channels}-channel images: {', '.join(left_out)}.",
+            ]
         md += ["", "![base candidates](plots/base_candidates.png)", ""]
     if by_prefix["fold-"]:
         folds = by_prefix["fold-"]
@@ -349,6 +356,7 @@ def write_report(store: ArtifactStore, spec: AugmentSearchSpec, workdir: Path) -
             for name, r in candidates.items()
         },
         "base_selection": selection,
+        "left_out_ops": sorted(identity_ops(spec)),
         "folds": {
             k: {"rotation_accuracy": v["rotation_accuracy"], **v["base_losses"]}
             for k, v in by_prefix["fold-"].items()

@@ -25,8 +25,8 @@ from selfaugment.trainer.data import ImageSet, load_dataset
 from selfaugment.trainer.moco.checkpoint import save_checkpoint
 from selfaugment.trainer.policy.views import CROP_TRANSFORM, base_augment
 from selfaugment.trainer.search.context import ProgressWriter, TaskContext, TaskInputError
-from selfaugment.trainer.search.planner import base_rungs
-from selfaugment.trainer.search.tpe import TrialRecord
+from selfaugment.trainer.search.planner import base_rungs, search_ops
+from selfaugment.trainer.search.tpe import TrialRecord, sample_matches_policy
 from selfaugment.trainer.spec import AugmentSearchSpec
 from selfaugment.trainer.store import ArtifactNotFoundError
 from selfaugment.trainer.store.artifacts import atomic_write
@@ -323,7 +323,7 @@ def run_search(ctx: TaskContext) -> SearchResult:
 
     records = run_tpe(
         score,
-        op_names=OP_NAMES,
+        op_names=search_ops(ctx.spec, OP_NAMES),
         sub_policies=search.sub_policies,
         ops_per_sub_policy=search.ops_per_sub_policy,
         trials=search.trials,
@@ -361,8 +361,11 @@ def _finished_trials(ctx: TaskContext, key: str) -> list[TrialRecord]:
     except (TypeError, KeyError, ValueError, AttributeError) as error:
         log.warning("%s: unusable (%s); the search starts again", ctx.store.url(key), error)
         return []
-    if [record.index for record in records] != list(range(len(records))) or any(
-        not record.sample for record in records
+    from selfaugment.trainer.augment.ops import OP_NAMES
+
+    ops = search_ops(ctx.spec, OP_NAMES)
+    if [record.index for record in records] != list(range(len(records))) or not all(
+        record.sample and sample_matches_policy(record, ops) for record in records
     ):
         log.warning("%s: not a prefix of this search; the search starts again", ctx.store.url(key))
         return []

@@ -187,6 +187,19 @@ def run_tpe(
     return records
 
 
+def sample_matches_policy(record: TrialRecord, op_names: Sequence[str]) -> bool:
+    """Whether a kept trial's raw sample names the ops of its policy under `op_names` (it would
+    not if the search space changed since the trial was kept)."""
+    for sub_index, sub_policy in enumerate(record.policy.get("sub_policies", [])):
+        for slot, op in enumerate(sub_policy):
+            index = record.sample.get(f"s{sub_index}_o{slot}_op")
+            if index is None or not 0 <= int(index) < len(op_names):
+                return False
+            if op_names[int(index)] != op.get("op"):
+                return False
+    return True
+
+
 def _raw_values(sample: dict[str, Any], op_names: Sequence[str]) -> dict[str, float]:
     """hyperopt's own encoding of a sample: the index of a chosen op, the floats as drawn."""
     return {
