@@ -13,6 +13,9 @@ from typing import Any
 from urllib.parse import urlencode
 
 MERGE_PATCH = "application/merge-patch+json"
+#: Ask for an object's metadata only (PartialObjectMetadata): the values of a Secret never
+#: reach the operator. The trailing plain JSON is the fallback for servers that cannot.
+METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,application/json"
 
 
 class KubeError(RuntimeError):
@@ -50,6 +53,7 @@ class Kube:
         body: Any = None,
         query: Mapping[str, str] | None = None,
         content_type: str = "application/json",
+        accept: str = "application/json",
     ) -> dict[str, Any]:
         from kubernetes.client.rest import ApiException
 
@@ -59,7 +63,7 @@ class Kube:
             response = self.api.call_api(
                 path,
                 method,
-                header_params={"Accept": "application/json", "Content-Type": content_type},
+                header_params={"Accept": accept, "Content-Type": content_type},
                 body=body,
                 auth_settings=["BearerToken"],
                 _preload_content=False,
@@ -85,6 +89,21 @@ class Kube:
             if error.status == 404:
                 return None
             raise
+
+    def get_metadata(
+        self, api_version: str, plural: str, namespace: str, name: str
+    ) -> dict[str, Any] | None:
+        """The object's metadata only, or None when it does not exist. Used for Secrets: only
+        metadata is asked for, and anything else a server sends anyway is dropped here."""
+        try:
+            found = self._call(
+                "GET", _path(api_version, plural, namespace, name), accept=METADATA_ONLY
+            )
+        except KubeError as error:
+            if error.status == 404:
+                return None
+            raise
+        return dict(found.get("metadata") or {})
 
     def list(
         self, api_version: str, plural: str, namespace: str, labels: Mapping[str, str]

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from selfaugment.operator import manifests, names
 from selfaugment.operator.reconciler import ResourceReconciler
-from selfaugment.operator.runtime import open_run_store, read_optional
+from selfaugment.operator.runtime import StoreUnavailable, read_optional
 from selfaugment.operator.status import (
+    JOB_ACTIVE,
     JOB_FAILED,
     JOB_SUCCEEDED,
     JOB_SUSPENDED,
@@ -21,7 +22,7 @@ from selfaugment.operator.status import (
 )
 from selfaugment.trainer.config import ConfigError, parse_config
 from selfaugment.trainer.pretrain_spec import PretrainSpec
-from selfaugment.trainer.store import ArtifactStore
+from selfaugment.trainer.store import ArtifactStore, StoreError
 from selfaugment.trainer.store.layout import (
     CHECKPOINT_NAME,
     CONFIG_NAME,
@@ -60,22 +61,47 @@ class PretrainReconciler(ResourceReconciler):
             self._patch()
             return
         self._condition("SpecValid", True, "Valid", "spec is valid")
-        store = open_run_store(spec.storage, self.deps.settings)
-        prefix = run_prefix(self.name, spec)
-        if not spec.search_ref and not store.exists(prefixed_key(prefix, CONFIG_NAME)):
-            store.write_json(
-                prefixed_key(prefix, CONFIG_NAME), spec.to_config().model_dump(mode="json")
-            )
-        self._advance(spec, store, prefix)
+        try:
+            store = self._open_store(spec.storage)
+            prefix = run_prefix(self.name, spec)
+            if not spec.search_ref and not store.exists(prefixed_key(prefix, CONFIG_NAME)):
+                store.write_json(
+                    prefixed_key(prefix, CONFIG_NAME), spec.to_config().model_dump(mode="json")
+                )
+            startable = self._check_secret(spec.storage, store)
+            self._advance(spec, store, prefix, startable)
+        except (StoreUnavailable, StoreError) as error:
+            # Said in status and an Event, then raised: counted, logged and retried later.
+            self._storage_failed(error)
+            self._block_ready()
+            self._patch()
+            raise
         self._patch()
 
-    def _advance(self, spec: PretrainSpec, store: ArtifactStore, prefix: str) -> None:
+    def _block_ready(self) -> None:
+        """Ready=False saying why, while StorageReady or WorkersHealthy is False."""
+        blocked = self.blocked()
+        if blocked is not None and self.status.get("phase", self.old.get("phase")) not in (
+            "Succeeded",
+            "Failed",
+        ):
+            self._condition("Ready", False, *blocked)
+
+    def _advance(
+        self, spec: PretrainSpec, store: ArtifactStore, prefix: str, startable: bool
+    ) -> None:
+        """The Job (not while `startable` is False: the credentials Secret is missing),
+        WorkersHealthy from its pods while it runs, and status from the store."""
         kube, settings = self.deps.kube, self.deps.settings
         job_name = names.pretrain_job_name(self.name)
         self.status["jobName"] = job_name
         result = read_optional(store, prefixed_key(prefix, RESULT_NAME))
         job = kube.get("batch/v1", "jobs", self.namespace, job_name)
-        if result is None and job is None:
+        state = job_state(job) if job is not None else None
+        self._check_workers(
+            {names.LABEL_PRETRAIN: manifests.label_value(self.name)}, state == JOB_ACTIVE
+        )
+        if result is None and job is None and startable:
             if spec.distributed.nodes > 1:
                 kube.create(manifests.pretrain_service(self.body, spec))
             if kube.create(manifests.pretrain_job(self.body, spec, settings)):
@@ -102,7 +128,6 @@ class PretrainReconciler(ResourceReconciler):
             if self.old.get("phase") != "Succeeded":
                 self.deps.post_event(self.body, "Normal", "Succeeded", "training finished")
             return
-        state = job_state(job) if job is not None else None
         if state == JOB_FAILED and job is not None:
             self._fail("JobFailed", f"Job {job_name} failed: {job_failure(job)}")
         elif state == JOB_SUCCEEDED:
@@ -114,6 +139,7 @@ class PretrainReconciler(ResourceReconciler):
             self.status["phase"] = "Pending" if state in (None, JOB_SUSPENDED) else "Running"
             self._condition("Ready", False, "Training", f"Job {job_name} {state or 'starting'}")
             self._condition("Failed", False, "NoFailure")
+            self._block_ready()
 
     def _patch(self) -> None:
         if merge_patch(self.old, self.status) != self.old:

@@ -13,6 +13,7 @@ from selfaugment.trainer.spec import StorageConfig
 from selfaugment.trainer.store import (
     ArtifactNotFoundError,
     ArtifactStore,
+    S3Store,
     StoreError,
     open_store,
 )
@@ -22,7 +23,17 @@ EventPoster = Callable[[Mapping[str, Any], str, str, str], None]
 
 
 class StoreUnavailable(RuntimeError):
-    """The artifact store could not be read; the reconciliation is retried later."""
+    """The artifact store could not be read; the reconciliation is retried later.
+
+    `reason` (CamelCase) becomes the reason of the resource's StorageReady=False condition and
+    of its Warning Event: BucketNotFound, EndpointUnreachable or, for any other failure,
+    StoreUnavailable. The message names the bucket or object and the endpoint, never
+    credentials.
+    """
+
+    def __init__(self, message: str, reason: str = "StoreUnavailable") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass
@@ -45,6 +56,52 @@ def open_run_store(storage: StorageConfig, settings: OperatorSettings) -> Artifa
         return open_store(storage.uri, endpoint=endpoint, region=storage.region)
     except StoreError as error:
         raise StoreUnavailable(str(error)) from None
+
+
+def check_store(store: ArtifactStore) -> None:
+    """Raise StoreUnavailable, with a reason, when the store's bucket does not exist
+    (BucketNotFound) or its endpoint does not answer (EndpointUnreachable); S3 stores only.
+
+    One HEAD of the bucket per reconciliation tells these apart (a HEAD of an object cannot
+    tell a missing bucket from a missing object); the client retries transient failures first.
+    Any other answer (a policy that denies HeadBucket but allows the run's prefix, a server
+    without HeadBucket) is left to the reads that follow, whose errors name the object.
+    """
+    if not isinstance(store, S3Store):
+        return
+    from botocore.exceptions import (
+        BotoCoreError,
+        ClientError,
+        ConnectionClosedError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        ReadTimeoutError,
+    )
+
+    bucket, endpoint = store.bucket, store.endpoint
+    try:
+        store.client.head_bucket(Bucket=bucket)
+    except ClientError as error:
+        code = str(error.response.get("Error", {}).get("Code") or "")
+        if code in ("404", "NoSuchBucket", "NotFound"):
+            raise StoreUnavailable(
+                f"bucket {bucket} does not exist at {endpoint} (storage.uri {store.uri}); "
+                "the operator retries until it exists",
+                "BucketNotFound",
+            ) from None
+    except (
+        EndpointConnectionError,
+        ConnectTimeoutError,
+        ReadTimeoutError,
+        ConnectionClosedError,
+    ) as error:
+        raise StoreUnavailable(
+            f"S3 endpoint {endpoint} is unreachable ({type(error).__name__}), so bucket "
+            f"{bucket} cannot be read; the operator retries until it answers",
+            "EndpointUnreachable",
+        ) from None
+    except BotoCoreError:  # e.g. no credentials: the reads that follow name it
+        return
 
 
 def read_optional(store: ArtifactStore, key: str) -> Any:

@@ -14,7 +14,7 @@ from typing import Any
 from selfaugment.operator import manifests, names
 from selfaugment.operator.observe import SearchObservation
 from selfaugment.operator.reconciler import ResourceReconciler
-from selfaugment.operator.runtime import Deps, StoreUnavailable, open_run_store, read_optional
+from selfaugment.operator.runtime import Deps, StoreUnavailable, read_optional
 from selfaugment.operator.status import (
     JOB_ACTIVE,
     JOB_FAILED,
@@ -31,7 +31,7 @@ from selfaugment.operator.status import (
 from selfaugment.trainer.config import ConfigError, parse_config
 from selfaugment.trainer.search.planner import PlanState, Task, plan, stages_between
 from selfaugment.trainer.spec import AugmentSearchSpec
-from selfaugment.trainer.store import ArtifactStore
+from selfaugment.trainer.store import ArtifactStore, StoreError
 from selfaugment.trainer.store.layout import (
     POLICY_KEY,
     SPEC_KEY,
@@ -153,10 +153,30 @@ class SearchReconciler(ResourceReconciler):
             self._patch()
             return
         self._condition("SpecValid", True, "Valid", "spec is valid")
-        store = open_run_store(spec.storage, self.deps.settings)
-        spec = self._started_spec(spec, store)
-        self._advance(spec, store)
+        try:
+            store = self._open_store(spec.storage)
+            spec = self._started_spec(spec, store)
+            startable = self._check_secret(spec.storage, store)
+            self._advance(spec, store, startable)
+        except (StoreUnavailable, StoreError) as error:
+            # Said in status and an Event, then raised: counted, logged and retried later.
+            self._storage_failed(error)
+            self._block_progress()
+            self._patch()
+            raise
         self._patch()
+
+    def _block_progress(self) -> None:
+        """Progressing=False (and Ready=False) saying why, while a StorageReady or
+        WorkersHealthy condition is False on a search that has not ended."""
+        blocked = self.blocked()
+        if blocked is None or self.status.get("phase", self.old.get("phase")) in (
+            "Succeeded",
+            "Failed",
+        ):
+            return
+        self._condition("Progressing", False, *blocked)
+        self._condition("Ready", False, *blocked)
 
     def _started_spec(self, live: AugmentSearchSpec, store: ArtifactStore) -> AugmentSearchSpec:
         """The spec the run started with (live resources/parallelism); written on first run."""
@@ -187,7 +207,9 @@ class SearchReconciler(ResourceReconciler):
             update={"resources": live.resources, "parallelism": live.parallelism}
         )
 
-    def _advance(self, spec: AugmentSearchSpec, store: ArtifactStore) -> None:
+    def _advance(self, spec: AugmentSearchSpec, store: ArtifactStore, startable: bool) -> None:
+        """Jobs for ready tasks (none while `startable` is False: the credentials Secret is
+        missing), then progress, WorkersHealthy from the pods of active Jobs, and status."""
         kube = self.deps.kube
         state = plan(spec, done_task_ids(store))
         jobs = {
@@ -222,7 +244,7 @@ class SearchReconciler(ResourceReconciler):
                 running += 1
                 if current == JOB_ACTIVE:
                     self._observe_training(store, task)
-        if failure is None:
+        if failure is None and startable:
             for task in state.ready:
                 if running >= spec.parallelism.max_workers:
                     break
@@ -232,7 +254,10 @@ class SearchReconciler(ResourceReconciler):
                     continue
                 self._start(task, spec)
                 running += 1
+        active = any(job_state(job) == JOB_ACTIVE for job in jobs.values())
+        self._check_workers({names.LABEL_SEARCH: manifests.label_value(self.name)}, active)
         self._write_progress(spec, store, state, running, jobs, failure)
+        self._block_progress()
 
     def _observe_training(self, store: ArtifactStore, task: Task) -> None:
         """Epoch and loss of a running task from its `tasks/<id>/progress.json`, if any."""

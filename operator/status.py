@@ -1,9 +1,11 @@
-"""Pure helpers for status: Job states, conditions (metav1.Condition style), progress and ETA."""
+"""Pure helpers for status: Job states, stuck pods, conditions (metav1.Condition style), progress
+and ETA."""
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +70,98 @@ def job_failure(job: Mapping[str, Any]) -> str:
     attempts = status.get("failed") or 0
     detail = f"{reason}: {message}" if message else reason
     return f"{detail} ({attempts} failed attempt{'s' if attempts != 1 else ''})"
+
+
+#: Waiting reasons the kubelet sets on a container that will not start without a fix (a missing
+#: Secret or ConfigMap, a bad image name or tag, a registry that refuses the pull). Reasons of a
+#: normal start (ContainerCreating, PodInitializing) are not among them.
+STUCK_REASONS = frozenset(
+    {
+        "CreateContainerConfigError",
+        "CreateContainerError",
+        "ImagePullBackOff",
+        "ErrImagePull",
+        "ErrImageNeverPull",
+        "InvalidImageName",
+        "RegistryUnavailable",
+        "SignatureValidationFailed",
+    }
+)
+#: Reasons the kubelet alternates between while it retries a pull: one kind of fault.
+IMAGE_PULL_REASONS = frozenset({"ImagePullBackOff", "ErrImagePull"})
+#: Reasons about the image itself: its name is added to a message that does not name it.
+_IMAGE_REASONS = IMAGE_PULL_REASONS | {"InvalidImageName", "ErrImageNeverPull"}
+
+
+@dataclass(frozen=True)
+class StuckPod:
+    """A pod whose container waits for a cause that needs a fix, as the kubelet reports it."""
+
+    pod: str
+    job: str | None
+    reason: str
+    message: str
+
+    def line(self) -> str:
+        """`pod NAME of Job JOB: REASON: MESSAGE`, as in conditions and Events."""
+        owner = f" of Job {self.job}" if self.job else ""
+        detail = f"{self.reason}: {self.message}" if self.message else self.reason
+        return f"pod {self.pod}{owner}: {detail}"
+
+    @property
+    def fault(self) -> tuple[str, str]:
+        """(pod, kind of fault): what an Event was posted for (pull retries are one kind)."""
+        return self.pod, "ImagePull" if self.reason in IMAGE_PULL_REASONS else self.reason
+
+
+def _pod_job(pod: Mapping[str, Any]) -> str | None:
+    metadata = pod.get("metadata") or {}
+    for owner in metadata.get("ownerReferences") or []:
+        if owner.get("kind") == "Job" and owner.get("name"):
+            return str(owner["name"])
+    labels = metadata.get("labels") or {}
+    job = labels.get("batch.kubernetes.io/job-name") or labels.get("job-name")
+    return str(job) if job else None
+
+
+def stuck_pods(pods: Sequence[Mapping[str, Any]]) -> list[StuckPod]:
+    """Pods (sorted by name) with a container or init container waiting for a STUCK_REASONS
+    cause; the image is added to the message when the kubelet's message does not name it."""
+    found: list[StuckPod] = []
+    for pod in pods:
+        metadata = pod.get("metadata") or {}
+        status = pod.get("status") or {}
+        if metadata.get("deletionTimestamp") or status.get("phase") in ("Succeeded", "Failed"):
+            continue
+        images = {
+            c.get("name"): c.get("image")
+            for key in ("initContainers", "containers")
+            for c in (pod.get("spec") or {}).get(key) or []
+        }
+        statuses = [
+            *(status.get("initContainerStatuses") or []),
+            *(status.get("containerStatuses") or []),
+        ]
+        for container in statuses:
+            waiting = (container.get("state") or {}).get("waiting") or {}
+            reason = waiting.get("reason")
+            if reason not in STUCK_REASONS:
+                continue
+            message = " ".join(str(waiting.get("message") or "").split())
+            image = container.get("image") or images.get(container.get("name"))
+            if reason in _IMAGE_REASONS and image and image not in message:
+                message = f"{message} (image {image})" if message else f"image {image}"
+            found.append(StuckPod(str(metadata.get("name")), _pod_job(pod), reason, message))
+            break
+    return sorted(found, key=lambda stuck: stuck.pod)
+
+
+_STUCK_LINE = re.compile(r"(?:^|; )pod (\S+)(?: of Job \S+)?: (\w+)")
+
+
+def reported_faults(message: str) -> set[tuple[str, str]]:
+    """The (pod, kind of fault) pairs a WorkersHealthy message built from StuckPod.line() names."""
+    return {StuckPod(pod, None, reason, "").fault for pod, reason in _STUCK_LINE.findall(message)}
 
 
 def set_condition(

@@ -21,7 +21,12 @@ class _Status(BaseModel):
 class Condition(_Status):
     """A metav1.Condition: the latest observation of one aspect of the resource."""
 
-    type: str = Field(..., description="Ready, Progressing, Failed, SpecValid or SpecImmutable.")
+    type: str = Field(
+        ...,
+        description=(
+            "Ready, Progressing, Failed, SpecValid, SpecImmutable, StorageReady or WorkersHealthy."
+        ),
+    )
     status: Literal["True", "False", "Unknown"] = Field(..., description="True, False or Unknown.")
     reason: str = Field(..., description="CamelCase machine-readable reason.")
     message: str = Field("", description="Human-readable details (names the task or field).")

@@ -269,6 +269,8 @@ NEEDED = {
     ("batch", "jobs"): {"get", "list", "watch", "create"},
     ("", "services"): {"get", "create"},
     ("", "events"): {"create"},
+    ("", "pods"): {"list"},  # pods of Jobs that cannot start (WorkersHealthy)
+    ("", "secrets"): {"get"},  # does a run's credentials Secret exist (metadata only)
 }
 
 
@@ -291,7 +293,9 @@ def test_operator_rbac_is_sufficient_and_least_privilege(tmp_path, scope):
         assert verbs <= rights.get(key, set()), (key, rights.get(key))
     for (group, resource), verbs in rights.items():
         assert "*" not in verbs and "*" not in group and "*" not in resource
-        assert resource not in ("secrets", "pods/exec", "configmaps"), resource
+        assert resource not in ("pods/exec", "pods/log", "configmaps"), resource
+        if group == "" and resource in ("secrets", "pods"):
+            assert verbs == NEEDED[(group, resource)], (resource, verbs)  # no list of Secrets
         if group == "selfaugment.io":
             assert "delete" not in verbs  # users delete their resources, not the operator
     reader = one(docs, "ClusterRole", f"{FULLNAME}-crd-reader")
@@ -302,6 +306,12 @@ def test_operator_rbac_is_sufficient_and_least_privilege(tmp_path, scope):
         assert one(docs, "Role")["metadata"]["namespace"] == NAMESPACE  # default: release ns
         args = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
         assert args == [f"--namespace={NAMESPACE}"]
+
+
+def test_secrets_are_not_read_without_rbac_check_secrets(tmp_path):
+    docs = render(tmp_path, {"rbac": {"checkSecrets": False}})
+    rights = granted(one(docs, "ClusterRole", FULLNAME)["rules"])
+    assert ("", "secrets") not in rights and rights[("", "pods")] == {"list"}
 
 
 def test_editor_and_viewer_roles_for_users(tmp_path):

@@ -130,6 +130,7 @@ def _declare(emulator: ClusterEmulator) -> None:
         ("batch/v1/jobs", "Job", True),
         ("v1/services", "Service", True),
         ("v1/secrets", "Secret", True),
+        ("v1/pods", "Pod", True),
         ("v1/events", "Event", True),
         ("v1/namespaces", "Namespace", False),
         ("apiextensions.k8s.io/v1/customresourcedefinitions", "CustomResourceDefinition", False),

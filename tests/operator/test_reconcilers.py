@@ -443,3 +443,62 @@ def test_forget_removes_every_series_of_a_deleted_search(tmp_path: Path) -> None
     # Seen again later (re-created with the same name): counters start from zero.
     observe(kube, deps, gauges)
     assert sample(deps, "selfaugment_task_failures_total") == 1.0
+
+
+def test_stuck_pods_name_the_pod_its_job_the_reason_and_the_image() -> None:
+    def pod(name: str, reason: str, message: str, **extra: Any) -> dict[str, Any]:
+        state = {"waiting": {"reason": reason, "message": message}}
+        return {
+            "metadata": {"name": name, "labels": {"batch.kubernetes.io/job-name": "s-fold-0"}},
+            "spec": {"containers": [{"name": "worker", "image": "reg/worker:typo"}]},
+            "status": {"containerStatuses": [{"name": "worker", "state": state}], **extra},
+        }
+
+    pods = [
+        pod("b", "ErrImagePull", "rpc error: not found"),
+        pod("a", "CreateContainerConfigError", 'secret "creds" not found'),
+        pod("c", "ContainerCreating", ""),  # starting normally
+        pod("d", "ImagePullBackOff", "x", phase="Failed"),  # over
+    ]
+    stuck = status.stuck_pods(pods)
+    lines = [p.line() for p in stuck]
+    assert lines == [
+        'pod a of Job s-fold-0: CreateContainerConfigError: secret "creds" not found',
+        "pod b of Job s-fold-0: ErrImagePull: rpc error: not found (image reg/worker:typo)",
+    ]
+    # Pull retries (ErrImagePull <-> ImagePullBackOff) are one fault of a pod.
+    assert status.reported_faults("; ".join(lines)) == {
+        ("a", "CreateContainerConfigError"),
+        ("b", "ImagePull"),
+    }
+
+
+def test_the_secret_check_is_skipped_without_the_right_to_get_secrets(tmp_path: Path) -> None:
+    from selfaugment.operator.kube import KubeError
+
+    kube, deps, events, _ = make(
+        tmp_path, storage={"uri": str(tmp_path / "store"), "secret_ref": "creds"}
+    )
+
+    def forbidden(*_: Any) -> None:
+        raise KubeError("GET /api/v1/namespaces/default/secrets/creds: 403 Forbidden", 403)
+
+    kube.get_metadata = forbidden  # type: ignore[attr-defined]
+    first = reconcile(kube, deps)
+    storage = {c["type"]: c for c in first["conditions"]}["StorageReady"]
+    assert storage["status"] == "True" and kube.created == ["s-fold-0", "s-fold-1"]
+    kube.get_metadata = lambda *_: None  # type: ignore[attr-defined]  # allowed, and missing
+    second = reconcile(kube, deps)
+    conditions = {c["type"]: c for c in second["conditions"]}
+    assert conditions["StorageReady"]["reason"] == "SecretNotFound"
+    assert conditions["Progressing"]["reason"] == "SecretNotFound"
+    store = str(tmp_path / "store")
+    reconcile(kube, deps)  # nothing new: no second Event
+    assert [reason for reason, _ in events].count("SecretNotFound") == 1
+    kube.get_metadata = lambda *_: {"name": "creds"}  # type: ignore[attr-defined]
+    third = reconcile(kube, deps)
+    storage = {c["type"]: c for c in third["conditions"]}["StorageReady"]
+    assert storage["status"] == "True" and storage["message"] == (
+        f"store {store} is reachable; Secret creds exists"
+    )
+    assert ("StorageReady", storage["message"]) in events
