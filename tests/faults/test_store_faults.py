@@ -83,9 +83,8 @@ def test_a_dead_runners_s3_lease_lapses_and_is_taken_over(
     store = _s3_store()
     dead = {"pid": 999999, "host": "gone-host", "since": time.time(), "lease_seconds": 4}
     assert store.write_if(LOCK_NAME, json.dumps(dead).encode()) is not None
-    with pytest.raises(RunLockedError, match="pid 999999 on gone-host"):
-        with hold_run_lock(store):
-            pass
+    with pytest.raises(RunLockedError, match="pid 999999 on gone-host"), hold_run_lock(store):
+        pass
     assert "gone-host" in str(run_holder(store))
     time.sleep(5.5)
     assert run_holder(store) is None  # `status` no longer shows a live runner

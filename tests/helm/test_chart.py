@@ -270,7 +270,6 @@ NEEDED = {
     ("", "services"): {"get", "create"},
     ("", "events"): {"create"},
     ("", "pods"): {"list"},  # pods of Jobs that cannot start (WorkersHealthy)
-    ("", "secrets"): {"get"},  # does a run's credentials Secret exist (metadata only)
 }
 
 
@@ -294,8 +293,9 @@ def test_operator_rbac_is_sufficient_and_least_privilege(tmp_path, scope):
     for (group, resource), verbs in rights.items():
         assert "*" not in verbs and "*" not in group and "*" not in resource
         assert resource not in ("pods/exec", "pods/log", "configmaps"), resource
-        if group == "" and resource in ("secrets", "pods"):
-            assert verbs == NEEDED[(group, resource)], (resource, verbs)  # no list of Secrets
+        assert resource != "secrets", verbs  # by default, no right on Secrets at all
+        if group == "" and resource == "pods":
+            assert verbs == NEEDED[(group, resource)], (resource, verbs)
         if group == "selfaugment.io":
             assert "delete" not in verbs  # users delete their resources, not the operator
     reader = one(docs, "ClusterRole", f"{FULLNAME}-crd-reader")
@@ -308,10 +308,11 @@ def test_operator_rbac_is_sufficient_and_least_privilege(tmp_path, scope):
         assert args == [f"--namespace={NAMESPACE}"]
 
 
-def test_secrets_are_not_read_without_rbac_check_secrets(tmp_path):
-    docs = render(tmp_path, {"rbac": {"checkSecrets": False}})
+def test_the_secret_existence_check_is_opt_in_and_get_only(tmp_path):
+    """rbac.checkSecrets grants `get` on Secrets (the operator reads metadata only), never list."""
+    docs = render(tmp_path, {"rbac": {"checkSecrets": True}})
     rights = granted(one(docs, "ClusterRole", FULLNAME)["rules"])
-    assert ("", "secrets") not in rights and rights[("", "pods")] == {"list"}
+    assert rights[("", "secrets")] == {"get"} and rights[("", "pods")] == {"list"}
 
 
 def test_editor_and_viewer_roles_for_users(tmp_path):
