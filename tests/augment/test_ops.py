@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from selfaugment.trainer.augment import geometric as augment_geometric
+from selfaugment.trainer.augment import pil
 from selfaugment.trainer.augment import tensor as augment_tensor
 from selfaugment.trainer.augment.crop import (
     random_resized_crop_flip,
@@ -24,15 +27,11 @@ GEOMETRIC = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
 BLENDS = ("Contrast", "Color", "Brightness", "Sharpness")
 
 # Allowed disagreement with PIL, per op: (fraction of values that may differ, max abs diff).
-# Geometric ops: both sample NEAREST at pixel centres, but PIL computes the source position
-# in 16.16 fixed point and we in float32, so a pixel whose source lies within ~1e-3 px of a
-# pixel edge may take its neighbour (exact on this data; the bound keeps the test honest
-# without depending on the fixed-point rounding).
-# Blend ops (PIL ImagingBlend, SMOOTH filter): same float32 formula, truncated; exact on
-# x86-64, +-1 allowed on a few values where a compiler fuses multiply-add (e.g. aarch64).
-# All other ops are integer look-up tables or masks: exact.
+# Blend ops (PIL ImagingBlend): the same float32 formula, truncated; exact on x86-64, +-1
+# allowed on a few values where PIL's compiler fuses the multiply-add (e.g. aarch64).
+# Geometric ops use PIL's own fixed-point and double arithmetic, all other ops are integer
+# look-up tables or masks: exact.
 TOLERANCE: dict[str, tuple[float, int]] = {name: (0.0, 0) for name in OP_NAMES}
-TOLERANCE.update({name: (0.005, 255) for name in GEOMETRIC})
 TOLERANCE.update({name: (0.01, 1) for name in BLENDS})
 
 
@@ -164,8 +163,8 @@ def test_strength_grows_with_magnitude(name: str, sign: float) -> None:
 
 @pytest.mark.parametrize("name", OP_NAMES)
 def test_uint8_and_float_inputs_agree(name: str) -> None:
-    # Floats skip PIL's truncation (< 1 level) and the rounding of the gray mean (< 0.5).
-    max_levels = 1.5 if name in (*BLENDS, "AutoContrast") else 1e-3
+    # Floats are read as 8-bit levels and rounded as PIL rounds: the uint8 result / 255.
+    max_levels = 1e-3
     for sign in SIGNS:
         arguments = torch.full((len(IMAGES),), OPS[name].argument(0.7, sign))
         from_uint8 = run_tensor(name, IMAGES, arguments).float()
@@ -179,7 +178,7 @@ def test_uint8_and_float_inputs_agree(name: str) -> None:
 @pytest.mark.parametrize("name", [n for n in OP_NAMES if OPS[n].has_magnitude])
 def test_arguments_are_per_sample(name: str) -> None:
     image = IMAGES[8:9]  # random RGB: every op changes it
-    magnitudes = torch.tensor([0.2, 0.5, 0.8, 1.0])
+    magnitudes = torch.tensor([0.2, 0.45, 0.7, 1.0])  # Posterize: 7, 6, 5 and 4 bits
     arguments = OPS[name].argument(magnitudes, torch.tensor([1.0, -1.0, 1.0, -1.0]))
     batched = run_tensor(name, image.repeat(4, 1, 1, 1), arguments)
     for index in range(4):
@@ -205,8 +204,46 @@ def test_cutout_draws_centres_from_the_generator() -> None:
     again = augment_geometric.cutout(IMAGES, 0.2, torch.Generator().manual_seed(3))
     other = augment_geometric.cutout(IMAGES, 0.2, torch.Generator().manual_seed(4))
     assert torch.equal(first, again) and not torch.equal(first, other)
-    side = round(0.2 * SIZE)
+    side = math.floor(0.2 * SIZE) + 1
     assert ((first == 128).all(dim=1).sum(dim=(1, 2)) >= side * side // 4).all()
+
+
+@pytest.mark.parametrize(
+    ("fraction", "center", "box"),
+    [
+        (0.0, (12.0, 12.0), (12, 12, 12, 12)),  # level 0: nothing (FAA returns the image)
+        (0.01, (12.0, 12.0), (11, 11, 12, 12)),  # v = 0.24 px: FAA still draws one pixel
+        (0.2, (12.0, 12.0), (9, 9, 14, 14)),  # v = 4.8: corner int(12 - 2.4), side 4 + 1
+        (0.2, (1.0, 23.5), (0, 21, 5, 24)),  # clipped at the left and at the bottom
+    ],
+)
+def test_cutout_box_is_fast_autoaugments(
+    fraction: float, center: tuple[float, float], box: tuple[int, int, int, int]
+) -> None:
+    """FAA: corner = int(max(0, c - v/2)), PIL rectangle to corner + v, both ends included."""
+    assert pil.cutout_box(center, fraction, SIZE, SIZE) == box
+    batched = augment_geometric.cutout_boxes(
+        torch.tensor([fraction]), torch.tensor([center]), SIZE, SIZE
+    )
+    assert tuple(int(v) for v in batched[0]) == box
+    image = torch.zeros(1, 1, SIZE, SIZE, dtype=torch.uint8)
+    filled = augment_geometric.cutout(image, fraction, centers=torch.tensor([center]))
+    rows, columns = torch.nonzero(filled[0, 0] == 128, as_tuple=True)
+    if box[2] > box[0]:
+        assert (columns.min(), columns.max() + 1, rows.min(), rows.max() + 1) == (
+            box[0], box[2], box[1], box[3],
+        )  # fmt: skip
+    else:
+        assert rows.numel() == 0
+
+
+def test_posterize_truncates_bits_like_fast_autoaugment() -> None:
+    """FAA keeps int(4 + 4 * level) bits: every magnitude above 0 removes at least one bit."""
+    spec = OPS["Posterize"]
+    kept = [pil.posterize_bits(spec.argument(m)) for m in (0.0, 0.01, 0.25, 0.26, 0.99, 1.0)]
+    assert kept == [8, 7, 7, 6, 4, 4]
+    value = torch.full((1, 1, 1, 1), 255, dtype=torch.uint8)
+    assert augment_tensor.posterize(value, spec.argument(0.01)).item() == 254
 
 
 def test_invalid_inputs_name_the_problem() -> None:

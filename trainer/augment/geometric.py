@@ -1,14 +1,21 @@
-"""Batched geometric ops and Cutout on [B, C, H, W] tensors, matching ``augment/pil.py``.
+"""Batched geometric ops and Cutout on [B, C, H, W] tensors, equal to ``augment/pil.py``.
 
-Each geometric op builds one inverse affine matrix per sample in pixel units and resamples
-the whole batch with a single gather: output pixel (x, y) takes the input pixel
-``floor(M @ (x + 0.5, y + 0.5, 1))``, or gray (128) when that falls outside the image.
-This is exactly PIL's NEAREST rule for ``Image.transform``/``Image.rotate``. We use our
-own gather rather than ``grid_sample(mode="nearest")``, which rounds half to even at ties
-and fills with zeros. Uncovered pixels read a one-pixel gray border. PIL computes the coordinates in 16.16 fixed point and we compute
-them in float32, so pixels whose source coordinate lies within ~1e-3 px of a pixel edge
-can take the neighbouring pixel (see the tolerances in ``tests/augment/test_ops.py``). Works for
-uint8 and float inputs alike (no arithmetic on the values), on any device.
+Each geometric op builds one affine map per sample (PIL's ``data``: source x = a x + b y + c,
+source y = d x + e y + f, in pixels) and resamples the whole batch with a single gather
+from a copy padded with a one-pixel gray border, which catches every source outside the image.
+
+The source pixel of each output pixel is computed with PIL's own arithmetic, so the result is
+PIL's bit for bit (``Image.transform``/``Image.rotate`` with NEAREST, Pillow's Geometry.c):
+maps without shear or rotation (identity, translations) step through ``a[2] + a[0] / 2``
+in double precision, one ``+= a[0]`` per pixel, and truncate; all others go through 16.16
+fixed point (``FIX(v) = floor(v * 65536 + 0.5)``, integer steps, ``>> 16``). A float32
+evaluation of the same map takes a neighbouring pixel wherever the source coordinate lies
+within about 1e-3 px of a pixel edge, which along a chain of ops (an Equalize after it) can
+change many values. Rotation matrices are built as ``Image.rotate`` builds them, with
+Python's ``math`` (so with the same C library as PIL's), one sample at a time. PIL falls
+back to double precision for maps that reach beyond 32767 px; images that large are not
+supported exactly. Works for uint8, float and level inputs alike (no arithmetic on the
+values), on any device.
 """
 
 from __future__ import annotations
@@ -16,89 +23,134 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.nn import functional
 
 from selfaugment.trainer.augment.pil import GRAY_FILL
-from selfaugment.trainer.augment.tensor import per_sample
+from selfaugment.trainer.augment.tensor import arguments_of
+
+AffineBuilder = Callable[[np.ndarray, int, int], np.ndarray]
+"""float64 arguments [N], height, width -> PIL affine data [N, 6] (a, b, c, d, e, f), float64."""
+
+IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
 
-def _fill_value(images: Tensor) -> float:
+def gray_fill(images: Tensor) -> float:
+    """The gray fill on the images' scale: 128 for uint8 and levels, 128/255 for [0, 1] floats."""
     return float(GRAY_FILL) if images.dtype == torch.uint8 else GRAY_FILL / 255.0
 
 
-def _random(
-    shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device
-) -> Tensor:
-    """Uniform [0, 1) numbers drawn on the generator's device (CPU without one), moved."""
-    source = generator.device if generator is not None else torch.device("cpu")
-    return torch.rand(shape, generator=generator, device=source).to(device)
+def _truncated_steps(start: np.ndarray, step: np.ndarray, count: int) -> np.ndarray:
+    """PIL's COORD of ``start``, ``start + step``, ... accumulated one step at a time in
+    double precision ([N, count]; -1 for negative positions)."""
+    terms = np.concatenate([start[:, None], np.repeat(step[:, None], count - 1, axis=1)], axis=1)
+    positions = np.add.accumulate(terms, axis=1)  # sequential, as the C loop adds
+    return np.where(positions < 0.0, -1.0, np.trunc(positions)).astype(np.int64)
 
 
-def affine_nearest(images: Tensor, matrices: Tensor) -> Tensor:
-    """Resample with per-sample inverse maps ``matrices`` [B, 2, 3] (pixel units), gray fill."""
+def _fix(values: np.ndarray) -> np.ndarray:
+    """PIL's 16.16 fixed point: ``floor(v * 65536 + 0.5)``."""
+    return np.floor(values * 65536.0 + 0.5).astype(np.int64)
+
+
+def source_pixels(data: np.ndarray, height: int, width: int, device: torch.device) -> Tensor:
+    """Source pixel (column, row) of every output pixel, [N, 2, H, W] int64 on ``device``,
+    exactly as PIL's NEAREST affine transform finds it (may lie outside the image)."""
+    count = data.shape[0]
+    a, b, c, d, e, f = (data[:, i] for i in range(6))
+    scaled = (b == 0.0) & (d == 0.0)
+    sources = torch.empty(count, 2, height, width, dtype=torch.int64, device=device)
+    if scaled.any():
+        rows = torch.from_numpy(np.flatnonzero(scaled)).to(device)
+        columns = _truncated_steps(c[scaled] + a[scaled] * 0.5, a[scaled], width)
+        lines = _truncated_steps(f[scaled] + e[scaled] * 0.5, e[scaled], height)
+        picked = sources.index_select(0, rows)
+        picked[:, 0] = torch.from_numpy(columns).to(device)[:, None, :]
+        picked[:, 1] = torch.from_numpy(lines).to(device)[:, :, None]
+        sources.index_copy_(0, rows, picked)
+    if not scaled.all():
+        fixed = ~scaled
+        rows = torch.from_numpy(np.flatnonzero(fixed)).to(device)
+        start_x = _fix(c[fixed] + a[fixed] * 0.5 + b[fixed] * 0.5)
+        start_y = _fix(f[fixed] + d[fixed] * 0.5 + e[fixed] * 0.5)
+        terms = np.stack([start_x, _fix(a[fixed]), _fix(b[fixed]),
+                          start_y, _fix(d[fixed]), _fix(e[fixed])], axis=1)  # fmt: skip
+        steps = torch.from_numpy(terms).to(device).view(-1, 6, 1, 1)
+        xs = torch.arange(width, device=device, dtype=torch.int64).view(1, 1, width)
+        ys = torch.arange(height, device=device, dtype=torch.int64).view(1, height, 1)
+        column = (steps[:, 0] + steps[:, 2] * ys + steps[:, 1] * xs).bitwise_right_shift_(16)
+        line = (steps[:, 3] + steps[:, 5] * ys + steps[:, 4] * xs).bitwise_right_shift_(16)
+        sources.index_copy_(0, rows, torch.stack([column, line], dim=1))
+    return sources
+
+
+def affine_nearest(images: Tensor, data: np.ndarray, fill: float | None = None) -> Tensor:
+    """Resample each sample with its PIL affine data [B, 6] (NEAREST); pixels mapped from
+    outside the image get ``fill`` (default: ``gray_fill(images)``)."""
     batch, channels, height, width = images.shape
-    device = images.device
-    matrix = matrices.to(device=device, dtype=torch.float32).view(batch, 2, 3, 1, 1)
-    xs = torch.arange(width, device=device, dtype=torch.float32).add_(0.5).view(1, 1, width)
-    ys = torch.arange(height, device=device, dtype=torch.float32).add_(0.5).view(1, height, 1)
-    # Source pixel per output pixel (BxHxW); a one-pixel gray border catches every source
-    # outside the image once coordinates are clamped to [-1, size], so no mask is needed.
-    source_x = (matrix[:, 0, 0] * xs + matrix[:, 0, 1] * ys).add_(matrix[:, 0, 2])
-    source_y = (matrix[:, 1, 0] * xs + matrix[:, 1, 1] * ys).add_(matrix[:, 1, 2])
-    column = source_x.floor_().clamp_(-1, width).add_(1)
-    row = source_y.floor_().clamp_(-1, height).add_(1)
-    index = row.mul_(width + 2).add_(column).to(torch.int64).view(batch, 1, height * width)
-    padded = functional.pad(images, (1, 1, 1, 1), value=_fill_value(images))
+    sources = source_pixels(data, height, width, images.device)
+    column = sources[:, 0].clamp_(-1, width).add_(1)
+    row = sources[:, 1].clamp_(-1, height).add_(1)
+    index = row.mul_(width + 2).add_(column).view(batch, 1, height * width)
+    value = gray_fill(images) if fill is None else fill
+    padded = functional.pad(images, (1, 1, 1, 1), value=value)
     flat = padded.view(batch, channels, (height + 2) * (width + 2))
     sampled = flat.gather(2, index.expand(batch, channels, height * width))
     return sampled.view(batch, channels, height, width)
 
 
-def _stack(entries: list[Tensor]) -> Tensor:
-    """Six [N] tensors (row-major a, b, c, d, e, f) -> matrices [N, 2, 3]."""
-    return torch.stack(entries, dim=1).view(-1, 2, 3)
+def _rows(*columns: np.ndarray | float) -> np.ndarray:
+    """Six columns (arrays [N] or constants) -> affine data [N, 6]."""
+    count = max(np.size(column) for column in columns)
+    return np.stack([np.broadcast_to(np.asarray(col, np.float64), count) for col in columns], 1)
 
 
-def shear_x_matrices(shears: Tensor, height: int, width: int) -> Tensor:
+def shear_x_matrices(shears: np.ndarray, height: int, width: int) -> np.ndarray:
     """Source x = x + shear * (y - H/2): shear along x about the centre."""
-    zero, one = torch.zeros_like(shears), torch.ones_like(shears)
-    return _stack([one, shears, -shears * (height / 2), zero, one, zero])
+    return _rows(1.0, shears, -shears * height / 2, 0.0, 1.0, 0.0)
 
 
-def shear_y_matrices(shears: Tensor, height: int, width: int) -> Tensor:
+def shear_y_matrices(shears: np.ndarray, height: int, width: int) -> np.ndarray:
     """Source y = y + shear * (x - W/2): shear along y about the centre."""
-    zero, one = torch.zeros_like(shears), torch.ones_like(shears)
-    return _stack([one, zero, zero, shears, one, -shears * (width / 2)])
+    return _rows(1.0, 0.0, 0.0, shears, 1.0, -shears * width / 2)
 
 
-def translate_x_matrices(fractions: Tensor, height: int, width: int) -> Tensor:
+def translate_x_matrices(fractions: np.ndarray, height: int, width: int) -> np.ndarray:
     """Content moves right by ``fraction * W`` pixels (left when negative)."""
-    zero, one = torch.zeros_like(fractions), torch.ones_like(fractions)
-    return _stack([one, zero, -fractions * width, zero, one, zero])
+    return _rows(1.0, 0.0, -fractions * width, 0.0, 1.0, 0.0)
 
 
-def translate_y_matrices(fractions: Tensor, height: int, width: int) -> Tensor:
+def translate_y_matrices(fractions: np.ndarray, height: int, width: int) -> np.ndarray:
     """Content moves down by ``fraction * H`` pixels (up when negative)."""
-    zero, one = torch.zeros_like(fractions), torch.ones_like(fractions)
-    return _stack([one, zero, zero, zero, one, -fractions * height])
+    return _rows(1.0, 0.0, 0.0, 0.0, 1.0, -fractions * height)
 
 
-def rotate_matrices(angles_deg: Tensor, height: int, width: int) -> Tensor:
-    """Counter-clockwise rotation about the centre, as PIL ``Image.rotate`` builds it."""
-    radians = angles_deg.double() * (-math.pi / 180.0)
-    cos, sin = radians.cos(), radians.sin()
+def rotation_data(degrees: float, height: int, width: int) -> tuple[float, ...]:
+    """The affine data of PIL's ``Image.rotate(degrees)`` (counter-clockwise about the centre,
+    no expand), computed as Pillow computes it: the angle modulo 360, cosines rounded to 15
+    decimals, the centre moved through the matrix."""
+    angle = degrees % 360.0
+    if angle == 0:
+        return IDENTITY  # PIL returns a copy
+    radians = -math.radians(angle)
+    cos, sin = round(math.cos(radians), 15), round(math.sin(radians), 15)
+    minus_sin = round(-math.sin(radians), 15)
     center_x, center_y = width / 2, height / 2
-    offset_x = -cos * center_x - sin * center_y + center_x
-    offset_y = sin * center_x - cos * center_y + center_y
-    return _stack([cos, sin, offset_x, -sin, cos, offset_y]).float()
+    offset_x = cos * -center_x + sin * -center_y + 0.0 + center_x
+    offset_y = minus_sin * -center_x + cos * -center_y + 0.0 + center_y
+    return cos, sin, offset_x, minus_sin, cos, offset_y
 
 
-def _affine_op(
-    images: Tensor, arguments: Tensor | float, builder: Callable[[Tensor, int, int], Tensor]
-) -> Tensor:
-    values = per_sample(arguments, images).view(-1)
+def rotate_matrices(angles_deg: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Counter-clockwise rotations about the centre, one ``rotation_data`` per sample."""
+    data = [rotation_data(angle, height, width) for angle in np.asarray(angles_deg).tolist()]
+    return np.array(data, dtype=np.float64).reshape(-1, 6)
+
+
+def _affine_op(images: Tensor, arguments: Tensor | float, builder: AffineBuilder) -> Tensor:
+    values = arguments_of(arguments, images).numpy()
     return affine_nearest(images, builder(values, images.shape[2], images.shape[3]))
 
 
@@ -137,31 +189,50 @@ def rotate(
     return _affine_op(images, angles_deg, rotate_matrices)
 
 
+def cutout_boxes(fractions: Tensor, centers: Tensor, height: int, width: int) -> Tensor:
+    """Half-open boxes [N, 4] (left, top, right, bottom) of Fast AutoAugment's Cutout, float64.
+
+    ``v = fraction * W``; the corner is ``floor(max(0, centre - v / 2))`` and the side
+    ``floor(v) + 1`` pixels (``v > 0``; none at 0), clipped to the image: FAA draws a PIL
+    rectangle from the corner to ``corner + v``, both ends included. ``pil.cutout_box`` is the
+    same arithmetic on Python floats.
+    """
+    size = fractions.double() * width
+    side = torch.where(size > 0, size.floor() + 1.0, 0.0)
+    centers = centers.double()
+    left = (centers[:, 0] - size / 2).clamp_(min=0.0).floor_()
+    top = (centers[:, 1] - size / 2).clamp_(min=0.0).floor_()
+    return torch.stack(
+        [left, top, (left + side).clamp_(max=width), (top + side).clamp_(max=height)], dim=1
+    )
+
+
+def fill_boxes(images: Tensor, boxes: Tensor, fill: float) -> Tensor:
+    """Set each sample's box [N, 4] (left, top, right, bottom; half-open) to ``fill``."""
+    batch, _, height, width = images.shape
+    device = images.device
+    left, top, right, bottom = (
+        boxes.to(device=device, dtype=torch.float32).view(batch, 4, 1).unbind(1)
+    )
+    xs = torch.arange(width, device=device, dtype=torch.float32).view(1, width)
+    ys = torch.arange(height, device=device, dtype=torch.float32).view(1, height)
+    columns = ((xs >= left) & (xs < right)).view(batch, 1, 1, width)
+    rows = ((ys >= top) & (ys < bottom)).view(batch, 1, height, 1)
+    return images.masked_fill(rows & columns, fill)
+
+
 def cutout(
     images: Tensor,
     fractions: Tensor | float,
     generator: torch.Generator | None = None,
     centers: Tensor | None = None,
 ) -> Tensor:
-    """Gray square of side ``round(fraction * W)`` at ``centers`` [B, 2] (x, y pixels; random)."""
+    """Gray square of Fast AutoAugment's size (``cutout_boxes``) at ``centers`` [B, 2] (x, y
+    in pixels; drawn uniformly over the image from ``generator`` when None)."""
     batch, _, height, width = images.shape
-    device = images.device
-    side = per_sample(fractions, images).view(-1).mul(width).add_(0.5).floor_().clamp_(min=0)
+    values = arguments_of(fractions, images, "fractions")
     if centers is None:
-        centers = _random((batch, 2), generator, device) * torch.tensor(
-            [float(width), float(height)], device=device
-        )
-    centers = centers.to(device=device, dtype=torch.float32)
-    left = (centers[:, 0] - side / 2).floor_().clamp_(min=0).view(batch, 1)
-    top = (centers[:, 1] - side / 2).floor_().clamp_(min=0).view(batch, 1)
-    xs = torch.arange(width, device=device, dtype=torch.float32).view(1, width)
-    ys = torch.arange(height, device=device, dtype=torch.float32).view(1, height)
-    columns = ((xs >= left) & (xs < left + side.view(batch, 1))).view(batch, 1, 1, width)
-    rows = ((ys >= top) & (ys < top + side.view(batch, 1))).view(batch, 1, height, 1)
-    fill = _fill_value(images)
-    if images.dtype == torch.uint8:
-        return images.masked_fill(rows & columns, fill)
-    inside = rows.float() * columns.float()  # Bx1xHxW, 1 inside the square
-    values = images if images.dtype == torch.float32 else images.float()
-    filled = torch.lerp(values, torch.tensor(fill, device=device), inside)
-    return filled.to(images.dtype)
+        source = generator.device if generator is not None else torch.device("cpu")
+        uniform = torch.rand((batch, 2), generator=generator, device=source).cpu().double()
+        centers = uniform * torch.tensor([float(width), float(height)], dtype=torch.float64)
+    return fill_boxes(images, cutout_boxes(values, centers, height, width), gray_fill(images))

@@ -3,13 +3,15 @@
 Each record maps a magnitude ``lambda`` in [0, 1] to the op's argument, monotone in
 strength: ``argument = identity + sign * lambda * (max_argument - identity)``, so
 ``lambda = 0`` is the identity and ``lambda = 1`` the strongest setting. For signed ops
-the sign (+1 or -1, drawn with probability 1/2 by the policy) is separate from lambda;
-the reference code mapped lambda to [-max, +max], so that 0.5 was the identity.
+the sign (+1 or -1) is separate from lambda: drawn with probability 1/2 at each application,
+unless the policy's op entry fixes a ``direction``. Fast AutoAugment maps its level to
+[-max, +max] (0.5 is the identity) and mirrors geometric ops at random, while for the
+enhance ops its level sets the direction; ``policy/faa.py`` converts between the two.
 
 Ranges are Fast AutoAugment's (Lim et al. 2019), used by SelfAugment (Reed et al. 2021,
 Appendix B / dissertation chapter 2): shear 0..0.3, translate 0..0.45 x size, rotate
-0..30 degrees, Solarize threshold 256..0, Posterize 8..4 bits, enhance factor 1 +- 0.9,
-Cutout side 0..0.2 x width.
+0..30 degrees, Solarize threshold 256..0, Posterize 8..4 bits (truncated), enhance factor
+1 +- 0.9, Cutout side 0..0.2 x width (``floor(v) + 1`` pixels, as FAA draws it).
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from selfaugment.trainer.augment import geometric, pil
+from selfaugment.trainer.augment import geometric, levels, pil
 from selfaugment.trainer.augment import tensor as colour
+from selfaugment.trainer.augment.geometric import AffineBuilder
+from selfaugment.trainer.augment.tensor import LevelOp
 
 PilOp = Callable[[Image.Image, float, random.Random | None], Image.Image]
 TensorOp = Callable[[Tensor, Tensor | float, torch.Generator | None], Tensor]
-AffineBuilder = Callable[[Tensor, int, int], Tensor]
 Number = TypeVar("Number", float, Tensor)
 
 
@@ -44,6 +47,9 @@ class OpSpec:
     unit: str
     pil: PilOp
     tensor: TensorOp
+    """The batched op on uint8 or [0, 1] float images (equal to ``pil``; public API)."""
+    levels: LevelOp | None = None
+    """Colour ops: the exact op on float32 levels that ``BatchAugmenter`` chains."""
     affine: AffineBuilder | None = None
     """Geometric ops: arguments [N] -> inverse maps [N, 2, 3]; lets ``BatchAugmenter``
     resample all samples of all geometric ops at one plan position in one call."""
@@ -71,8 +77,8 @@ def _spec(
     return OpSpec(name, True, signed, identity, maximum, unit, pil_op, tensor_op, **fused)
 
 
-def _no_magnitude(name: str, pil_op: PilOp, tensor_op: TensorOp) -> OpSpec:
-    return OpSpec(name, False, False, 0.0, 0.0, "-", pil_op, tensor_op)
+def _no_magnitude(name: str, pil_op: PilOp, tensor_op: TensorOp, level_op: LevelOp) -> OpSpec:
+    return OpSpec(name, False, False, 0.0, 0.0, "-", pil_op, tensor_op, levels=level_op)
 
 
 # fmt: off
@@ -88,18 +94,21 @@ OPS: dict[str, OpSpec] = {spec.name: spec for spec in (
           affine=geometric.translate_y_matrices),
     _spec("Rotate", True, 0.0, 30.0, "degrees", pil.rotate, geometric.rotate,
           affine=geometric.rotate_matrices),
-    _no_magnitude("AutoContrast", pil.auto_contrast, colour.auto_contrast),
-    _no_magnitude("Equalize", pil.equalize, colour.equalize),
-    _no_magnitude("Invert", pil.invert, colour.invert),
-    _spec("Solarize", False, 256.0, 0.0, "threshold", pil.solarize, colour.solarize),
-    _spec("Posterize", False, 8.0, 4.0, "bits", pil.posterize, colour.posterize),
+    _no_magnitude("AutoContrast", pil.auto_contrast, colour.auto_contrast, levels.auto_contrast),
+    _no_magnitude("Equalize", pil.equalize, colour.equalize, levels.equalize),
+    _no_magnitude("Invert", pil.invert, colour.invert, levels.invert),
+    _spec("Solarize", False, 256.0, 0.0, "threshold", pil.solarize, colour.solarize,
+          levels=levels.solarize),
+    _spec("Posterize", False, 8.0, 4.0, "bits", pil.posterize, colour.posterize,
+          levels=levels.posterize),
     _spec("Contrast", True, 1.0, 1.9, "factor", pil.contrast, colour.contrast,
-          blend=(0.0, 1.0)),
+          levels=levels.contrast, blend=(0.0, 1.0)),
     _spec("Color", True, 1.0, 1.9, "factor", pil.color, colour.color,
-          blend=(1.0, 0.0)),
+          levels=levels.color, blend=(1.0, 0.0)),
     _spec("Brightness", True, 1.0, 1.9, "factor", pil.brightness, colour.brightness,
-          blend=(0.0, 0.0)),
-    _spec("Sharpness", True, 1.0, 1.9, "factor", pil.sharpness, colour.sharpness),
+          levels=levels.brightness, blend=(0.0, 0.0)),
+    _spec("Sharpness", True, 1.0, 1.9, "factor", pil.sharpness, colour.sharpness,
+          levels=levels.sharpness),
     _spec("Cutout", False, 0.0, 0.2, "x width", pil.cutout, geometric.cutout),
 )}
 # fmt: on

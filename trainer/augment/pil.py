@@ -1,17 +1,21 @@
 """Per-image PIL reference implementation of the 15 augmentation ops.
 
 Readable, one image at a time, built on PIL's own ``ImageOps``/``ImageEnhance``. The
-batched tensor ops in ``augment/tensor.py`` are tested against these functions.
+batched ops (``augment/levels.py``, ``augment/geometric.py``) are tested against these
+functions, op by op and along whole chains of ops.
 
 Every op has the signature ``op(image, argument, rng=None) -> image`` where ``argument``
 is the op's own unit (degrees, shear, enhance factor, bits, ...; see ``ops.OPS``). Only
-Cutout uses ``rng`` (for the square's centre). Conventions shared with the tensor ops:
+Cutout uses ``rng`` (for the square's centre). Conventions shared with the batched ops
+(docs/concepts.md, "Semantics against Fast AutoAugment", says why each one is what it is):
 
 - geometric ops sample with NEAREST at output pixel centres, fill uncovered pixels gray
   (``GRAY_FILL`` = 128) and shear/rotate about the image centre. Fast AutoAugment shears
-  about the top-left corner, which adds a shift of ``shear * height / 2``; shearing about
-  the centre keeps the content centred, as torchvision does.
-- positive translate moves the content right/down; positive rotate is counter-clockwise.
+  about the top-left corner, which adds a shift of ``shear * height / 2``, and fills black;
+- positive translate moves the content right/down; positive rotate is counter-clockwise;
+- Posterize truncates the bit count and Cutout's square is ``floor(v) + 1`` pixels wide for
+  ``v = fraction * width``, both as in Fast AutoAugment; Cutout fills gray, not FAA's
+  CIFAR-10 mean colour.
 """
 
 from __future__ import annotations
@@ -98,8 +102,9 @@ def solarize(image: Image.Image, threshold: float, rng: random.Random | None = N
 
 
 def posterize_bits(bits: float) -> int:
-    """Round a continuous bit count (8 = identity) half up to an int within [1, 8]."""
-    return min(8, max(1, math.floor(bits + 0.5)))
+    """Bits kept for a continuous bit count (8 = identity): truncated, as Fast AutoAugment's
+    ``int(v)``, within [1, 8]. So any magnitude above 0 removes at least one bit."""
+    return min(8, max(1, math.floor(bits)))
 
 
 def posterize(image: Image.Image, bits: float, rng: random.Random | None = None) -> Image.Image:
@@ -127,17 +132,19 @@ def sharpness(image: Image.Image, factor: float, rng: random.Random | None = Non
     return ImageEnhance.Sharpness(image).enhance(factor)
 
 
-def cutout_side(fraction: float, width: int) -> int:
-    """Side in pixels of the Cutout square: ``fraction * width`` rounded half up."""
-    return max(0, math.floor(fraction * width + 0.5))
-
-
 def cutout_box(
-    center: tuple[float, float], side: int, width: int, height: int
+    center: tuple[float, float], fraction: float, width: int, height: int
 ) -> tuple[int, int, int, int]:
-    """Half-open box (x0, y0, x1, y1) of a ``side`` square centred at ``center``, clipped."""
-    x0 = max(0, math.floor(center[0] - side / 2))
-    y0 = max(0, math.floor(center[1] - side / 2))
+    """Half-open box (x0, y0, x1, y1) of Fast AutoAugment's Cutout, clipped to the image.
+
+    With ``v = fraction * width``: the corner is ``floor(max(0, centre - v / 2))`` and the side
+    ``floor(v) + 1`` pixels (none when ``v == 0``); FAA draws a PIL rectangle from the corner
+    to ``corner + v`` with both ends included. ``geometric.cutout_boxes`` is the same, batched.
+    """
+    size = fraction * width
+    side = math.floor(size) + 1 if size > 0 else 0
+    x0 = math.floor(max(0.0, center[0] - size / 2))
+    y0 = math.floor(max(0.0, center[1] - size / 2))
     return x0, y0, min(width, x0 + side), min(height, y0 + side)
 
 
@@ -147,13 +154,12 @@ def cutout(
     rng: random.Random | None = None,
     center: tuple[float, float] | None = None,
 ) -> Image.Image:
-    """Fill a gray square of side ``fraction * width`` at ``center`` (pixels; random if None)."""
-    side = cutout_side(fraction, image.width)
-    if side == 0:
+    """Fill a gray square (``cutout_box``) at ``center`` (pixels; uniform over the image if None)."""
+    if fraction <= 0:
         return image.copy()
     if center is None:
         uniform = rng.uniform if rng is not None else random.uniform
         center = (uniform(0, image.width), uniform(0, image.height))
     result = image.copy()
-    result.paste(fill_color(image), cutout_box(center, side, image.width, image.height))
+    result.paste(fill_color(image), cutout_box(center, fraction, image.width, image.height))
     return result

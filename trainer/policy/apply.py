@@ -1,11 +1,16 @@
 """Batched policy application: draw a per-sample plan, then run each op once per batch.
 
 A plan says, for each sample and each position of its sub-policy, which op to apply (or
-none), with which magnitude and sign. The random numbers come from one ``torch.rand``
-draw on the generator's device (so a seeded generator gives the same plan on any
-device); the bookkeeping is done in numpy on the CPU, where tiny arrays are cheap.
-At each position the samples are grouped: all geometric ops run as one resampling, all
-Brightness/Color/Contrast as one blend, every other op once on its own samples.
+none), with which magnitude and sign, and where Cutout's square goes. All randomness is in
+the plan, drawn with one ``torch.rand`` call on the generator's device (so a seeded generator
+gives the same plan on any device), and applying a plan is deterministic: the PIL reference
+can replay the same plan (``augmenter.apply_plan_pil``), which is how the batched path that
+trains is verified. The bookkeeping is numpy on the CPU, where tiny arrays are cheap.
+
+The batch is held as float32 8-bit levels (``augment/levels.py``) from the first op to the
+last, so every op rounds as PIL does and a chain of ops equals PIL's chain. At each position
+the samples are grouped: all geometric ops run as one resampling, all Brightness/Color/
+Contrast as one blend, every other op once on its own samples.
 """
 
 from __future__ import annotations
@@ -18,42 +23,58 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from selfaugment.trainer.augment.geometric import affine_nearest
-from selfaugment.trainer.augment.ops import OP_NAMES, OPS, AffineBuilder
-from selfaugment.trainer.augment.tensor import blend_with_gray
+from selfaugment.trainer.augment import levels as exact
+from selfaugment.trainer.augment.geometric import (
+    IDENTITY,
+    AffineBuilder,
+    affine_nearest,
+    cutout_boxes,
+    fill_boxes,
+)
+from selfaugment.trainer.augment.ops import OP_NAMES, OPS
+from selfaugment.trainer.augment.pil import GRAY_FILL
+from selfaugment.trainer.augment.tensor import LevelOp
 from selfaugment.trainer.policy.model import AnyPolicy, Policy, RandAugment
 
 _SPECS = [OPS[name] for name in OP_NAMES]
 _AFFINE_IDS = np.array([i for i, spec in enumerate(_SPECS) if spec.affine is not None])
 _BLEND_IDS = np.array([i for i, spec in enumerate(_SPECS) if spec.blend is not None])
+_CUTOUT_ID = OP_NAMES.index("Cutout")
 _FULL_BATCH_FRACTION = 0.5
 
 
 @dataclass(frozen=True)
 class AugmentPlan:
     """Per-sample plan (numpy, CPU): op ids [B, K] (index in OP_NAMES, -1 = skip),
-    magnitudes [B, K], signs (+-1) [B, K], chosen sub-policy [B] (None for RandAugment)."""
+    magnitudes [B, K], signs (+-1) [B, K], chosen sub-policy [B] (None for RandAugment),
+    and Cutout centres [B, K, 2] as fractions of the width and height in [0, 1) (None: drawn
+    from the generator when the plan is applied)."""
 
     op_ids: np.ndarray
     magnitudes: np.ndarray
     signs: np.ndarray
     sub_policy: np.ndarray | None = None
+    centers: np.ndarray | None = None
 
 
-def policy_tables(policy: Policy) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """[S, K] op ids (-1 padding), probabilities, magnitudes (NaN = random)."""
+def policy_tables(policy: Policy) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """[S, K] op ids (-1 padding), probabilities, magnitudes (NaN = random), directions
+    (0 = random)."""
     length = max(len(sub_policy) for sub_policy in policy.sub_policies)
     shape = (len(policy.sub_policies), length)
     op_ids = np.full(shape, -1, dtype=np.int64)
     probabilities = np.zeros(shape)
     magnitudes = np.full(shape, np.nan)
+    directions = np.zeros(shape)
     for row, sub_policy in enumerate(policy.sub_policies):
         for column, setting in enumerate(sub_policy):
             op_ids[row, column] = OP_NAMES.index(setting.op)
             probabilities[row, column] = setting.probability
             if setting.magnitude is not None:
                 magnitudes[row, column] = setting.magnitude
-    return op_ids, probabilities, magnitudes
+            if setting.direction is not None:
+                directions[row, column] = setting.direction
+    return op_ids, probabilities, magnitudes, directions
 
 
 def _uniform(shape: tuple[int, int], generator: torch.Generator | None) -> np.ndarray:
@@ -66,25 +87,33 @@ def _choose(uniform: np.ndarray, count: int) -> np.ndarray:
     return np.minimum((uniform * count).astype(np.int64), count - 1)
 
 
+def _signs(uniform: np.ndarray) -> np.ndarray:
+    return np.where(uniform < 0.5, -1.0, 1.0)
+
+
 def sample_plan(
     policy: AnyPolicy, batch: int, generator: torch.Generator | None = None
 ) -> AugmentPlan:
-    """Draw the per-sample sub-policy, Bernoulli(p) outcomes, magnitudes and signs."""
+    """Draw the per-sample sub-policy, Bernoulli(p) outcomes, magnitudes, signs (where the
+    policy does not fix the direction) and Cutout centres."""
     if isinstance(policy, RandAugment):
-        draws = _uniform((batch, 2 * policy.num_ops), generator)
-        op_ids = _choose(draws[:, : policy.num_ops], len(OP_NAMES))
-        signs = np.where(draws[:, policy.num_ops :] < 0.5, -1.0, 1.0)
-        return AugmentPlan(op_ids, np.full(op_ids.shape, policy.magnitude), signs)
-    table_ids, table_p, table_m = policy_tables(policy)
+        count = policy.num_ops
+        draws = _uniform((batch, 4 * count), generator)
+        op_ids = _choose(draws[:, :count], len(OP_NAMES))
+        centers = draws[:, 2 * count :].reshape(batch, count, 2)
+        magnitudes = np.full(op_ids.shape, policy.magnitude)
+        return AugmentPlan(op_ids, magnitudes, _signs(draws[:, count : 2 * count]), None, centers)
+    table_ids, table_p, table_m, table_d = policy_tables(policy)
     length = table_ids.shape[1]
-    draws = _uniform((batch, 1 + 3 * length), generator)
+    draws = _uniform((batch, 1 + 5 * length), generator)
     choice = _choose(draws[:, 0], len(policy.sub_policies))
     applied = draws[:, 1 : 1 + length] < table_p[choice]
-    chosen_m = table_m[choice]
+    chosen_m, chosen_d = table_m[choice], table_d[choice]
     magnitudes = np.where(np.isnan(chosen_m), draws[:, 1 + length : 1 + 2 * length], chosen_m)
-    signs = np.where(draws[:, 1 + 2 * length :] < 0.5, -1.0, 1.0)
+    signs = np.where(chosen_d != 0, chosen_d, _signs(draws[:, 1 + 2 * length : 1 + 3 * length]))
+    centers = draws[:, 1 + 3 * length :].reshape(batch, length, 2)
     op_ids = np.where(applied, table_ids[choice], -1)
-    return AugmentPlan(op_ids, magnitudes, signs, choice)
+    return AugmentPlan(op_ids, magnitudes, signs, choice, centers)
 
 
 def _on_rows(
@@ -101,26 +130,36 @@ def _on_rows(
 def _arguments(ids: np.ndarray, magnitudes: np.ndarray, signs: np.ndarray) -> np.ndarray:
     """Each sample's op argument (float64), from its op's record."""
     arguments = np.zeros(ids.shape)
-    for op_id in np.unique(ids):
+    for op_id in np.unique(ids[ids >= 0]):
         rows = ids == op_id
         arguments[rows] = _SPECS[op_id].argument(magnitudes[rows], signs[rows])
     return arguments
 
 
-def _tensor(values: np.ndarray, device: torch.device) -> Tensor:
-    return torch.from_numpy(values.astype(np.float32)).to(device)
-
-
-def _resample(images: Tensor, ids: np.ndarray, arguments: np.ndarray) -> Tensor:
+def _resample(levels: Tensor, ids: np.ndarray, arguments: np.ndarray) -> Tensor:
     """All geometric ops of one position in one ``affine_nearest`` call (ids of other
     ops get the identity map)."""
-    height, width = images.shape[2], images.shape[3]
-    matrices = torch.eye(2, 3).repeat(ids.size, 1, 1)
+    height, width = levels.shape[2], levels.shape[3]
+    data = np.tile(np.array(IDENTITY), (ids.size, 1))
     for op_id in np.unique(ids[np.isin(ids, _AFFINE_IDS)]):
-        rows = torch.from_numpy(ids == op_id)
+        rows = ids == op_id
         builder = cast(AffineBuilder, _SPECS[op_id].affine)  # set for all _AFFINE_IDS
-        matrices[rows] = builder(_tensor(arguments[rows.numpy()], matrices.device), height, width)
-    return affine_nearest(images, matrices)
+        data[rows] = builder(arguments[rows], height, width)
+    return affine_nearest(levels, data, fill=float(GRAY_FILL))
+
+
+def _blend(levels: Tensor, ids: np.ndarray, factors: Tensor) -> Tensor:
+    """Brightness, Color and Contrast of one position in one blend."""
+    weights = np.array([_SPECS[i].blend if i in _BLEND_IDS else (0.0, 0.0) for i in ids])
+    return exact.blend_with_gray(
+        levels, factors, torch.from_numpy(weights[:, 0]), torch.from_numpy(weights[:, 1])
+    )
+
+
+def _cutout(levels: Tensor, fractions: Tensor, centers: Tensor) -> Tensor:
+    height, width = levels.shape[2], levels.shape[3]
+    pixels = centers * torch.tensor([float(width), float(height)], dtype=torch.float64)
+    return fill_boxes(levels, cutout_boxes(fractions, pixels, height, width), float(GRAY_FILL))
 
 
 def _fused_rows(selected: np.ndarray) -> np.ndarray:
@@ -131,31 +170,41 @@ def _fused_rows(selected: np.ndarray) -> np.ndarray:
     return np.flatnonzero(selected)
 
 
-def apply_plan(images: Tensor, plan: AugmentPlan, generator: torch.Generator | None) -> Tensor:
-    """Apply ``plan`` to a float batch (modified in place); returns the result."""
-    device = images.device
+def apply_plan_levels(
+    levels: Tensor, plan: AugmentPlan, generator: torch.Generator | None = None
+) -> Tensor:
+    """Apply ``plan`` to float32 whole levels 0..255 (modified in place); returns levels."""
+    centers = plan.centers
+    if centers is None:  # a plan built by hand: Cutout centres from the generator
+        centers = _uniform((plan.op_ids.shape[0], 2 * plan.op_ids.shape[1]), generator)
+        centers = centers.reshape(*plan.op_ids.shape, 2)
     for position in range(plan.op_ids.shape[1]):
         ids = plan.op_ids[:, position]
         arguments = _arguments(ids, plan.magnitudes[:, position], plan.signs[:, position])
         geometric = np.isin(ids, _AFFINE_IDS)
         if geometric.any():
             rows = _fused_rows(geometric)
-            images = _on_rows(images, rows, _resample, ids[rows], arguments[rows])
+            levels = _on_rows(levels, rows, _resample, ids[rows], arguments[rows])
         blended = np.isin(ids, _BLEND_IDS)
         if blended.any():
             rows = _fused_rows(blended)
-            factors = np.where(blended, arguments, 1.0)[rows]  # factor 1 = identity
-            weights = np.array(
-                [_SPECS[i].blend if i in _BLEND_IDS else (0.0, 0.0) for i in ids[rows]]
-            )
-            images = _on_rows(
-                images,
-                rows,
-                blend_with_gray,
-                *(_tensor(values, device) for values in (factors, weights[:, 0], weights[:, 1])),
-            )
+            factors = torch.from_numpy(np.where(blended, arguments, 1.0)[rows])  # 1: identity
+            levels = _on_rows(levels, rows, _blend, ids[rows], factors)
         for op_id in np.unique(ids[(ids >= 0) & ~geometric & ~blended]):
             rows = np.flatnonzero(ids == op_id)
-            op_arguments = _tensor(arguments[rows], device)
-            images = _on_rows(images, rows, _SPECS[op_id].tensor, op_arguments, generator)
-    return images
+            values = torch.from_numpy(arguments[rows])
+            if op_id == _CUTOUT_ID:
+                where = torch.from_numpy(centers[rows, position])
+                levels = _on_rows(levels, rows, _cutout, values, where)
+            else:
+                level_op = cast(LevelOp, _SPECS[op_id].levels)  # set for all colour ops
+                levels = _on_rows(levels, rows, level_op, values)
+    return levels
+
+
+def apply_plan(images: Tensor, plan: AugmentPlan, generator: torch.Generator | None) -> Tensor:
+    """Apply ``plan`` to a float batch in [0, 1] (modified in place); returns the result, on
+    8-bit levels (``k / 255``): the input is rounded to the nearest level first."""
+    levels = images if images.dtype == torch.float32 else images.float()
+    levels = levels.mul_(exact.MAX_LEVEL).round_().clamp_(0.0, exact.MAX_LEVEL)
+    return apply_plan_levels(levels, plan, generator).div_(exact.MAX_LEVEL).to(images.dtype)

@@ -4,7 +4,10 @@
 a [B, C, H, W] batch (uint8 or float in [0, 1]) and returns float32 views in [0, 1]:
 random resized crop + flip, then the policy with a per-sample sub-policy choice,
 per-sample Bernoulli(p), per-sample random signs (and random magnitudes where None).
-Each op runs once per batch on the samples that apply it.
+Each op runs once per batch on the samples that apply it. The policy works on 8-bit values,
+as the PIL reference does: the crop's output is rounded to whole levels first, and each op
+rounds its result as PIL does, so the views equal the PIL reference applied to the same
+draws (``apply_plan_pil``; ``tests/policy/test_agreement.py`` measures how closely).
 
 ``PolicyTransform`` plugs a policy into a user's own torchvision pipeline; it accepts PIL
 images (per-image PIL reference) and CHW tensors (batched path with B = 1)::
@@ -28,16 +31,19 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from selfaugment.trainer.augment import pil
 from selfaugment.trainer.augment.crop import random_resized_crop_flip
+from selfaugment.trainer.augment.levels import MAX_LEVEL
 from selfaugment.trainer.augment.ops import CROP_RATIO, CROP_SCALE, OP_NAMES, OPS
 from selfaugment.trainer.augment.tensor import check_images
-from selfaugment.trainer.policy.apply import apply_plan, sample_plan
+from selfaugment.trainer.policy.apply import AugmentPlan, apply_plan_levels, sample_plan
 from selfaugment.trainer.policy.builtins import resolve_policy
 from selfaugment.trainer.policy.model import AnyPolicy, OpSetting, Policy, PolicyError, RandAugment
 
 
 def apply_policy_pil(policy: AnyPolicy, image: Image.Image, rng: random.Random) -> Image.Image:
-    """Per-image reference: one sub-policy uniformly, each op with Bernoulli(p), random sign."""
+    """Per-image reference: one sub-policy uniformly, each op with Bernoulli(p) and its fixed
+    direction or a random sign."""
     if isinstance(policy, RandAugment):
         settings: tuple[OpSetting, ...] = tuple(
             OpSetting(rng.choice(OP_NAMES), 1.0, policy.magnitude) for _ in range(policy.num_ops)
@@ -48,9 +54,29 @@ def apply_policy_pil(policy: AnyPolicy, image: Image.Image, rng: random.Random) 
         if rng.random() >= setting.probability:
             continue
         magnitude = rng.random() if setting.magnitude is None else setting.magnitude
-        sign = -1.0 if rng.random() < 0.5 else 1.0
+        sign = setting.direction or (-1.0 if rng.random() < 0.5 else 1.0)
         spec = OPS[setting.op]
         image = spec.pil(image, float(spec.argument(magnitude, sign)), rng)
+    return image
+
+
+def apply_plan_pil(image: Image.Image, plan: AugmentPlan, index: int) -> Image.Image:
+    """The PIL reference of sample ``index`` of ``plan``: the same ops, magnitudes, signs and
+    Cutout centres that ``BatchAugmenter`` applies to that sample."""
+    for position, op_id in enumerate(plan.op_ids[index]):
+        if op_id < 0:
+            continue
+        spec = OPS[OP_NAMES[op_id]]
+        magnitude, sign = plan.magnitudes[index, position], plan.signs[index, position]
+        argument = float(spec.argument(float(magnitude), float(sign)))
+        if spec.name == "Cutout":
+            if plan.centers is None:
+                raise ValueError("apply_plan_pil: the plan has no Cutout centres")
+            across, down = plan.centers[index, position]
+            center = (float(across) * image.width, float(down) * image.height)
+            image = pil.cutout(image, argument, None, center=center)
+        else:
+            image = spec.pil(image, argument, None)
     return image
 
 
@@ -65,6 +91,7 @@ class BatchAugmenter:
         crop_scale: tuple[float, float] = CROP_SCALE,
         flip: bool = True,
         crop_ratio: tuple[float, float] = CROP_RATIO,
+        policy_first: bool = False,
     ) -> None:
         self.policy: AnyPolicy = resolve_policy(policy) if isinstance(policy, str) else policy
         if not isinstance(self.policy, Policy | RandAugment):
@@ -78,25 +105,51 @@ class BatchAugmenter:
             raise ValueError(f"crop_ratio: must satisfy 0 < low <= high, got {crop_ratio}")
         self.crop, self.flip = crop, flip
         self.crop_scale, self.crop_ratio = crop_scale, crop_ratio
+        self.policy_first = policy_first
+        self._has_ops = isinstance(self.policy, RandAugment) or any(self.policy.sub_policies)
 
     def __repr__(self) -> str:
         name = self.policy.name
-        return f"BatchAugmenter(policy={name!r}, crop={self.crop}, crop_scale={self.crop_scale}, flip={self.flip})"
+        return (
+            f"BatchAugmenter(policy={name!r}, crop={self.crop}, crop_scale={self.crop_scale}, "
+            f"flip={self.flip}, policy_first={self.policy_first})"
+        )
 
     def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Augment a [B, C, H, W] batch (uint8, or float in [0, 1]) on its own device."""
+        """Augment a [B, C, H, W] batch (uint8, or float in [0, 1]) on its own device.
+
+        Crop and flip, then the policy (``policy_first``: the policy, then crop and flip, the
+        order of Fast AutoAugment and SelfAugment's code; docs/concepts.md says why ours is
+        the default). The caller's batch is never modified.
+        """
         check_images(images)
-        if images.dtype == torch.uint8:
-            views = images.float().div_(255.0)
-        elif self.crop or self.flip:
-            views = images.float()
-        else:
-            views = images.to(torch.float32, copy=True)
-        views = random_resized_crop_flip(
-            views, generator, self.crop, self.flip, self.crop_scale, self.crop_ratio
+        uint8 = images.dtype == torch.uint8
+        if not self._has_ops:  # crop and flip only: [0, 1] values, not rounded
+            if uint8:
+                views = images.float().div_(MAX_LEVEL)
+            else:
+                views = images.to(torch.float32, copy=not (self.crop or self.flip))
+            return self._crop_flip(views, generator)
+        levels = images.float() if uint8 else images.to(torch.float32).mul(MAX_LEVEL)
+        if self.policy_first:
+            if not uint8:
+                levels = levels.round_().clamp_(0.0, MAX_LEVEL)
+            levels = self._policy(levels, generator)
+            return self._crop_flip(levels, generator).div_(MAX_LEVEL)
+        levels = self._crop_flip(levels, generator)
+        if not uint8 or self.crop or self.flip:  # PIL's crop and images hold whole levels
+            levels = levels.round_() if uint8 else levels.round_().clamp_(0.0, MAX_LEVEL)
+        return self._policy(levels, generator).div_(MAX_LEVEL)
+
+    def _crop_flip(self, levels: Tensor, generator: torch.Generator | None) -> Tensor:
+        return random_resized_crop_flip(
+            levels, generator, self.crop, self.flip, self.crop_scale, self.crop_ratio
         )
-        plan = sample_plan(self.policy, images.shape[0], generator)
-        return apply_plan(views, plan, generator)
+
+    def _policy(self, levels: Tensor, generator: torch.Generator | None) -> Tensor:
+        """The policy on whole levels (float32 0..255), as PIL applies it to 8-bit images."""
+        plan = sample_plan(self.policy, levels.shape[0], generator)
+        return apply_plan_levels(levels, plan, generator)
 
 
 class PolicyTransform:

@@ -33,9 +33,10 @@ BUILTIN_NAMES = ("none", "mocov2", "randaugment:N:M", *OP_NAMES)
 
 # MoCo v2 (arXiv:2003.04297) applies ColorJitter(0.4, 0.4, 0.4, 0.1) with p = 0.8,
 # grayscale with p = 0.2 and Gaussian blur with p = 0.5. With our ops: factor
-# 1 +- 0.9 * 0.45 = 1 +- 0.4 is ColorJitter's extreme; Color at magnitude 1 (factor 0.1
-# or 1.9) is the near-grayscale step; Sharpness at magnitude 1 blurs when its sign is
-# negative. Hue jitter has no counterpart among the 15 ops.
+# 1 +- 0.9 * 0.45 = 1 +- 0.4 is ColorJitter's extreme, in either direction; Color at
+# magnitude 1 with direction -1 (factor 0.1) is the near-grayscale step and Sharpness at
+# magnitude 1 with direction -1 the blur (with a random direction they oversaturated or
+# sharpened half of the time). Hue jitter has no counterpart among the 15 ops.
 _JITTER = 0.45
 
 
@@ -49,8 +50,8 @@ def mocov2_policy() -> Policy:
             [brightness, contrast, color],
             [contrast, color, brightness],
             [color, brightness, contrast],
-            [brightness, contrast, OpSetting("Color", 1.0, 1.0)],
-            [brightness, color, OpSetting("Sharpness", 0.5, 1.0)],
+            [brightness, contrast, OpSetting("Color", 1.0, 1.0, direction=-1)],
+            [brightness, color, OpSetting("Sharpness", 0.5, 1.0, direction=-1)],
         ],
         name="mocov2",
     )

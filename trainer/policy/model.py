@@ -12,7 +12,12 @@ JSON (schema version 1)::
      "sub_policies": [[{"op": "Rotate", "p": 0.5, "magnitude": 0.3}, ...], ...]}
 
 ``magnitude`` may be null (random) and may be left out for ops without a magnitude
-(AutoContrast, Equalize, Invert). ``RandAugment(num_ops, level)`` is the other policy kind.
+(AutoContrast, Equalize, Invert). Signed ops (shears, translates, Rotate, Contrast, Color,
+Brightness, Sharpness) may carry ``"direction": 1`` or ``-1`` to fix the sign that is
+otherwise drawn at random: Fast AutoAugment's enhance ops have a direction set by their level
+(factor ``0.1 + 1.8 * level``), so FAA policies need it to be expressed exactly. An entry
+without ``direction`` means what it always meant, so version-1 files written before the field
+existed read the same. ``RandAugment(num_ops, level)`` is the other policy kind.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from selfaugment.trainer.augment.ops import OP_NAMES, OPS
 
 POLICY_SCHEMA_VERSION = 1
 RANDAUGMENT_MAX_LEVEL = 30  # RandAugment's magnitude scale (Cubuk et al. 2020): 0..30
-_SETTING_KEYS = ("op", "p", "magnitude")
+_SETTING_KEYS = ("op", "p", "magnitude", "direction")
 _TOP_KEYS = ("schema_version", "name", "sub_policies")
 
 
@@ -54,31 +59,46 @@ def _check_unit_interval(value: object, where: str, allow_none: bool = False) ->
         raise PolicyError(f"{where}: must be within [0, 1], got {value!r}")
 
 
-def _check_setting(op: object, probability: object, magnitude: object, where: str) -> None:
+def _check_setting(
+    op: object, probability: object, magnitude: object, direction: object, where: str
+) -> None:
     if not isinstance(op, str) or op not in OPS:
         raise PolicyError(f"{where}.op: {unknown_op_message(op)}")
     _check_unit_interval(probability, f"{where}.p")
     _check_unit_interval(magnitude, f"{where}.magnitude", allow_none=True)
+    if direction is None:
+        return
+    if isinstance(direction, bool) or direction not in (1, -1):
+        raise PolicyError(f"{where}.direction: must be 1, -1 or null (random), got {direction!r}")
+    if not OPS[op].signed:
+        raise PolicyError(f"{where}.direction: {op} has no direction (only signed ops do)")
 
 
 @dataclass(frozen=True)
 class OpSetting:
-    """One op of a sub-policy: probability of applying it and magnitude (None: random)."""
+    """One op of a sub-policy: probability of applying it, magnitude (None: random) and, for
+    signed ops, a fixed direction (+1 or -1; None: drawn at random at each application)."""
 
     op: str
     probability: float
     magnitude: float | None = None
+    direction: int | None = None
 
     def __post_init__(self) -> None:
-        _check_setting(self.op, self.probability, self.magnitude, "OpSetting")
+        _check_setting(self.op, self.probability, self.magnitude, self.direction, "OpSetting")
 
     def __repr__(self) -> str:
         magnitude = "random" if self.magnitude is None else f"{self.magnitude:g}"
-        return f"{self.op}(p={self.probability:g}, m={magnitude})"
+        direction = "" if self.direction is None else f", direction={self.direction:+d}"
+        return f"{self.op}(p={self.probability:g}, m={magnitude}{direction})"
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON form: {"op", "p", "magnitude"}."""
-        return {"op": self.op, "p": self.probability, "magnitude": self.magnitude}
+        """JSON form: {"op", "p", "magnitude"}, and "direction" only when it is fixed (so
+        that policies without it are written exactly as before the field existed)."""
+        entry: dict[str, Any] = {"op": self.op, "p": self.probability, "magnitude": self.magnitude}
+        if self.direction is not None:
+            entry["direction"] = self.direction
+        return entry
 
 
 SubPolicy = tuple[OpSetting, ...]
@@ -195,9 +215,14 @@ def _parse_setting(raw: object, where: str) -> OpSetting:
         raise PolicyError(f"{where}.op: {unknown_op_message(op)}")
     if "magnitude" not in raw and OPS[op].has_magnitude:
         raise PolicyError(f"{where}: missing field 'magnitude' (use null for a random magnitude)")
-    _check_setting(op, raw["p"], raw.get("magnitude"), where)
-    magnitude = raw.get("magnitude")
-    return OpSetting(op, float(raw["p"]), None if magnitude is None else float(magnitude))
+    magnitude, direction = raw.get("magnitude"), raw.get("direction")
+    _check_setting(op, raw["p"], magnitude, direction, where)
+    return OpSetting(
+        op,
+        float(raw["p"]),
+        None if magnitude is None else float(magnitude),
+        None if direction is None else int(direction),
+    )
 
 
 @dataclass(frozen=True)
@@ -232,15 +257,18 @@ class RandAugment:
 AnyPolicy = Policy | RandAugment
 
 
-def _setting_key(setting: OpSetting, decimals: int) -> tuple[str, float, float | None]:
+SettingKey = tuple[str, float, float | None, int | None]
+
+
+def _setting_key(setting: OpSetting, decimals: int) -> SettingKey:
     magnitude = None if setting.magnitude is None else round(setting.magnitude, decimals)
-    return setting.op, round(setting.probability, decimals), magnitude
+    return setting.op, round(setting.probability, decimals), magnitude, setting.direction
 
 
 def merge(policies: Sequence[Policy], name: str | None = "merged", decimals: int = 4) -> Policy:
-    """Union of the sub-policies in order; duplicates (same ops, p and magnitude after
-    rounding to ``decimals``) are kept once, at their first occurrence."""
-    seen: set[tuple[tuple[str, float, float | None], ...]] = set()
+    """Union of the sub-policies in order; duplicates (same ops, p, magnitude after rounding
+    to ``decimals``, and direction) are kept once, at their first occurrence."""
+    seen: set[tuple[SettingKey, ...]] = set()
     merged: list[SubPolicy] = []
     for index, policy in enumerate(policies):
         if not isinstance(policy, Policy):
