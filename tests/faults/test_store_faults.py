@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
 from pathlib import Path
 
 import boto3
@@ -29,12 +30,22 @@ REPO = Path(__file__).resolve().parents[2]
 SELFAUGMENT = Path(sys.executable).parent / "selfaugment"
 
 
-def _bucket(endpoint: str, name: str = "runs") -> None:
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=name)
+#: Each test's own bucket: moto's server keeps one state per process, shared by all tests.
+BUCKET = f"locks-{uuid.uuid4().hex[:8]}"
 
 
-def _s3_store(uri: str = "s3://runs/search-a") -> S3Store:
-    store = open_store(uri)
+def _bucket(endpoint: str) -> None:
+    client = boto3.client("s3", endpoint_url=endpoint)
+    for listed in client.list_buckets()["Buckets"]:
+        if listed["Name"] == BUCKET:  # an earlier test's: start empty
+            for item in client.list_objects_v2(Bucket=BUCKET).get("Contents", []):
+                client.delete_object(Bucket=BUCKET, Key=item["Key"])
+            return
+    client.create_bucket(Bucket=BUCKET)
+
+
+def _s3_store(prefix: str = "search-a") -> S3Store:
+    store = open_store(f"s3://{BUCKET}/{prefix}")
     assert isinstance(store, S3Store)
     return store
 
@@ -48,10 +59,10 @@ def test_one_run_per_s3_prefix_names_the_holder(s3_server: str, tmp_path: Path) 
         with pytest.raises(RunLockedError) as refused, hold_run_lock(_s3_store()):
             pass
         message = str(refused.value)
-        assert f"pid {os.getpid()}" in message and "s3://runs/search-a is in use by" in message
+        assert f"pid {os.getpid()}" in message and f"{store.uri} is in use by" in message
         assert "lease was renewed" in message
         assert run_holder(store) is not None and f"pid {os.getpid()}" in str(run_holder(store))
-        with hold_run_lock(_s3_store("s3://runs/search-b")):  # another prefix: another run
+        with hold_run_lock(_s3_store("search-b")):  # another prefix: another run
             pass
         raw = yaml.safe_load((REPO / "examples" / "search-smoke.yaml").read_text())
         raw["dataset"]["limit"] = 400
@@ -112,6 +123,7 @@ def test_a_runner_whose_s3_lease_is_taken_over_stops(
         with pytest.raises(RunLockedError, match="taken over by another runner"):
             lock.check()
     assert store.exists(LOCK_NAME)  # the new holder's lock is left alone
+    store.delete(LOCK_NAME)
 
 
 FULL_DISK_SCRIPT = textwrap.dedent(
