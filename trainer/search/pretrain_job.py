@@ -11,6 +11,7 @@ from selfaugment.trainer.config import (
     parse_config,
 )
 from selfaugment.trainer.search.context import ProgressWriter, work_directory
+from selfaugment.trainer.search.scratch import SCRATCH_CHECKPOINT, CheckpointMirror
 from selfaugment.trainer.search.stages import epoch_reporter
 from selfaugment.trainer.store import ArtifactStore
 from selfaugment.trainer.store.layout import (
@@ -31,14 +32,24 @@ def run_pretrain_job(store: ArtifactStore, prefix: str) -> dict[str, Any]:
     cfg = parse_config(PretrainConfig, store.read_json(config_key), store.url(config_key))
     workdir = work_directory(store, f"{prefix}/work", cfg.model_dump_json())
     cfg = _localise_uris(store, cfg, workdir)
-    on_epoch = epoch_reporter(
-        ProgressWriter(store, prefixed_key(prefix, PROGRESS_NAME)), cfg.optim.epochs
+    mirror = CheckpointMirror(
+        store,
+        prefixed_key(prefix, SCRATCH_CHECKPOINT),
+        workdir / "pretrain" / CHECKPOINT_NAME,
+        cfg.runtime.checkpoint_every,
+    )
+    mirror.restore()  # every rank: a preempted attempt's epochs are not trained again
+    on_epoch = mirror.wrap(
+        epoch_reporter(ProgressWriter(store, prefixed_key(prefix, PROGRESS_NAME)), cfg.optim.epochs)
     )
     result = run_pretrain(cfg, workdir / "pretrain", progress_callback=on_epoch)
+    if not result:  # not the main process: rank 0 stores the outcome
+        return result
     key = prefixed_key(prefix, CHECKPOINT_NAME)
-    store.upload_file(workdir / "pretrain" / "checkpoint.pt", key)
+    store.upload_file(workdir / "pretrain" / CHECKPOINT_NAME, key)
     result = dict(result, checkpoint=store.url(key), schema_version=RESULT_SCHEMA_VERSION)
     store.write_json(prefixed_key(prefix, RESULT_NAME), result)
+    mirror.discard()
     return result
 
 

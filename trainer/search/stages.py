@@ -26,6 +26,7 @@ from selfaugment.trainer.moco.checkpoint import save_checkpoint
 from selfaugment.trainer.policy.views import CROP_TRANSFORM, base_augment
 from selfaugment.trainer.search.context import ProgressWriter, TaskContext, TaskInputError
 from selfaugment.trainer.search.planner import base_rungs, search_ops
+from selfaugment.trainer.search.scratch import SCRATCH_CHECKPOINT, CheckpointMirror
 from selfaugment.trainer.search.tpe import TrialRecord, sample_matches_policy
 from selfaugment.trainer.spec import AugmentSearchSpec
 from selfaugment.trainer.store import ArtifactNotFoundError
@@ -91,13 +92,20 @@ def train_moco(
 
     output = ctx.workdir / "pretrain"
     checkpoint = output / "checkpoint.pt"
+    mirror = CheckpointMirror(
+        ctx.store,
+        task_key(ctx.task.id, SCRATCH_CHECKPOINT),
+        checkpoint,
+        cfg.runtime.checkpoint_every,
+    )
+    mirror.restore()  # a preempted attempt's progress comes first
     if continue_from is not None and not checkpoint.exists():
         output.mkdir(parents=True, exist_ok=True)
         with open(continue_from, "rb") as source:
             atomic_write(checkpoint, lambda file: shutil.copyfileobj(source, file, 2**20))
     epochs = stop_epoch or cfg.optim.epochs
     ctx.progress.update(force=True, epoch=0, epochs=epochs)
-    on_epoch = epoch_reporter(ctx.progress, epochs)
+    on_epoch = mirror.wrap(epoch_reporter(ctx.progress, epochs))
     result = run_pretrain(
         cfg, output, images=images, progress_callback=on_epoch, stop_epoch=stop_epoch
     )

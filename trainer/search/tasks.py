@@ -22,6 +22,7 @@ from selfaugment.trainer.search.context import (
     work_directory,
 )
 from selfaugment.trainer.search.planner import task_by_id
+from selfaugment.trainer.search.scratch import SCRATCH_CHECKPOINT
 from selfaugment.trainer.search.stages import RUNNERS
 from selfaugment.trainer.store import ArtifactStore
 from selfaugment.trainer.store.artifacts import remove_temporary_files
@@ -31,6 +32,7 @@ from selfaugment.trainer.store.layout import (
     progress_key,
     result_key,
     spec_digest,
+    task_key,
 )
 from selfaugment.trainer.store.records import TaskFields
 
@@ -77,5 +79,6 @@ def run_task(store: ArtifactStore, task_id: str) -> dict[str, Any]:
     store.write_json(result_key(task.id), result)
     log.info("task %s done in %.1f s", task.id, result["seconds"])
     if store.local_path(result_key(task.id)) is None:  # S3: the scratch files are done with
+        store.delete(task_key(task.id, SCRATCH_CHECKPOINT))
         shutil.rmtree(workdir, ignore_errors=True)
     return result
