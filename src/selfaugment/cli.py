@@ -4,7 +4,7 @@
     selfaugment status DIR|s3://bucket/prefix
     selfaugment pretrain -f pretrain.yaml -o DIR
     selfaugment eval -f eval.yaml -o DIR
-    selfaugment policy validate|show|render ...
+    selfaugment policy validate|show|render|import|export ...
     selfaugment study correlation -f study.yaml -o DIR
     selfaugment study compare DIR --model NAME[=RUN_DIR] ...
     selfaugment study pool DIR DIR ... -o DIR
@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("-o", "--output", type=Path, required=True, help="output directory")
     evaluate.set_defaults(handler=cmd_eval)
 
-    policy = commands.add_parser("policy", help="validate, show or render a policy")
+    policy = commands.add_parser("policy", help="validate, show, render, import or export a policy")
     policy_commands = policy.add_subparsers(dest="policy_command", required=True)
     validate = policy_commands.add_parser("validate", help="check policy files")
     validate.add_argument("files", nargs="+", type=Path)
@@ -217,6 +217,23 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--samples", type=_positive, default=8, help="augmented samples per image")
     render.add_argument("--image-size", type=int, default=32, help="image side")
     render.add_argument("--seed", type=int, default=0)
+    imported = policy_commands.add_parser(
+        "import", help="read a Fast AutoAugment policy list [[name, p, level], ...] exactly"
+    )
+    imported.add_argument("file", type=Path, help="JSON or YAML list of sub-policies")
+    imported.add_argument("-o", "--output", type=Path, help="policy JSON to write (default: print)")
+    imported.add_argument("--name", default=None, help="policy name (default: the file's stem)")
+    imported.add_argument(
+        "--image-size", type=_positive, default=None, help="image side, for ops given in pixels"
+    )
+    exported = policy_commands.add_parser(
+        "export", help="write a policy as a Fast AutoAugment list, refusing what FAA cannot express"
+    )
+    exported.add_argument("policy", help="policy file or built-in name")
+    exported.add_argument("-o", "--output", type=Path, help="file to write (default: print)")
+    exported.add_argument(
+        "--format", choices=("json", "yaml"), default=None, help="default: from -o, else json"
+    )
     policy.set_defaults(handler=cmd_policy)
 
     study = commands.add_parser("study", help="studies of the paper's claims")
