@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, PositiveInt, model_validator
 
 from selfaugment.trainer.config import (
     SCHEMA_VERSION,
@@ -73,6 +73,17 @@ class BaseSelection(StrictModel):
     )
     min_epochs: int = Field(
         1, ge=1, description="Successive halving: the fewest epochs a rung trains for."
+    )
+    seeds: int = Field(
+        1,
+        ge=1,
+        le=10,
+        description=(
+            "Training seeds per candidate of the last rung: with 2 or more, each is trained "
+            "again from scratch with other seeds, its score is the mean over them and its "
+            "uncertainty their spread (training seeds move rotation accuracy far more than "
+            "the held-out images do)."
+        ),
     )
 
 
@@ -231,6 +242,18 @@ class ResourcesConfig(StrictModel):
         description=(
             "Size of the in-memory /dev/shm of worker pods (data loader workers and NCCL need "
             "more than the container runtime's 64Mi); null keeps the runtime's default."
+        ),
+    )
+    active_deadline_seconds: dict[
+        Literal["base", "folds", "search", "merge", "retrain", "report", "randaugment", "pretrain"],
+        PositiveInt,
+    ] = Field(
+        default_factory=dict,
+        description=(
+            "Longest a task's Job may run, per stage (`pretrain`: a standalone Pretrain), as "
+            "the Job's activeDeadlineSeconds: a hung worker (NCCL, data loader) is stopped and "
+            "the run fails with reason DeadlineExceeded. Stages left out get the operator's "
+            "defaults (operator only)."
         ),
     )
 

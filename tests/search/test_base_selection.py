@@ -15,7 +15,13 @@ import pytest
 import yaml
 
 from selfaugment.trainer.config import ConfigError, load_config, parse_config
+from selfaugment.trainer.search.base_selection import (
+    describe_separation,
+    final_scores,
+    separation,
+)
 from selfaugment.trainer.search.planner import all_tasks, base_rungs, plan
+from selfaugment.trainer.search.status import summarise
 from selfaugment.trainer.search.tasks import run_task
 from selfaugment.trainer.spec import AugmentSearchSpec
 from selfaugment.trainer.store import open_store
@@ -138,7 +144,7 @@ def test_a_survivor_trains_exactly_as_in_the_exhaustive_stage(tmp_path: Path) ->
     assert (selection["epochs_trained"], selection["epochs_exhaustive"]) == (5, 6)
     assert report["base_candidates"][transform]["rung"] == 1
     markdown = (tmp_path / "halving" / "report.md").read_text()
-    assert "Successive halving (eta 2): 5 candidate-epochs trained instead of 6" in markdown
+    assert "Successive halving (eta 2): 5 candidate-epochs trained instead of 6 for" in markdown
     assert "rung 1 (2 ep)" in markdown
     assert report["left_out_ops"] == ["Color"] and "identity on 1-channel images" in markdown
     for trials in (tmp_path / "halving" / "tasks").glob("search-*/trials.json"):
@@ -149,3 +155,90 @@ def test_a_survivor_trains_exactly_as_in_the_exhaustive_stage(tmp_path: Path) ->
             for op in sub
         }
         assert "Color" not in ops
+
+
+def test_the_last_rung_is_trained_again_with_other_seeds() -> None:
+    spec = _spec(
+        base_candidates=ALL16,
+        base_epochs=20,
+        base_selection={"method": "successive_halving", "seeds": 3},
+    )
+    replicates = [task for task in all_tasks(spec) if "seed" in task.id]
+    assert [task.id for task in replicates] == [
+        "base-r3-s0-seed1",
+        "base-r3-s1-seed1",
+        "base-r3-s0-seed2",
+        "base-r3-s1-seed2",
+    ]
+    assert replicates[0].depends_on == ("base-r3-s0",)
+    assert replicates[0].params == {"rung": 3, "replicate": 1, "of": "base-r3-s0"}
+    fold = next(task for task in all_tasks(spec) if task.id == "fold-0")
+    assert set(fold.depends_on) >= {task.id for task in replicates}
+
+
+def _result(transform: str, accuracy: float, images: int = 100, rung: int = 0) -> dict:
+    return {
+        "transform": transform,
+        "rotation_accuracy": accuracy,
+        "rotation_loss": 1.0 - accuracy,
+        "heldout_images": images,
+        "rung": rung,
+    }
+
+
+def test_scores_carry_their_uncertainty_and_a_close_call_is_named() -> None:
+    spec = _spec(base_candidates=["Rotate", "Cutout"], base_selection={"seeds": 3})
+    close = {
+        "base-rotate": _result("Rotate", 0.60),
+        "base-rotate-seed1": _result("Rotate", 0.50),
+        "base-rotate-seed2": _result("Rotate", 0.55),
+        "base-cutout": _result("Cutout", 0.56),
+        "base-cutout-seed1": _result("Cutout", 0.54),
+        "base-cutout-seed2": _result("Cutout", 0.52),
+    }
+    scores = final_scores(spec, close)
+    assert [s.transform for s in scores] == ["Rotate", "Cutout"]
+    assert scores[0].accuracy == pytest.approx(0.55) and scores[0].seeds == 3
+    assert scores[0].standard_error == pytest.approx(0.05 / 3**0.5)  # std 0.05 over 3 seeds
+    verdict = separation(scores)
+    assert verdict is not None and not verdict["separated"]
+    line = describe_separation(verdict)
+    assert line is not None and "NOT separated" in line and "training seeds" in line
+    # one seed: only the held-out images' binomial error is known, and the line says so
+    single = _spec(base_candidates=["Rotate", "Cutout"])
+    wide = {"base-rotate": _result("Rotate", 0.9), "base-cutout": _result("Cutout", 0.5)}
+    verdict = separation(final_scores(single, wide))
+    assert verdict is not None and verdict["separated"]
+    assert "held-out images only" in str(describe_separation(verdict))
+    near = {"base-rotate": _result("Rotate", 0.52), "base-cutout": _result("Cutout", 0.50)}
+    line = describe_separation(separation(final_scores(single, near)))
+    assert line is not None and "NOT separated" in line and "base_selection.seeds" in line
+
+
+def test_replicates_run_with_their_own_seeds_and_the_report_shows_the_spread(
+    tmp_path: Path,
+) -> None:
+    spec = _tiny(
+        **{
+            "search.base_candidates": "[RandomResizedCrop, Rotate]",
+            "search.base_selection.seeds": 2,
+        }
+    )
+    results = _run_all(spec, tmp_path / "seeds")
+    for name in ("randomresizedcrop", "rotate"):
+        first, again = results[f"base-{name}"], results[f"base-{name}-seed1"]
+        assert first["transform"] == again["transform"]
+        assert first["seed"] != again["seed"]
+        assert first["loss_history"] != again["loss_history"]  # another training run
+    report = json.loads((tmp_path / "seeds" / "report.json").read_text())
+    final = report["base_selection"]["final"]
+    assert {f["transform"] for f in final} == {"RandomResizedCrop", "Rotate"}
+    assert all(f["seeds"] == 2 and f["uncertainty"] == "training seeds" for f in final)
+    assert report["base_selection"]["separation"]["winner"] == results["fold-0"]["base_policy"]
+    markdown = (tmp_path / "seeds" / "report.md").read_text()
+    assert "Final comparison (2 epochs, 2 training seed(s) each)" in markdown
+    assert "**Choice:** " in markdown
+    status = summarise(open_store(tmp_path / "seeds"), spec)
+    assert status.base_choice is not None and status.base_choice.startswith(
+        report["base_selection"]["separation"]["winner"]
+    )

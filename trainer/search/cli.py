@@ -134,6 +134,8 @@ def print_status(run: str, *, as_json: bool, endpoint: str | None) -> int:
         print(f"dataset: {describe_skipped(summary.skipped_images)}")
     if summary.base_policy:
         print(f"base policy: {summary.base_policy}")
+    if summary.base_choice:
+        print(f"  {summary.base_choice}")
     if summary.trials_done:
         print(f"trials done: {summary.trials_done}   best objective: {summary.best_objective}")
     if summary.policy_uri:

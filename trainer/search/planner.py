@@ -188,6 +188,12 @@ def all_tasks(spec: AugmentSearchSpec) -> list[Task]:
                 tasks.append(Task(task_id, "base", "base", params, previous))
             base_ids.extend(rung_ids)
             previous = tuple(rung_ids)
+        for replicate in range(1, search.base_selection.seeds):
+            for of in previous:  # the last rung's candidates, trained again with other seeds
+                task_id = f"{of}-seed{replicate}"
+                params = {"rung": rungs[-1].index, "replicate": replicate, "of": of}
+                base_ids.append(task_id)
+                tasks.append(Task(task_id, "base", "base", params, (of,)))
     fold_ids = []
     for fold in range(search.folds):
         task_id = f"fold-{fold}"

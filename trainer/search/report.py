@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from selfaugment.trainer.search.base_selection import describe_separation, final_scores, separation
 from selfaugment.trainer.search.planner import base_candidates, base_rungs, identity_ops
 from selfaugment.trainer.search.status import describe_skipped, skipped_images
 from selfaugment.trainer.spec import AugmentSearchSpec
@@ -56,6 +57,105 @@ def _plot_base(results: dict[str, dict[str, Any]]) -> bytes:
     return _figure_bytes(draw, height=max(3.0, 0.3 * len(rows) + 1))
 
 
+def _base_section(
+    spec: AugmentSearchSpec, results: dict[str, dict[str, Any]]
+) -> tuple[list[str], bytes, dict[str, Any]] | None:
+    """The base-policy part of the report: markdown lines, the plot, and report.json's fields.
+
+    Every candidate shows its score at the last rung it reached; the last rung's candidates
+    show the mean over their seeds with its standard error, and a line says whether the
+    winner is separated from the runner-up beyond that uncertainty."""
+    if not results:
+        return None
+    rungs = base_rungs(spec)
+    final = final_scores(spec, results)
+    verdict = separation(final)
+    latest = _latest_per_candidate(results)
+    for score in final:  # the last rung: the mean over seeds
+        latest[score.transform] = {
+            **latest[score.transform],
+            "rotation_accuracy": score.accuracy,
+            "rotation_loss": score.loss,
+        }
+    rows = sorted(latest.values(), key=lambda r: (-r.get("rung", 0), -r["rotation_accuracy"]))
+    selection = _base_selection(spec, results)
+    selection["final"] = [score.to_dict() for score in final]
+    selection["separation"] = verdict
+    md = ["## Base policy", ""]
+    if len(rungs) > 1:
+        scores = _scores_per_rung(results)
+        for score in final:  # the last rung's cell: the mean over its seeds
+            scores[score.transform][rungs[-1].index] = score.accuracy
+        md += [
+            f"Successive halving (eta {spec.search.base_selection.eta}): "
+            f"{selection['epochs_trained']} candidate-epochs trained instead of "
+            f"{selection['epochs_exhaustive']} for the exhaustive stage with one seed each "
+            f"({selection['epochs_exhaustive'] / selection['epochs_trained']:.1f}x fewer), "
+            f"{selection['worker_seconds']:.0f} worker-seconds. Held-out rotation accuracy "
+            "per rung; a blank cell is where a candidate was stopped.",
+            "",
+            _table(
+                ["transform", *[f"rung {r.index} ({r.epochs} ep)" for r in rungs]],
+                [
+                    [r["transform"], *[scores[r["transform"]].get(g.index, "") for g in rungs]]
+                    for r in rows
+                ],
+            ),
+            "",
+        ]
+    else:
+        md += [
+            _table(
+                ["transform", "rotation accuracy", "rotation loss", "final MoCo loss"],
+                [
+                    [
+                        r["transform"],
+                        r["rotation_accuracy"],
+                        r["rotation_loss"],
+                        r.get("final_loss"),
+                    ]
+                    for r in rows
+                ],
+            ),
+            "",
+        ]
+    if spec.search.base_selection.seeds > 1 or len(rungs) > 1:
+        md += [
+            f"Final comparison ({rungs[-1].epochs} epochs, "
+            f"{spec.search.base_selection.seeds} training seed(s) each):",
+            "",
+            _table(
+                ["transform", "rotation accuracy", "standard error", "seeds"],
+                [[f.transform, f.accuracy, f.standard_error, f.seeds] for f in final],
+            ),
+            "",
+        ]
+    line = describe_separation(verdict)
+    if line:
+        md += [f"**Choice:** {line}.", ""]
+    left_out = sorted(identity_ops(spec))
+    if left_out:
+        md += [
+            f"Left out of the candidates and of the search space, as the identity on "
+            f"{spec.dataset.channels}-channel images: {', '.join(left_out)}.",
+            "",
+        ]
+    md += ["![base candidates](plots/base_candidates.png)", ""]
+    fields = {
+        "base_candidates": {
+            name: {
+                "rotation_accuracy": r["rotation_accuracy"],
+                "rotation_loss": r["rotation_loss"],
+                "rung": r.get("rung", 0),
+                "epochs": r.get("epochs", spec.search.base_epochs),
+            }
+            for name, r in latest.items()
+        },
+        "base_selection": selection,
+    }
+    return md, _plot_base(latest), fields
+
+
 def _latest_per_candidate(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Each base candidate's result at the last rung it reached."""
     latest: dict[str, dict[str, Any]] = {}
@@ -80,7 +180,8 @@ def _base_selection(spec: AugmentSearchSpec, results: dict[str, dict[str, Any]])
     rungs = base_rungs(spec)
     before = {rung.index: rungs[rung.index - 1].epochs if rung.index else 0 for rung in rungs}
     trained = sum(
-        int(r.get("epochs", spec.search.base_epochs)) - before.get(int(r.get("rung", 0)), 0)
+        int(r.get("epochs", spec.search.base_epochs))
+        - (before.get(int(r.get("rung", 0)), 0) if r.get("continued_from") else 0)
         for r in results.values()
     )
     return {
@@ -191,59 +292,12 @@ def write_report(store: ArtifactStore, spec: AugmentSearchSpec, workdir: Path) -
         md.append(f"**Data:** {describe_skipped(skipped, shown=len(skipped['files']))}.")
     md.append("")
 
-    candidates = _latest_per_candidate(by_prefix["base-"])
-    selection = _base_selection(spec, by_prefix["base-"]) if by_prefix["base-"] else None
-    if candidates:
-        plots["base_candidates.png"] = _plot_base(candidates)
-        rows = sorted(
-            candidates.values(), key=lambda r: (-r.get("rung", 0), -r["rotation_accuracy"])
-        )
-        rungs = base_rungs(spec)
-        md += ["## Base policy", ""]
-        if selection and len(rungs) > 1:
-            scores = _scores_per_rung(by_prefix["base-"])
-            md += [
-                f"Successive halving (eta {spec.search.base_selection.eta}): "
-                f"{selection['epochs_trained']} candidate-epochs trained instead of "
-                f"{selection['epochs_exhaustive']} "
-                f"({selection['epochs_exhaustive'] / selection['epochs_trained']:.1f}x fewer), "
-                f"{selection['worker_seconds']:.0f} worker-seconds. Held-out rotation accuracy "
-                "per rung; a blank cell is where a candidate was stopped.",
-                "",
-                _table(
-                    ["transform", *[f"rung {r.index} ({r.epochs} ep)" for r in rungs]],
-                    [
-                        [
-                            r["transform"],
-                            *[scores[r["transform"]].get(rung.index, "") for rung in rungs],
-                        ]
-                        for r in rows
-                    ],
-                ),
-            ]
-        else:
-            md.append(
-                _table(
-                    ["transform", "rotation accuracy", "rotation loss", "final MoCo loss"],
-                    [
-                        [
-                            r["transform"],
-                            r["rotation_accuracy"],
-                            r["rotation_loss"],
-                            r.get("final_loss"),
-                        ]
-                        for r in rows
-                    ],
-                )
-            )
-        left_out = sorted(identity_ops(spec))
-        if left_out:
-            md += [
-                "",
-                f"Left out of the candidates and of the search space, as the identity on "
-                f"{spec.dataset.channels}-channel images: {', '.join(left_out)}.",
-            ]
-        md += ["", "![base candidates](plots/base_candidates.png)", ""]
+    base_section = _base_section(spec, by_prefix["base-"])
+    if base_section is not None:
+        base_lines, plots["base_candidates.png"], base_json = base_section
+        md += base_lines
+    else:
+        base_json = {"base_candidates": {}, "base_selection": None}
     if by_prefix["fold-"]:
         folds = by_prefix["fold-"]
         md += [
@@ -346,16 +400,7 @@ def write_report(store: ArtifactStore, spec: AugmentSearchSpec, workdir: Path) -
         "objective": spec.search.objective,
         "spec_digest": spec_digest(spec),
         "base_policy": next(iter(by_prefix["fold-"].values()), {}).get("base_policy"),
-        "base_candidates": {
-            name: {
-                "rotation_accuracy": r["rotation_accuracy"],
-                "rotation_loss": r["rotation_loss"],
-                "rung": r.get("rung", 0),
-                "epochs": r.get("epochs", spec.search.base_epochs),
-            }
-            for name, r in candidates.items()
-        },
-        "base_selection": selection,
+        **base_json,
         "left_out_ops": sorted(identity_ops(spec)),
         "folds": {
             k: {"rotation_accuracy": v["rotation_accuracy"], **v["base_losses"]}

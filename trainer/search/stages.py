@@ -24,6 +24,7 @@ from selfaugment.trainer.config import (
 from selfaugment.trainer.data import ImageSet, load_dataset
 from selfaugment.trainer.moco.checkpoint import save_checkpoint
 from selfaugment.trainer.policy.views import CROP_TRANSFORM, base_augment
+from selfaugment.trainer.search import base_selection
 from selfaugment.trainer.search.context import ProgressWriter, TaskContext, TaskInputError
 from selfaugment.trainer.search.planner import base_rungs, search_ops
 from selfaugment.trainer.search.scratch import SCRATCH_CHECKPOINT, CheckpointMirror
@@ -55,6 +56,7 @@ def stage_pretrain_config(
     *,
     batch_size: int | None = None,
     lr: float | None = None,
+    seed: int | None = None,
 ) -> PretrainConfig:
     spec = ctx.spec
     optim = spec.optim.model_copy(
@@ -64,7 +66,7 @@ def stage_pretrain_config(
             "lr": lr or spec.optim.lr,
         }
     )
-    runtime = spec.runtime.model_copy(update={"seed": spec.search.seed})
+    runtime = spec.runtime.model_copy(update={"seed": spec.search.seed if seed is None else seed})
     return PretrainConfig(
         dataset=spec.dataset,
         model=spec.model,
@@ -133,16 +135,19 @@ def train_and_probe_rotation(
     *,
     stop_epoch: int | None = None,
     continue_from: Path | None = None,
+    seed: int | None = None,
 ) -> tuple[dict[str, Any], Path, Any, Any]:
     """MoCo on the fold's training part, then a rotation head scored on its held-out part.
 
+    `seed`: the training and probe seed (the search's seed unless a replicate sets another).
     Returns (pretrain result, checkpoint, frozen backbone, rotation ProbeResult).
     """
     from selfaugment.trainer.evaluation.probes import train_probe
     from selfaugment.trainer.moco.checkpoint import load_backbone
 
+    seed = ctx.seed if seed is None else seed
     train, heldout = ctx.fold_data(fold)
-    cfg = stage_pretrain_config(ctx, augment, epochs)
+    cfg = stage_pretrain_config(ctx, augment, epochs, seed=seed)
     pretrain, checkpoint = train_moco(
         ctx, cfg, train, stop_epoch=stop_epoch, continue_from=continue_from
     )
@@ -154,32 +159,17 @@ def train_and_probe_rotation(
         heldout.images,
         ctx.spec.evaluation,
         device=_device(ctx),
-        seed=ctx.seed,
+        seed=seed,
     )
     return pretrain, checkpoint, backbone, probe
 
 
-def rank_candidates(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Base-candidate results best first: held-out rotation accuracy (the paper's criterion),
-    then the lower rotation loss, then the transform's name (so ties rank alike everywhere)."""
-    return sorted(
-        results, key=lambda r: (-r["rotation_accuracy"], r["rotation_loss"], r["transform"])
-    )
-
-
 def select_base(spec: AugmentSearchSpec, results: dict[str, dict[str, Any]]) -> str:
-    """The base transform: given in the spec, or the best of the last rung of candidates."""
-    if spec.search.base_policy != "auto":
-        return spec.search.base_policy
-    last = len(base_rungs(spec)) - 1
-    base = [
-        result
-        for task_id, result in results.items()
-        if task_id.startswith("base-") and int(result.get("rung", 0)) == last
-    ]
-    if not base:
-        raise TaskInputError("no base-candidate results: the base stage has not run")
-    return str(rank_candidates(base)[0]["transform"])
+    """The base transform (see base_selection.py); TaskInputError when none has run."""
+    try:
+        return base_selection.select_base(spec, results)
+    except base_selection.NoBaseResultsError as error:
+        raise TaskInputError(str(error)) from None
 
 
 def fold_augment(ctx: TaskContext, base: str, policy: str = "none") -> AugmentConfig:
@@ -195,17 +185,23 @@ def run_base(ctx: TaskContext) -> BaseResult:
     rung before from that task's checkpoint, to its rung's epoch of the same schedule.
     """
     rungs = base_rungs(ctx.spec)
-    rung = int(ctx.task.params.get("rung", 0))
+    params = ctx.task.params
+    rung = int(params.get("rung", 0))
+    replicate = int(params.get("replicate", 0))
     stop_epoch = rungs[rung].epochs
     continue_from: Path | None = None
     source: str | None = None
-    if rung == 0:
-        transform = str(ctx.task.params["transform"])
+    if replicate:  # the same candidate as `of`, trained from scratch with another seed
+        transform = str(ctx.results("")[str(params["of"])]["transform"])
+    elif rung == 0:
+        transform = str(params["transform"])
     else:
-        slot = int(ctx.task.params["slot"])
-        ranked = rank_candidates([ctx.results("")[task_id] for task_id in ctx.task.depends_on])
+        slot = int(params["slot"])
+        earlier = [ctx.results("")[task_id] for task_id in ctx.task.depends_on]
+        ranked = base_selection.rank_candidates(earlier)
         transform, source = str(ranked[slot]["transform"]), str(ranked[slot]["task"])
         continue_from = ctx.fetch(source, "checkpoint.pt")
+    seed = replicate_seed(ctx.seed, replicate)
     augment = base_augment(transform, ctx.spec.augment.model_copy(update={"flip": False}))
     pretrain, checkpoint, _, probe = train_and_probe_rotation(
         ctx,
@@ -214,6 +210,7 @@ def run_base(ctx: TaskContext) -> BaseResult:
         0,
         stop_epoch=stop_epoch,
         continue_from=continue_from,
+        seed=seed,
     )
     result: BaseResult = {
         "transform": transform,
@@ -224,10 +221,17 @@ def run_base(ctx: TaskContext) -> BaseResult:
         "rung": rung,
         "epochs": stop_epoch,
         "continued_from": source,
+        "seed": seed,
+        "heldout_images": len(ctx.fold_data(0)[1]),
     }
-    if rung + 1 < len(rungs):  # the next rung may go on from this checkpoint
+    if rung + 1 < len(rungs) and not replicate:  # the next rung may go on from it
         ctx.upload(checkpoint, "checkpoint.pt")
     return result
+
+
+def replicate_seed(seed: int, replicate: int) -> int:
+    """The training seed of a base candidate's replicate (0: the search's own seed)."""
+    return (seed + 1_000_003 * replicate) % 2**32
 
 
 def run_fold(ctx: TaskContext) -> FoldResult:

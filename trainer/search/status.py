@@ -6,9 +6,16 @@ the AugmentSearch status; the planner says which stage the finished tasks put th
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
+from selfaugment.trainer.search.base_selection import (
+    NoBaseResultsError,
+    describe_separation,
+    final_scores,
+    separation,
+)
 from selfaugment.trainer.search.planner import PlanState, plan
 from selfaugment.trainer.spec import AugmentSearchSpec
 from selfaugment.trainer.store.artifacts import ArtifactStore
@@ -34,6 +41,8 @@ class RunSummary:
     final: dict[str, Any] = field(default_factory=dict)
     #: unreadable images the dataset loads left out: {"count", "files": [{"file", "reason"}]}
     skipped_images: dict[str, Any] | None = None
+    #: whether the base transform won beyond the scores' uncertainty, in one line
+    base_choice: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -49,6 +58,7 @@ class RunSummary:
             "policy_summary": self.policy_summary,
             "final": self.final,
             "skipped_images": self.skipped_images,
+            "base_choice": self.base_choice,
         }
 
 
@@ -92,6 +102,9 @@ def summarise(store: ArtifactStore, spec: AugmentSearchSpec | None = None) -> Ru
                 summary.best_objective = float(best)
     if spec.search.base_policy != "auto":
         summary.base_policy = spec.search.base_policy
+    elif all(task.id in done for task in state.tasks if task.kind == "base"):
+        with contextlib.suppress(NoBaseResultsError):
+            summary.base_choice = describe_separation(separation(final_scores(spec, results)))
     for task in state.tasks:
         if task.kind == "search" and task.id not in done:
             progress = read_progress(store, task.id) if task in state.ready else {}

@@ -33,6 +33,8 @@ class BaseResult(TypedDict):
     rung: int  # successive halving: the rung (0 when exhaustive)
     epochs: int  # the epoch of the base_epochs schedule this training reached
     continued_from: str | None  # the earlier rung's task this one went on from
+    seed: int  # the training (and probe) seed
+    heldout_images: int  # images the rotation score was measured on
 
 
 class FoldResult(TypedDict):
