@@ -77,6 +77,11 @@ class PolicyScorer:
             raise ValueError(
                 f"heldout_images must be a non-empty [N, C, H, W] tensor, got {tuple(heldout_images.shape)}"
             )
+        if heldout_images.shape[2] != heldout_images.shape[3]:
+            raise ValueError(
+                "heldout_images must be square (rotations are scored as one batch), "
+                f"got {tuple(heldout_images.shape[2:])}"
+            )
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = torch.device(device)
@@ -141,26 +146,27 @@ class PolicyScorer:
         labels = self.labels
         for start in range(0, total, self.batch_size):
             batch = self.images[start : start + self.batch_size]
+            count = batch.shape[0]
             view_q = augmenter(batch, generator)
             view_k = augmenter(batch, generator)
             with autocast(self.device, self.bf16):
-                for quarter_turns in range(4):
-                    rotated = torch.rot90(view_q, quarter_turns, (2, 3))
-                    features = backbone(rotated).float()
-                    logits = self.rotation_head(features)
-                    if quarter_turns == 0 and self.linear_head is not None and labels is not None:
-                        supervised += F.cross_entropy(
-                            self.linear_head(features),
-                            labels[start : start + batch.shape[0]],
-                            reduction="sum",
-                        ).item()
-                    targets = torch.full(
-                        (batch.shape[0],), quarter_turns, dtype=torch.long, device=self.device
-                    )
-                    rotation_loss += F.cross_entropy(logits, targets, reduction="sum").item()
-                    rotation_correct += (logits.argmax(1) == targets).sum().item()
-                loss, _ = self.model.contrastive_loss_eval(view_q, view_k)
-            infonce += loss.item() * batch.shape[0]
+                # the 4 rotations as one batch (eval mode: batch norm uses its running stats);
+                # the upright quarter's features serve the InfoNCE query too: 5 passes, not 6
+                rotated = torch.cat([torch.rot90(view_q, turns, (2, 3)) for turns in range(4)])
+                raw = backbone(rotated)
+                features = raw.float()
+                logits = self.rotation_head(features)
+                targets = torch.arange(4, device=self.device).repeat_interleave(count)
+                rotation_loss += F.cross_entropy(logits, targets, reduction="sum").item()
+                rotation_correct += (logits.argmax(1) == targets).sum().item()
+                if self.linear_head is not None and labels is not None:
+                    supervised += F.cross_entropy(
+                        self.linear_head(features[:count]),
+                        labels[start : start + count],
+                        reduction="sum",
+                    ).item()
+                loss, _ = self.model.contrastive_loss_eval(None, view_k, query_features=raw[:count])
+            infonce += loss.item() * count
         return PolicyScore(
             rotation_loss=rotation_loss / (4 * total),
             rotation_accuracy=rotation_correct / (4 * total),

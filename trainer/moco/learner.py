@@ -129,13 +129,24 @@ class MoCo(nn.Module):
 
     @torch.no_grad()
     def contrastive_loss_eval(
-        self, view_q: torch.Tensor, view_k: torch.Tensor
+        self,
+        view_q: torch.Tensor | None,
+        view_k: torch.Tensor,
+        *,
+        query_features: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """InfoNCE of two views with frozen encoders and queue: changes no parameter or buffer."""
+        """InfoNCE of two views with frozen encoders and queue: changes no parameter or buffer.
+
+        `query_features`: the query backbone's output for `view_q`, when the caller has it (the
+        policy scorer computes it for the rotation head), so the backbone does not run again."""
         modes = [(module, module.training) for module in self.modules()]
         self.eval()
         try:
-            q = F.normalize(self.encoder_q(view_q), dim=1)  # N x C
+            if query_features is None:
+                if view_q is None:
+                    raise ValueError("contrastive_loss_eval needs view_q or query_features")
+                query_features = self.encoder_q.backbone(view_q)
+            q = F.normalize(self.encoder_q.head(query_features), dim=1)  # N x C
             k = F.normalize(self.encoder_k(view_k), dim=1)  # N x C
             return info_nce(q, k, self.queue, self.temperature)
         finally:
