@@ -26,27 +26,29 @@ from torch import Tensor
 
 MAX_LEVEL = 255.0
 
-_GRAY_WEIGHTS = (19595.0, 38470.0, 7471.0)  # PIL 'L': (19595 R + 38470 G + 7471 B + 2**15) >> 16
+# PIL 'L': (19595 R + 38470 G + 7471 B + 2**15) >> 16, as floor(sum of R * 19595 / 2**16, ...
+# + 1/2): 16-bit fractions of values below 256 need 24 bits, so every step is exact in float32.
+_GRAY_WEIGHTS = (19595.0 / 65536.0, 38470.0 / 65536.0, 7471.0 / 65536.0)
 _SMOOTH_DIVISOR = 13.0  # PIL's SMOOTH kernel: 1 1 1 / 1 5 1 / 1 1 1, divided by 13
 
 
 def column(values: Tensor, like: Tensor) -> Tensor:
     """Per-sample values [B] as float32 [B, 1, 1, 1] on ``like``'s device (rounded to nearest,
     as C rounds a double to a float)."""
-    return values.to(dtype=torch.float32).view(-1, 1, 1, 1).to(like.device)
+    return values.to(device=like.device, dtype=torch.float32).view(-1, 1, 1, 1)
 
 
 def grayscale(levels: Tensor) -> Tensor:
     """PIL's 'L' conversion of [B, 3, H, W] levels -> [B, 1, H, W] (one channel: itself).
 
-    Integer weights and sums below 2**24: exact in float32 in any order.
+    Exact in float32 in any order of operations, fused multiply-adds included (see the weights).
     """
     if levels.shape[1] == 1:
         return levels
     red, green, blue = levels[:, 0:1], levels[:, 1:2], levels[:, 2:3]
-    weighted = red * _GRAY_WEIGHTS[0]  # a fused multiply-add is exact here too
+    weighted = red * _GRAY_WEIGHTS[0]
     weighted.add_(green, alpha=_GRAY_WEIGHTS[1]).add_(blue, alpha=_GRAY_WEIGHTS[2])
-    return weighted.add_(32768.0).mul_(1.0 / 65536.0).floor_()
+    return weighted.add_(0.5).floor_()
 
 
 def gray_mean(gray: Tensor) -> Tensor:
