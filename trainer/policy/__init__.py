@@ -6,7 +6,12 @@ The public interface (README, docs/using-a-policy.md)::
 """
 
 from selfaugment.trainer.policy.apply import AugmentPlan, sample_plan
-from selfaugment.trainer.policy.augmenter import BatchAugmenter, PolicyTransform, apply_policy_pil
+from selfaugment.trainer.policy.augmenter import (
+    BatchAugmenter,
+    PolicyTransform,
+    apply_plan_pil,
+    apply_policy_pil,
+)
 from selfaugment.trainer.policy.builtins import (
     load_policy,
     mocov2_policy,
@@ -33,6 +38,7 @@ __all__ = [
     "PolicyError",
     "PolicyTransform",
     "RandAugment",
+    "apply_plan_pil",
     "apply_policy_pil",
     "describe",
     "expected_strength",
