@@ -58,6 +58,9 @@ def _convert(node: dict[str, Any], defs: dict[str, Any], path: str) -> dict[str,
     for key in _KEPT:
         if key in node:
             out[key] = copy.deepcopy(node[key])
+    for key in node:  # Kubernetes extensions a model asks for (list-type map on conditions)
+        if key.startswith("x-kubernetes-"):
+            out[key] = copy.deepcopy(node[key])
     if "format" in out and out["format"] not in ("int32", "int64", "float", "double", "date-time"):
         del out["format"]  # pydantic formats such as 'uri' are not Kubernetes formats
     for key in ("exclusiveMinimum", "exclusiveMaximum"):
@@ -90,6 +93,11 @@ def _convert_object(
 ) -> None:
     properties = node.get("properties")
     extra = node.get("additionalProperties")
+    keys = (node.get("propertyNames") or {}).get("enum")
+    if not properties and isinstance(extra, dict) and keys:
+        # dict[Literal[...], X]: an object with those keys only, so the API server refuses a
+        # misspelt key (structural schemas have no propertyNames).
+        properties = {str(key): extra for key in keys}
     if properties:
         out["properties"] = {
             name: _convert(child, defs, f"{path}.{name}") for name, child in properties.items()
