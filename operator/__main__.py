@@ -20,12 +20,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import kopf
 
-    from selfaugment.operator import handlers  # noqa: F401  (registers the handlers)
+    from selfaugment.operator import handlers  # registers the handlers
 
+    handlers.RUNTIME.namespaces = tuple(args.namespace)  # the resync lists these (or all)
     kopf.configure(verbose=args.verbose, log_prefix=True)
     quiet_client_libraries()  # no request headers (tokens, signatures) in debug logs
     kopf.run(
-        standalone=True,
+        standalone=True,  # no kopf peering: leader election is a Lease (operator/leader.py)
         clusterwide=not args.namespace,
         namespaces=args.namespace,
     )

@@ -1,8 +1,16 @@
-"""kopf handlers: thin adapters from watch events and timers to the reconcilers.
+"""kopf handlers: thin adapters from watch events to the reconcilers, and the operator's
+start and stop.
 
 Handlers are synchronous (kopf runs them in a thread pool: the store and Kubernetes clients
 block). A per-object lock serialises the reconciliations of one resource that a watch event,
-a Job event and a timer may start at the same moment.
+a Job event and the periodic resync may start at the same moment.
+
+No handler needs a finalizer: the periodic reconciliation is the resync thread of
+operator/resync.py rather than a kopf timer (kopf puts a finalizer on every resource that has a
+timer, so deleting a resource, its namespace or the CRD hung while the operator was not
+running). kopf still knows the finalizer name that earlier versions used, and removes it from
+resources that carry it. Only the leader (operator/leader.py) reconciles; every replica watches,
+so that a standby can take over at once.
 """
 
 from __future__ import annotations
@@ -12,22 +20,25 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, cast
+from typing import Any
 
 import kopf
 
 from selfaugment.operator import names
+from selfaugment.operator.events import EventPoster
+from selfaugment.operator.health import Health
 from selfaugment.operator.kube import Kube, KubeError
+from selfaugment.operator.leader import AlwaysLeader, LeaderElector, own_identity
 from selfaugment.operator.observe import SearchGauges, serve
 from selfaugment.operator.pretrain import PretrainReconciler
+from selfaugment.operator.resync import Loops
 from selfaugment.operator.runtime import Deps, StoreUnavailable
-from selfaugment.operator.search import SearchReconciler
+from selfaugment.operator.search import SearchReconciler, retry_pending
 from selfaugment.operator.settings import OperatorSettings
 from selfaugment.trainer.metrics import create_metrics
 from selfaugment.trainer.store import StoreError
 
 G, V = names.GROUP, names.VERSION
-TIMER_INTERVAL = OperatorSettings.from_env().timer_interval
 _log = logging.getLogger("selfaugment.operator")
 
 
@@ -36,6 +47,10 @@ class _Runtime:
 
     deps: Deps
     gauges: SearchGauges
+    health: Health
+    loops: Loops
+    #: Namespaces the operator watches (empty: all), set by __main__ from --namespace.
+    namespaces: tuple[str, ...] = ()
     locks: dict[tuple[str, str, str], threading.Lock]
     locks_guard = threading.Lock()
 
@@ -43,31 +58,67 @@ class _Runtime:
         with self.locks_guard:
             return self.locks.setdefault((kind, namespace, name), threading.Lock())
 
+    @property
+    def leading(self) -> bool:
+        return self.loops.elector.leading
+
 
 RUNTIME = _Runtime()
 
 
-def _post_event(body: Mapping[str, Any], kind: str, reason: str, message: str) -> None:
-    raw = cast(kopf.RawBody, copy.deepcopy(dict(body)))
-    kopf.event(kopf.Body(raw), type=kind, reason=reason, message=message[:1000])
-
-
 @kopf.on.startup()
 def operator_startup(settings: kopf.OperatorSettings, **_: Any) -> None:
-    """Persistence under our own prefix, watch timeouts, clients, metrics endpoint."""
+    """kopf's settings (persistence under our prefix, watch timeouts, Events under our name),
+    clients, leader election, the resync, the metrics and health endpoint."""
+    options = OperatorSettings.from_env()
+    identity = own_identity()
+    # Earlier versions' timers put this finalizer on resources; kopf removes it now.
     settings.persistence.finalizer = f"{G}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=G)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=G)
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.posting.level = logging.INFO
-    options = OperatorSettings.from_env()
+    settings.posting.reporting_component = names.MANAGER
+    settings.posting.reporting_instance = identity
+    settings.posting.event_name_prefix = f"{names.MANAGER}-"
+    kube = Kube()
     metrics = create_metrics()
-    RUNTIME.deps = Deps(Kube(), options, metrics, _post_event)
+    RUNTIME.deps = Deps(kube, options, metrics, EventPoster(kube, identity))
     RUNTIME.gauges = SearchGauges(metrics)
     RUNTIME.locks = {}
-    serve(metrics, options.metrics_port)
-    _log.info("metrics and /healthz on port %d", options.metrics_port)
+    RUNTIME.health = Health(grace=max(3 * options.timer_interval, 30.0))
+    elector = (
+        LeaderElector(
+            kube, options.lease_namespace, options.lease_name, identity, options.lease_duration
+        )
+        if options.leader_election
+        else AlwaysLeader()
+    )
+    RUNTIME.loops = Loops(
+        kube,
+        elector,
+        RUNTIME.health,
+        options.timer_interval,
+        RUNTIME.namespaces,
+        {names.SEARCH_PLURAL: reconcile_search, names.PRETRAIN_PLURAL: reconcile_pretrain},
+        options.s3_endpoint,
+    )
+    RUNTIME.loops.start()  # one election round first: the initial listing is acted on
+    serve(metrics, options.metrics_port, RUNTIME.health.report)
+    _log.info(
+        "metrics, /livez and /healthz on port %d; %s",
+        options.metrics_port,
+        f"leader election on Lease {options.lease_namespace}/{options.lease_name} as {identity}"
+        if options.leader_election
+        else "leader election off",
+    )
+
+
+@kopf.on.cleanup()
+def operator_cleanup(**_: Any) -> None:
+    """Stop the loops and give the Lease up, so that another replica takes over at once."""
+    RUNTIME.loops.close()
 
 
 def _guarded(kind: str, key: tuple[str, str], work: Callable[[], None]) -> None:
@@ -128,41 +179,42 @@ def reconcile_pretrain(body: Mapping[str, Any]) -> None:
 
 
 def _needs_reconcile(body: kopf.Body, event: str | None) -> bool:
-    """New objects, the first listing after a (re)start, and spec changes; not our own status
-    patches (Job events and the timer cover progress)."""
+    """New objects, the first listing after a (re)start, spec changes and a new retry token;
+    not our own status patches (Job events and the resync cover progress)."""
     status = body.get("status") or {}
-    return event in (None, "ADDED") or status.get("observedGeneration") != body.metadata.get(
-        "generation"
+    return (
+        event in (None, "ADDED")
+        or status.get("observedGeneration") != body.metadata.get("generation")
+        or retry_pending(body)
     )
+
+
+def _delivered(plural: str, body: kopf.Body, event: str | None) -> None:
+    key = (plural, body.metadata.namespace or "", body.metadata.name or "")
+    RUNTIME.health.delivered(key, body.metadata.get("resourceVersion"), event == "DELETED")
 
 
 @kopf.on.event(G, V, names.SEARCH_PLURAL)
 def augmentsearch_event(body: kopf.Body, type: str | None, **_: Any) -> None:
+    _delivered(names.SEARCH_PLURAL, body, type)
     if type == "DELETED":
         RUNTIME.gauges.forget(body.metadata.namespace or "", body.metadata.name or "")
-    elif _needs_reconcile(body, type):
+    elif RUNTIME.leading and _needs_reconcile(body, type):
         reconcile_search(body)
-
-
-@kopf.on.timer(G, V, names.SEARCH_PLURAL, interval=TIMER_INTERVAL, initial_delay=TIMER_INTERVAL)
-def augmentsearch_timer(body: kopf.Body, **_: Any) -> None:
-    reconcile_search(body)
 
 
 @kopf.on.event(G, V, names.PRETRAIN_PLURAL)
 def pretrain_event(body: kopf.Body, type: str | None, **_: Any) -> None:
-    if type != "DELETED" and _needs_reconcile(body, type):
+    _delivered(names.PRETRAIN_PLURAL, body, type)
+    if type != "DELETED" and RUNTIME.leading and _needs_reconcile(body, type):
         reconcile_pretrain(body)
-
-
-@kopf.on.timer(G, V, names.PRETRAIN_PLURAL, interval=TIMER_INTERVAL, initial_delay=TIMER_INTERVAL)
-def pretrain_timer(body: kopf.Body, **_: Any) -> None:
-    reconcile_pretrain(body)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={names.LABEL_MANAGED: names.MANAGER})
 def job_event(body: kopf.Body, **_: Any) -> None:
-    """A Job of ours changed: reconcile the resource that owns it."""
+    """A Job of ours changed: reconcile the resource that owns it (on the leader)."""
+    if not RUNTIME.leading:
+        return
     namespace = body.metadata.namespace or ""
     for owner in body.metadata.get("ownerReferences") or []:
         plural = {

@@ -26,9 +26,10 @@ class KubeError(RuntimeError):
         self.status = status
 
 
-def _path(api_version: str, plural: str, namespace: str, name: str | None = None) -> str:
+def _path(api_version: str, plural: str, namespace: str | None, name: str | None = None) -> str:
+    """The REST path; namespace None gives the cluster-wide collection."""
     prefix = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
-    path = f"{prefix}/namespaces/{namespace}/{plural}"
+    path = f"{prefix}/namespaces/{namespace}/{plural}" if namespace else f"{prefix}/{plural}"
     return f"{path}/{name}" if name else path
 
 
@@ -106,9 +107,10 @@ class Kube:
         return dict(found.get("metadata") or {})
 
     def list(
-        self, api_version: str, plural: str, namespace: str, labels: Mapping[str, str]
+        self, api_version: str, plural: str, namespace: str | None, labels: Mapping[str, str]
     ) -> list[dict[str, Any]]:
-        """Objects whose labels include `labels` (also filtered here, whatever the server did)."""
+        """Objects whose labels include `labels` (also filtered here, whatever the server did);
+        namespace None lists every namespace."""
         selector = ",".join(f"{key}={value}" for key, value in labels.items())
         query = {"labelSelector": selector} if selector else None
         items = self._call("GET", _path(api_version, plural, namespace), query=query).get("items")
@@ -131,15 +133,31 @@ class Kube:
             raise
         return True
 
+    def patch(
+        self, api_version: str, plural: str, namespace: str, name: str, body: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """A JSON merge patch of the object (e.g. an annotation). With metadata.resourceVersion
+        in `body`, the server refuses (409) to patch a newer version: optimistic concurrency."""
+        path = _path(api_version, plural, namespace, name)
+        return self._call("PATCH", path, body=dict(body), content_type=MERGE_PATCH)
+
     def patch_status(
         self, api_version: str, plural: str, namespace: str, name: str, status: Mapping[str, Any]
     ) -> None:
         path = _path(api_version, plural, namespace, name) + "/status"
         self._call("PATCH", path, body={"status": dict(status)}, content_type=MERGE_PATCH)
 
-    def delete(self, api_version: str, plural: str, namespace: str, name: str) -> None:
-        """Delete with background propagation; a missing object is not an error."""
-        body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
+    def delete(
+        self,
+        api_version: str,
+        plural: str,
+        namespace: str,
+        name: str,
+        propagation: str = "Background",
+    ) -> None:
+        """Delete; a missing object is not an error. Foreground keeps the object (and its
+        name) until its dependents are gone: a Job's pods, before the Job is created again."""
+        body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": propagation}
         try:
             self._call("DELETE", _path(api_version, plural, namespace, name), body=body)
         except KubeError as error:
@@ -147,7 +165,13 @@ class Kube:
                 raise
 
 
-_PLURALS = {"Job": "jobs", "Service": "services", "Pretrain": "pretrains", "Event": "events"}
+_PLURALS = {
+    "Job": "jobs",
+    "Service": "services",
+    "Pretrain": "pretrains",
+    "Event": "events",
+    "Lease": "leases",
+}
 
 
 def _plural(kind: str) -> str:

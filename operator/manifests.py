@@ -1,7 +1,19 @@
 """Pure builders of the Kubernetes objects the operator creates (tested without a cluster).
 
-Jobs carry deterministic names, ownerReferences to their resource and labels by search, stage
-and task. Credentials are referenced (`valueFrom.secretKeyRef`), never copied.
+Jobs carry deterministic names, ownerReferences to their resource, the app.kubernetes.io/*
+labels and labels by search, stage and task. Credentials are referenced
+(`valueFrom.secretKeyRef`), never copied; worker pods get no API token.
+
+Every Job has a podFailurePolicy (Kubernetes >= 1.26) and an activeDeadlineSeconds:
+
+- a pod evicted by a node drain, a preemption or a spot reclaim (pod condition
+  `DisruptionTarget`) is replaced without counting against backoffLimit;
+- a worker that exits with EXIT_BAD_INPUT (2) fails the Job at once: the same input fails
+  the same way, so retrying only burns GPU hours;
+- any other failure counts against backoffLimit, except in a multi-node Pretrain, where any
+  rank's failure fails the whole Job (torchrun's group cannot go on without that rank) and
+  the operator starts the Job again, all ranks together (PretrainReconciler);
+- activeDeadlineSeconds (per stage) stops a worker that hangs (NCCL, a data loader).
 """
 
 from __future__ import annotations
@@ -9,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from selfaugment.errors import EXIT_BAD_INPUT
 from selfaugment.operator import names
 from selfaugment.operator.settings import OperatorSettings
 from selfaugment.trainer.pretrain_spec import PretrainSpec
@@ -36,6 +49,45 @@ SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 def label_value(name: str) -> str:
     """A resource name as a label value (at most 63 characters, deterministic)."""
     return names.dns_name(name)
+
+
+def app_labels(instance: str, component: str) -> dict[str, str]:
+    """The recommended app.kubernetes.io/* labels of a worker Job, its pods and Services."""
+    return {
+        names.LABEL_NAME: names.WORKER_APP,
+        names.LABEL_INSTANCE: label_value(instance),
+        names.LABEL_COMPONENT: component,
+        names.LABEL_PART_OF: names.PART_OF,
+        names.LABEL_MANAGED: names.MANAGER,
+    }
+
+
+def pod_failure_policy(group: bool) -> dict[str, Any]:
+    """Disruptions ignored, bad input fails the Job; with `group` (a multi-node Job), any
+    other non-zero exit fails the Job too, so the operator restarts all ranks together."""
+    rules: list[dict[str, Any]] = [
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+        {
+            "action": "FailJob",
+            "onExitCodes": {
+                "containerName": CONTAINER,
+                "operator": "In",
+                "values": [EXIT_BAD_INPUT],
+            },
+        },
+    ]
+    if group:
+        rules.append(
+            {
+                "action": "FailJob",
+                "onExitCodes": {
+                    "containerName": CONTAINER,
+                    "operator": "NotIn",
+                    "values": [0, EXIT_BAD_INPUT],
+                },
+            }
+        )
+    return {"rules": rules}
 
 
 def owner_reference(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -126,7 +178,8 @@ def pod_template(
         "securityContext": CONTAINER_SECURITY,
     }
     spec: dict[str, Any] = {
-        "restartPolicy": "Never",
+        "restartPolicy": "Never",  # what podFailurePolicy requires; the Job makes new pods
+        "automountServiceAccountToken": False,  # workers never call the Kubernetes API
         "containers": [container],
         "volumes": volumes,
         "securityContext": pod_security(settings),
@@ -155,9 +208,16 @@ def _job(
     backoff_limit: int,
     queue: str | None,
     settings: OperatorSettings,
+    deadline: int,
+    group: bool = False,
 ) -> dict[str, Any]:
     job_labels = dict(labels)
-    spec: dict[str, Any] = {"backoffLimit": backoff_limit, "template": template}
+    spec: dict[str, Any] = {
+        "backoffLimit": backoff_limit,
+        "activeDeadlineSeconds": deadline,
+        "podFailurePolicy": pod_failure_policy(group),
+        "template": template,
+    }
     if queue:  # Kueue admits the Job by unsuspending it
         job_labels[names.KUEUE_QUEUE_LABEL] = queue
         spec["suspend"] = True
@@ -178,7 +238,7 @@ def _job(
 
 def search_labels(search: str, stage: str, task_id: str) -> dict[str, str]:
     return {
-        names.LABEL_MANAGED: names.MANAGER,
+        **app_labels(search, stage),
         names.LABEL_SEARCH: label_value(search),
         names.LABEL_STAGE: stage,
         names.LABEL_TASK: label_value(task_id),
@@ -216,6 +276,7 @@ def task_job(
         spec.parallelism.max_retries,
         spec.resources.queue,
         settings,
+        settings.deadline(spec.resources, task.stage),
     )
 
 
@@ -281,9 +342,11 @@ def pretrain_job(
     name = pretrain["metadata"]["name"]
     namespace = pretrain["metadata"]["namespace"]
     job = names.pretrain_job_name(name)
-    labels = {names.LABEL_MANAGED: names.MANAGER, names.LABEL_PRETRAIN: label_value(name)}
+    stage = "retrain" if spec.search_ref else "pretrain"
+    labels = {**app_labels(name, stage), names.LABEL_PRETRAIN: label_value(name)}
     if spec.search_ref:
         labels.update(search_labels(spec.search_ref, "retrain", "retrain"))
+        labels[names.LABEL_INSTANCE] = label_value(name)
     env = worker_env(spec.storage, settings)
     nodes = spec.distributed.nodes
     gpus = spec.resources.gpus and spec.gpus_per_node()
@@ -295,10 +358,21 @@ def pretrain_job(
     template = pod_template(
         pretrain_command(name, spec), env, spec.resources, gpus, labels, settings
     )
+    group = nodes > 1
     manifest = _job(
-        job, namespace, pretrain, labels, template, spec.max_retries, spec.resources.queue, settings
+        job,
+        namespace,
+        pretrain,
+        labels,
+        template,
+        # A group's retries are the operator's (the whole Job again), counted in status.
+        0 if group else spec.max_retries,
+        spec.resources.queue,
+        settings,
+        settings.deadline(spec.resources, stage),
+        group=group,
     )
-    if nodes > 1:  # pods reach each other as <job>-<index>.<service>
+    if group:  # pods reach each other as <job>-<index>.<service>
         template["spec"]["subdomain"] = job
         manifest["spec"].update(
             {"completions": nodes, "parallelism": nodes, "completionMode": "Indexed"}
@@ -316,7 +390,7 @@ def pretrain_service(pretrain: Mapping[str, Any], spec: PretrainSpec) -> dict[st
         "metadata": {
             "name": job,
             "namespace": pretrain["metadata"]["namespace"],
-            "labels": {names.LABEL_MANAGED: names.MANAGER, names.LABEL_PRETRAIN: label_value(name)},
+            "labels": {**app_labels(name, "pretrain"), names.LABEL_PRETRAIN: label_value(name)},
             "ownerReferences": [owner_reference(pretrain)],
         },
         "spec": {

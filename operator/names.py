@@ -20,6 +20,18 @@ LABEL_STAGE = f"{GROUP}/stage"
 LABEL_TASK = f"{GROUP}/task"
 LABEL_MANAGED = "app.kubernetes.io/managed-by"
 MANAGER = "selfaugment-operator"
+#: The other recommended labels (kubernetes.io/docs/concepts/overview/working-with-objects/
+#: common-labels) on Jobs, pods and Services: name, instance (the resource), component (the
+#: stage, or `pretrain`), part-of.
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_INSTANCE = "app.kubernetes.io/instance"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_PART_OF = "app.kubernetes.io/part-of"
+WORKER_APP = "selfaugment-worker"
+PART_OF = "selfaugment"
+#: Set by users on an AugmentSearch or Pretrain to retry it once it failed; every new value
+#: is acted on once (docs/operator.md, "Failures and retries").
+RETRY_ANNOTATION = f"{GROUP}/retry"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 
 _MAX_NAME = 63

@@ -1,11 +1,12 @@
-"""Prometheus metrics of the operator and an HTTP endpoint serving /metrics and /healthz."""
+"""Prometheus metrics of the operator and an HTTP endpoint serving /metrics, /livez, /healthz."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -176,19 +177,32 @@ def _remove(metric: Any, labels: tuple[str, ...]) -> None:
         metric.remove(*labels)
 
 
-def serve(metrics: SearchMetrics, port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:
-    """Serve /metrics (Prometheus text format) and /healthz (liveness) in a daemon thread."""
+def serve(
+    metrics: SearchMetrics,
+    port: int,
+    health: Callable[[], Mapping[str, Any]] | None = None,
+    host: str = "0.0.0.0",
+) -> ThreadingHTTPServer:
+    """Serve /metrics (Prometheus text format), /livez and /healthz in a daemon thread.
+
+    /livez and /healthz answer 200 or 503 with the JSON of `health()` (operator/health.py):
+    /livez fails only on what a restart can fix (the API, the watch), /healthz on any check.
+    """
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            if self.path.split("?")[0] == "/metrics":
+            path, code = self.path.split("?")[0], 200
+            if path == "/metrics":
                 body, kind = generate_latest(metrics.registry), CONTENT_TYPE_LATEST
-            elif self.path.split("?")[0] in ("/healthz", "/livez"):
-                body, kind = b"ok\n", "text/plain"
+            elif path in ("/healthz", "/livez", "/readyz"):
+                report = dict(health()) if health is not None else {"live": True, "healthy": True}
+                passed = report["live"] if path == "/livez" else report["healthy"]
+                code = 200 if passed else 503
+                body, kind = (json.dumps(report, indent=1) + "\n").encode(), "application/json"
             else:
                 self.send_error(404)
                 return
-            self.send_response(200)
+            self.send_response(code)
             self.send_header("Content-Type", kind)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()

@@ -20,6 +20,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from selfaugment.operator import names
 from selfaugment.operator.kube import KubeError
 from selfaugment.operator.runtime import Deps, StoreUnavailable, check_store, open_run_store
 from selfaugment.operator.status import reported_faults, set_condition, stuck_pods
@@ -68,6 +69,22 @@ class ResourceReconciler:
     def _was(self, kind: str) -> dict[str, Any] | None:
         """The condition `kind` as the resource's status had it before this reconciliation."""
         return next((c for c in self.old.get("conditions") or [] if c.get("type") == kind), None)
+
+    def _retry_token(self) -> str | None:
+        """A value of the selfaugment.io/retry annotation not acted on yet, else None."""
+        annotations = self.body["metadata"].get("annotations") or {}
+        token = annotations.get(names.RETRY_ANNOTATION)
+        if isinstance(token, str) and token and token != self.old.get("retryToken"):
+            return token
+        return None
+
+    def _terminal(self, phase: str, reason: str, message: str = "") -> None:
+        """The conditions generic tools wait on: `Finished` is True once the run ended either
+        way (so `kubectl wait --for=condition=Finished` returns on failure too), `Succeeded`
+        says whether it succeeded; `Failed` is set beside them."""
+        ended = phase in ("Succeeded", "Failed")
+        self._condition("Finished", ended, phase if ended else "InProgress", message)
+        self._condition("Succeeded", phase == "Succeeded", reason, message)
 
     def blocked(self) -> tuple[str, str] | None:
         """(reason, message) of the first False StorageReady or WorkersHealthy condition set."""

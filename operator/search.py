@@ -3,6 +3,11 @@
 Level-triggered and idempotent: every call re-reads the truth (results in the store, Jobs in the
 cluster), creates what is missing under deterministic names, and patches status only when it
 changed. An operator restart therefore resumes with no duplicate Jobs and no lost results.
+
+A failed search is retried by a new value of the selfaugment.io/retry annotation: the ended Jobs
+of unfinished tasks are deleted (and created again by the same reconciliation's successors),
+a failed retraining Pretrain gets the same annotation, and finished tasks stay finished because
+their results are in the store.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from selfaugment.operator.status import (
     JOB_SUCCEEDED,
     JOB_SUSPENDED,
     Eta,
-    job_failure,
+    classify_job_failure,
+    job_deleting,
     job_state,
     merge_patch,
     now_iso,
@@ -43,6 +49,10 @@ from selfaugment.trainer.store.layout import (
 #: Spec sections that may change while a search runs (they only affect Jobs created later).
 MUTABLE_SECTIONS = frozenset({"resources", "parallelism"})
 SEARCH_KINDS = frozenset({"search", "randaugment"})
+#: Failure reasons a failed retraining Pretrain passes on to its search (else TaskFailed).
+PASSED_ON_REASONS = frozenset({"DeadlineExceeded", "BadInput"})
+#: (task, condition reason, message) of the task that failed a search.
+Failure = tuple[Task, str, str]
 
 
 def parse_search_spec(raw: Mapping[str, Any]) -> AugmentSearchSpec:
@@ -63,6 +73,13 @@ def task_job_name(search: str, task: Task) -> str:
     if task.kind == "retrain":
         return names.pretrain_job_name(names.pretrain_name(search))
     return names.job_name(search, task.id)
+
+
+def retry_pending(body: Mapping[str, Any]) -> bool:
+    """A resource's retry annotation holds a value its status has not acted on yet."""
+    annotations = (body.get("metadata") or {}).get("annotations") or {}
+    token = annotations.get(names.RETRY_ANNOTATION)
+    return bool(token) and token != (body.get("status") or {}).get("retryToken")
 
 
 def _trials(
@@ -117,6 +134,11 @@ class SearchReconciler(ResourceReconciler):
         super().__init__(body, deps)
         #: Jobs and running tasks' figures for the metrics (None when nothing was looked at).
         self.observed: SearchObservation | None = None
+        #: The retry token acted on in this reconciliation (the search had failed), if any.
+        self.retrying: str | None = None
+        #: Jobs deleted by this reconciliation (a real API server may still list them).
+        self.deleted: set[str] = set()
+        self._pretrain: dict[str, Any] | bool | None = False  # False: not read yet
 
     # -- small helpers -------------------------------------------------------------------
 
@@ -127,6 +149,7 @@ class SearchReconciler(ResourceReconciler):
         self._condition("Failed", True, reason, message)
         self._condition("Ready", False, reason, message)
         self._condition("Progressing", False, reason, message)
+        self._terminal("Failed", reason, message)
         if (
             self.old.get("phase") != "Failed"
             or self.old.get("conditions") != self.status["conditions"]
@@ -142,9 +165,24 @@ class SearchReconciler(ResourceReconciler):
     # -- the reconciliation ----------------------------------------------------------------
     def run(self) -> None:
         phase = self.old.get("phase")
+        token = self._retry_token()
+        if token is not None:  # acted on once, whatever the phase
+            self.status["retryToken"] = token
+            if phase == "Failed":
+                self.retrying = token
+            else:
+                self._event(
+                    "Normal",
+                    "Retry",
+                    f"{names.RETRY_ANNOTATION}={token}: the search has not failed, nothing to retry",
+                )
         if phase == "Succeeded" or (
-            phase == "Failed" and self.old.get("observedGeneration") == self.generation
+            phase == "Failed"
+            and self.retrying is None
+            and self.old.get("observedGeneration") == self.generation
         ):
+            if token is not None:
+                self._patch()
             return
         try:
             spec = parse_search_spec(self.body.get("spec") or {})
@@ -221,25 +259,32 @@ class SearchReconciler(ResourceReconciler):
                 {names.LABEL_SEARCH: manifests.label_value(self.name)},
             )
         }
+        if self.retrying is not None:
+            self._retry(state, jobs)
         running = 0
-        failure: tuple[Task, str] | None = None
+        failure: Failure | None = None
         self.observed = SearchObservation(jobs=list(jobs.values()))
         for task in state.tasks:
             if task.id in state.done:
                 continue
-            job = jobs.get(task_job_name(self.name, task))
-            if job is None:
-                if task.kind == "retrain" and self._pretrain_exists():
+            if task.kind == "retrain":  # the Pretrain decides whether its training failed
+                pretrain = self._retrain_pretrain()
+                ended = self._retrain_failure(task, pretrain) if pretrain is not None else None
+                if ended is not None:
+                    failure = ended
+                elif pretrain is not None:
                     running += 1
+                continue
+            job = jobs.get(task_job_name(self.name, task))
+            if job is None or job["metadata"]["name"] in self.deleted or job_deleting(job):
                 continue
             current = job_state(job)
             if current == JOB_FAILED:
-                failure = (task, f"Job {job['metadata']['name']} failed: {job_failure(job)}")
+                failure = (task, *classify_job_failure(job))
             elif current == JOB_SUCCEEDED:
-                failure = (
-                    task,
-                    f"Job {job['metadata']['name']} succeeded but wrote no {result_key(task.id)}",
-                )
+                name = job["metadata"]["name"]
+                message = f"Job {name} succeeded but wrote no {result_key(task.id)}"
+                failure = (task, "TaskFailed", message)
             else:
                 running += 1
                 if current == JOB_ACTIVE:
@@ -249,7 +294,7 @@ class SearchReconciler(ResourceReconciler):
                 if running >= spec.parallelism.max_workers:
                     break
                 if task_job_name(self.name, task) in jobs or (
-                    task.kind == "retrain" and self._pretrain_exists()
+                    task.kind == "retrain" and self._retrain_pretrain() is not None
                 ):
                     continue
                 self._start(task, spec)
@@ -267,14 +312,63 @@ class SearchReconciler(ResourceReconciler):
             values = {"epoch": epoch} if loss is None else {"epoch": epoch, "loss": loss}
             self.observed.training[task.id] = values
 
-    def _pretrain_exists(self) -> bool:
-        found = self.deps.kube.get(
-            names.API_VERSION,
-            names.PRETRAIN_PLURAL,
-            self.namespace,
-            names.pretrain_name(self.name),
+    def _retrain_pretrain(self) -> dict[str, Any] | None:
+        """The search's retraining Pretrain (read once per reconciliation), or None."""
+        if self._pretrain is False:
+            self._pretrain = self.deps.kube.get(
+                names.API_VERSION,
+                names.PRETRAIN_PLURAL,
+                self.namespace,
+                names.pretrain_name(self.name),
+            )
+        return self._pretrain if isinstance(self._pretrain, dict) else None
+
+    def _retrain_failure(self, task: Task, pretrain: Mapping[str, Any]) -> Failure | None:
+        """The retrain task's failure: its Pretrain failed for good (no retry under way; a
+        multi-node Pretrain restarts its ranks itself before it fails)."""
+        status = pretrain.get("status") or {}
+        if status.get("phase") != "Failed" or retry_pending(pretrain) or self.retrying:
+            return None
+        condition: Mapping[str, Any] = next(
+            (c for c in status.get("conditions") or [] if c.get("type") == "Failed"), {}
         )
-        return found is not None
+        reason = condition.get("reason")
+        name = pretrain["metadata"]["name"]
+        message = f"Pretrain {name} failed: {condition.get('message') or reason}"
+        return task, reason if reason in PASSED_ON_REASONS else "TaskFailed", message
+
+    def _retry(self, state: PlanState, jobs: Mapping[str, Any]) -> None:
+        """Start the unfinished tasks whose Job ended again: delete those Jobs (they are created
+        again once gone) and pass the retry on to a failed retraining Pretrain."""
+        kube, again = self.deps.kube, []
+        for task in state.tasks:
+            if task.id in state.done:
+                continue
+            if task.kind == "retrain":
+                pretrain = self._retrain_pretrain()
+                if pretrain is not None and (pretrain.get("status") or {}).get("phase") == "Failed":
+                    annotations = {names.RETRY_ANNOTATION: self.retrying}
+                    kube.patch(
+                        names.API_VERSION,
+                        names.PRETRAIN_PLURAL,
+                        self.namespace,
+                        pretrain["metadata"]["name"],
+                        {"metadata": {"annotations": annotations}},
+                    )
+                    again.append(task.id)
+                continue
+            job = jobs.get(task_job_name(self.name, task))
+            if job is not None and job_state(job) in (JOB_FAILED, JOB_SUCCEEDED):
+                kube.delete("batch/v1", "jobs", self.namespace, job["metadata"]["name"])
+                self.deleted.add(job["metadata"]["name"])
+                again.append(task.id)
+        self.status["failedTask"] = None
+        self._event(
+            "Normal",
+            "Retry",
+            f"{names.RETRY_ANNOTATION}={self.retrying}: tasks {', '.join(again) or '(none)'} "
+            f"start again; the {len(state.done)} finished tasks are kept",
+        )
 
     def _start(self, task: Task, spec: AugmentSearchSpec) -> None:
         kube, settings = self.deps.kube, self.deps.settings
@@ -296,7 +390,7 @@ class SearchReconciler(ResourceReconciler):
         state: PlanState,
         running: int,
         jobs: Mapping[str, Any],
-        failure: tuple[Task, str] | None,
+        failure: Failure | None,
     ) -> None:
         status = self.status
         start = self.old.get("startTime") or status.get("startTime")
@@ -324,9 +418,9 @@ class SearchReconciler(ResourceReconciler):
         if "retrain" in {task.id for task in state.ready} or "retrain" in state.done:
             status["pretrainRef"] = names.pretrain_name(self.name)
         if failure is not None:
-            task, reason = failure
+            task, reason, detail = failure
             status["failedTask"] = task.id
-            self._fail("TaskFailed", f"task {task.id} ({task.stage}) failed: {reason}")
+            self._fail(reason, f"task {task.id} ({task.stage}) failed: {detail}")
             return
         self._condition("Failed", False, "NoFailure", "")
         if state.finished:
@@ -335,6 +429,7 @@ class SearchReconciler(ResourceReconciler):
                 "Ready", True, "Succeeded", f"policy at {status['bestPolicy'].get('uri')}"
             )
             self._condition("Progressing", False, "Succeeded", "all tasks done")
+            self._terminal("Succeeded", "Succeeded", f"results in {store.uri}")
             if self.old.get("phase") != "Succeeded":
                 self._event("Normal", "Succeeded", f"search finished; results in {store.uri}")
             return
@@ -343,6 +438,7 @@ class SearchReconciler(ResourceReconciler):
         message = f"stage {state.stage}: {len(state.done)}/{state.total} tasks done"
         self._condition("Ready", False, "InProgress", message)
         self._condition("Progressing", True, f"Stage{state.stage.capitalize()}", message)
+        self._terminal(status["phase"], "InProgress", message)
         if self.old.get("stage") != state.stage:
             # A short stage (merge) can start and end between two reconciles: say so too.
             for skipped in stages_between(spec, self.old.get("stage"), state.stage):

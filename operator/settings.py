@@ -1,7 +1,7 @@
 """Operator-wide defaults, read once from the environment (the Helm chart sets them).
 
-A resource's spec overrides them: see `resolve_storage`, `gpu_resource`, `node_selector` and
-`tolerations`, which the manifest builders and the store access use.
+A resource's spec overrides them: see `resolve_storage`, `gpu_resource`, `node_selector`,
+`tolerations` and `deadline`, which the manifest builders and the store access use.
 """
 
 from __future__ import annotations
@@ -26,6 +26,20 @@ _TOLERATION_KEYS = {
     "tolerationSeconds": int,
 }
 _OPERATORS = ("Exists", "Equal")
+_HOUR = 3600
+#: activeDeadlineSeconds of a task's Job per stage (`pretrain`: a standalone Pretrain) when
+#: neither the spec nor SELFAUGMENT_ACTIVE_DEADLINES sets one. Generous caps, far above a
+#: paper-scale run on one GPU, so that a hung worker cannot hold its GPUs forever.
+DEFAULT_DEADLINES: dict[str, int] = {
+    "base": 72 * _HOUR,
+    "folds": 72 * _HOUR,
+    "randaugment": 72 * _HOUR,
+    "search": 24 * _HOUR,
+    "merge": 1 * _HOUR,
+    "report": 12 * _HOUR,
+    "retrain": 14 * 24 * _HOUR,
+    "pretrain": 14 * 24 * _HOUR,
+}
 _EFFECTS = ("", "NoSchedule", "PreferNoSchedule", "NoExecute")
 
 
@@ -58,6 +72,41 @@ def _env_json(name: str) -> Any:
         return json.loads(raw)
     except json.JSONDecodeError as error:
         raise ValueError(f"environment variable {name}={raw!r}: invalid JSON ({error})") from None
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"environment variable {name}={raw!r}: expected true or false")
+
+
+def parse_deadlines(name: str, value: Any) -> dict[str, int]:
+    """Per-stage deadlines (JSON object of positive integers) over DEFAULT_DEADLINES;
+    ValueError names the variable and the entry."""
+    result = dict(DEFAULT_DEADLINES)
+    if value is None:
+        return result
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"environment variable {name}: expected a JSON object, got {type(value).__name__}"
+        )
+    for key, seconds in value.items():
+        if key not in DEFAULT_DEADLINES:
+            allowed = ", ".join(DEFAULT_DEADLINES)
+            raise ValueError(f"environment variable {name}: unknown stage {key!r} ({allowed})")
+        if not isinstance(seconds, int) or isinstance(seconds, bool) or seconds < 1:
+            raise ValueError(
+                f"environment variable {name}: entry {key!r}: expected a positive integer "
+                f"(seconds), got {seconds!r}"
+            )
+        result[key] = seconds
+    return result
 
 
 def parse_node_selector(name: str, value: Any) -> dict[str, str]:
@@ -123,16 +172,28 @@ class OperatorSettings:
     #: UID (and GID) of worker pods: the worker image's user; None lets the platform assign
     #: one (OpenShift's restricted SCC), pods still must run as non-root.
     worker_run_as_user: int | None = WORKER_UID
+    #: activeDeadlineSeconds per stage when the spec sets none (DEFAULT_DEADLINES by default).
+    active_deadlines: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_DEADLINES))
+    #: Leader election (a coordination.k8s.io Lease) so that several replicas may run: only
+    #: the holder reconciles. Off, every process acts (one replica only).
+    leader_election: bool = True
+    lease_name: str = "selfaugment-operator"
+    #: Namespace of the Lease: the operator's own (POD_NAMESPACE, from the Downward API).
+    lease_namespace: str = "default"
+    #: Seconds a leader holds the Lease without renewing it; a standby takes over after that.
+    lease_duration: float = 15.0
 
     @classmethod
     def from_env(cls) -> OperatorSettings:
         """SELFAUGMENT_WORKER_IMAGE, _IMAGE_PULL_POLICY, _SERVICE_ACCOUNT, _TIMER_INTERVAL,
         _METRICS_PORT, _JOB_TTL_SECONDS, _GPU_RESOURCE, _WORKER_NODE_SELECTOR (JSON object),
         _WORKER_TOLERATIONS (JSON list), _S3_ENDPOINT, _S3_SECRET, _WORKER_RUN_AS_USER (empty:
-        the platform assigns the UID)."""
+        the platform assigns the UID), _ACTIVE_DEADLINES (JSON object), _LEADER_ELECTION,
+        _LEASE_NAME, _LEASE_NAMESPACE (else POD_NAMESPACE), _LEASE_DURATION_SECONDS."""
         ttl = os.environ.get("SELFAUGMENT_JOB_TTL_SECONDS")
         selector = "SELFAUGMENT_WORKER_NODE_SELECTOR"
         tolerations = "SELFAUGMENT_WORKER_TOLERATIONS"
+        deadlines = "SELFAUGMENT_ACTIVE_DEADLINES"
         return cls(
             worker_image=os.environ.get("SELFAUGMENT_WORKER_IMAGE", cls.worker_image),
             image_pull_policy=os.environ.get(
@@ -148,6 +209,13 @@ class OperatorSettings:
             s3_endpoint=os.environ.get("SELFAUGMENT_S3_ENDPOINT") or None,
             s3_secret=os.environ.get("SELFAUGMENT_S3_SECRET") or None,
             worker_run_as_user=_env_optional_int("SELFAUGMENT_WORKER_RUN_AS_USER", WORKER_UID),
+            active_deadlines=parse_deadlines(deadlines, _env_json(deadlines)),
+            leader_election=_env_bool("SELFAUGMENT_LEADER_ELECTION", cls.leader_election),
+            lease_name=os.environ.get("SELFAUGMENT_LEASE_NAME") or cls.lease_name,
+            lease_namespace=os.environ.get("SELFAUGMENT_LEASE_NAMESPACE")
+            or os.environ.get("POD_NAMESPACE")
+            or cls.lease_namespace,
+            lease_duration=_env_float("SELFAUGMENT_LEASE_DURATION_SECONDS", cls.lease_duration),
         )
 
     # -- a resource's spec over these defaults ---------------------------------------------
@@ -173,6 +241,12 @@ class OperatorSettings:
     def resolve_node_selector(self, resources: ResourcesConfig) -> dict[str, str]:
         """The operator's default nodeSelector with the spec's entries over it."""
         return {**self.worker_node_selector, **resources.node_selector}
+
+    def deadline(self, resources: ResourcesConfig, stage: str) -> int:
+        """activeDeadlineSeconds of a Job of `stage`: the spec's entry, else the operator's."""
+        chosen = resources.active_deadline_seconds.items()
+        spec = next((seconds for key, seconds in chosen if key == stage), None)
+        return spec if spec is not None else self.active_deadlines[stage]
 
     def resolve_tolerations(self, resources: ResourcesConfig) -> list[dict[str, Any]]:
         """The spec's tolerations, then the operator's defaults not already among them."""

@@ -9,6 +9,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from selfaugment.errors import EXIT_BAD_INPUT
+
 JOB_ACTIVE = "active"
 JOB_SUSPENDED = "suspended"
 JOB_SUCCEEDED = "succeeded"
@@ -60,16 +62,65 @@ def job_state(job: Mapping[str, Any]) -> str:
 def job_failure(job: Mapping[str, Any]) -> str:
     """A one-line reason for a failed Job: condition reason and message, and attempts."""
     status = job.get("status") or {}
-    for condition in status.get("conditions") or []:
-        if condition.get("type") == "Failed" and condition.get("status") == "True":
-            reason = condition.get("reason") or "Failed"
-            message = condition.get("message") or ""
-            break
-    else:
-        reason, message = "Failed", ""
+    failure = JobFailure.of(job)
     attempts = status.get("failed") or 0
-    detail = f"{reason}: {message}" if message else reason
+    detail = f"{failure.reason}: {failure.message}" if failure.message else failure.reason
     return f"{detail} ({attempts} failed attempt{'s' if attempts != 1 else ''})"
+
+
+#: The Job controller's reason for a Job stopped by its activeDeadlineSeconds.
+DEADLINE_EXCEEDED = "DeadlineExceeded"
+_EXIT_CODE = re.compile(r"failed with exit code (\d+)")
+
+
+@dataclass(frozen=True)
+class JobFailure:
+    """Why a Job failed, from its Failed condition as the Job controller writes it."""
+
+    reason: str
+    message: str
+
+    @classmethod
+    def of(cls, job: Mapping[str, Any]) -> JobFailure:
+        for condition in (job.get("status") or {}).get("conditions") or []:
+            if condition.get("type") == "Failed" and condition.get("status") == "True":
+                return cls(condition.get("reason") or "Failed", condition.get("message") or "")
+        return cls("Failed", "")
+
+    @property
+    def exit_code(self) -> int | None:
+        """The exit code a podFailurePolicy FailJob rule matched ("Container worker for pod
+        ns/name failed with exit code 2 matching FailJob rule at index 1"), if any."""
+        found = _EXIT_CODE.search(self.message) if self.reason == "PodFailurePolicy" else None
+        return int(found.group(1)) if found else None
+
+    @property
+    def deadline_exceeded(self) -> bool:
+        return self.reason == DEADLINE_EXCEEDED
+
+
+def job_deleting(job: Mapping[str, Any]) -> bool:
+    """The Job is being deleted (a retry or a group restart): neither failed nor running."""
+    return bool((job.get("metadata") or {}).get("deletionTimestamp"))
+
+
+def classify_job_failure(job: Mapping[str, Any]) -> tuple[str, str]:
+    """(reason, message) of a failed Job: DeadlineExceeded (activeDeadlineSeconds), BadInput
+    (the worker exited with EXIT_BAD_INPUT: not retried) or TaskFailed (retries used up)."""
+    name = job["metadata"]["name"]
+    failure = JobFailure.of(job)
+    if failure.deadline_exceeded:
+        deadline = (job.get("spec") or {}).get("activeDeadlineSeconds")
+        return "DeadlineExceeded", (
+            f"Job {name} ran longer than its deadline of {deadline} s and was stopped "
+            "(spec.resources.active_deadline_seconds, else the operator's default for the stage)"
+        )
+    if failure.exit_code == EXIT_BAD_INPUT:
+        return "BadInput", (
+            f"Job {name}: the worker refused its input (exit code {EXIT_BAD_INPUT}), so it is not "
+            f"retried; kubectl logs job/{name} names the field"
+        )
+    return "TaskFailed", f"Job {name} failed: {job_failure(job)}"
 
 
 #: Waiting reasons the kubelet sets on a container that will not start without a fix (a missing

@@ -2,10 +2,18 @@
 
 - `ClusterEmulator`: kmock's KubernetesEmulator plus what a real API server and controller
   manager add that the operator relies on: uid/generation/creationTimestamp on objects, a
-  generation bump on spec changes, and owner-reference garbage collection.
-- `Kubelet`: plays kubelet and Job controller: runs each Job's container command as a local
-  process with the Job's environment (Secret references resolved as a kubelet would), retries
-  up to backoffLimit and patches the Job's status to Complete or Failed.
+  generation bump on spec changes, a new resourceVersion on every write and the
+  resourceVersion precondition of a patch (409 on a stale one, as leader election needs),
+  lists with `kind` and the `metadata.name` field selector (as `kubectl wait` needs), and
+  owner-reference garbage collection.
+- `Kubelet`: plays kubelet and Job controller: runs each pod of a Job (one, or `completions`
+  of an Indexed Job, with JOB_COMPLETION_INDEX) as a local process with the Job's environment
+  (Secret references and `$(VAR)` in the command resolved as a kubelet would; `torchrun
+  ... --no-python CMD` runs CMD, one process per pod, without a rendezvous), applies the
+  Job's podFailurePolicy (Ignore on DisruptionTarget, FailJob on exit codes, the rest counted
+  against backoffLimit), its activeDeadlineSeconds, and patches the Job's status to Complete
+  or Failed with the Job controller's reasons and messages. `disrupt()` evicts a pod as a node
+  drain would (condition DisruptionTarget).
 - `moto`: an S3 server on loopback; `operator_process`: the real operator (`python -m
   selfaugment.operator`) as a subprocess that tests can stop and start again.
 """
@@ -18,6 +26,7 @@ import datetime as dt
 import itertools
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -32,6 +41,7 @@ from typing import Any
 import kmock
 import pytest
 from kmock._internal import enums
+from kmock._internal.k8s import KubernetesObjectConflictError
 
 from selfaugment.operator import names
 from selfaugment.operator.crdgen import pretrain_crd, search_crd
@@ -55,8 +65,54 @@ def _now() -> str:
     )
 
 
+class StaleResourceVersion(KubernetesObjectConflictError):
+    """409 for a patch whose metadata.resourceVersion is not the object's (optimistic lock)."""
+
+    reason = "Conflict"
+    message = "the object has been modified; please apply your changes to the latest version"
+
+
+def _field_name(request: Any) -> str | None:
+    """The name a `fieldSelector=metadata.name=NAME` asks for (kubectl wait sends one)."""
+    selector = (request.params or {}).get("fieldSelector") or ""
+    for term in selector.split(","):
+        if term.startswith("metadata.name="):
+            return term.split("=", 1)[1]
+    return None
+
+
 class ClusterEmulator(kmock.KubernetesEmulator):
-    """KubernetesEmulator with uids, generations and owner-reference garbage collection."""
+    """KubernetesEmulator with uids, generations, resourceVersions, typed lists, field
+    selectors by name and owner-reference garbage collection."""
+
+    async def _serve_list(self, request: Any) -> Any:
+        payload = await super()._serve_list(request)
+        name = _field_name(request)
+        items = [i for i in payload["items"] if name is None or i["metadata"]["name"] == name]
+        resource = request.resource
+        kind = next(
+            (
+                info.kind
+                for declared, info in self._resources.items()
+                if declared == resource and info.kind
+            ),
+            None,
+        )
+        group = f"{resource.group}/{resource.version}" if resource.group else resource.version
+        return {
+            "apiVersion": group,
+            "kind": f"{kind or 'Object'}List",
+            "metadata": {"resourceVersion": str(next(_versions))},
+            "items": items,
+        }
+
+    async def _serve_watch(self, request: Any) -> Any:
+        name = _field_name(request)
+        async for event in super()._serve_watch(request):
+            named = isinstance(event, dict) and event.get("object", {}).get("metadata", {})
+            if name is not None and named and named.get("name") != name:
+                continue
+            yield event
 
     async def _handle(self, request: Any) -> Any:
         data = request.data if isinstance(request.data, dict) else None
@@ -70,14 +126,20 @@ class ClusterEmulator(kmock.KubernetesEmulator):
                 meta["generation"] = 1
                 meta["resourceVersion"] = str(next(_versions))
                 self.creations().append((str(request.resource.plural), meta.get("name")))
-            elif (
-                request.action == enums.action.UPDATE and "spec" in data and not request.subresource
-            ):
+            elif request.action == enums.action.UPDATE:
                 key = (request.resource, request.namespace, request.name)
                 current = self._objects[key] if key in list(self._objects.keys()) else None
                 if current is not None and not current.deleted:
-                    generation = current.get("metadata", {}).get("generation", 1)
-                    data.setdefault("metadata", {})["generation"] = generation + 1
+                    meta = data.setdefault("metadata", {})
+                    expected = meta.get("resourceVersion")
+                    if expected is not None and expected != current.get("metadata", {}).get(
+                        "resourceVersion"
+                    ):
+                        raise StaleResourceVersion()
+                    meta["resourceVersion"] = str(next(_versions))
+                    if "spec" in data and not request.subresource:
+                        generation = current.get("metadata", {}).get("generation", 1)
+                        meta["generation"] = generation + 1
         response = await super()._handle(request)
         if request.action in (enums.action.DELETE, enums.action.UPDATE):
             await self._collect_garbage()
@@ -133,6 +195,7 @@ def _declare(emulator: ClusterEmulator) -> None:
         ("v1/pods", "Pod", True),
         ("v1/events", "Event", True),
         ("v1/namespaces", "Namespace", False),
+        ("coordination.k8s.io/v1/leases", "Lease", True),
         ("apiextensions.k8s.io/v1/customresourcedefinitions", "CustomResourceDefinition", False),
     ):
         emulator.resources[path] = {"kind": kind, "namespaced": namespaced, "verbs": verbs}
@@ -229,14 +292,115 @@ def _api_client(url: str) -> Any:
     return kubernetes.client.ApiClient(configuration)
 
 
+_VARIABLE = re.compile(r"\$\((\w+)\)")
+
+
+class _JobGone(Exception):
+    """The Job this run belongs to was deleted (or replaced by one of the same name)."""
+
+
+class _JobRun:
+    """The pods of one Job (by uid) as the Job controller and kubelets would run them."""
+
+    def __init__(self, kubelet: Kubelet, job: dict[str, Any]) -> None:
+        self.kubelet = kubelet
+        self.job = job
+        self.uid = job["metadata"]["uid"]
+        self.name = job["metadata"]["name"]
+        self.namespace = job["metadata"]["namespace"]
+        spec = job["spec"]
+        self.indexed = spec.get("completionMode") == "Indexed"
+        self.completions = int(spec.get("completions") or 1)
+        self.limit = int(spec.get("backoffLimit", 6))
+        self.deadline = spec.get("activeDeadlineSeconds")
+        self.rules = (spec.get("podFailurePolicy") or {}).get("rules") or []
+        self.lock = threading.Lock()
+        self.processes: dict[int, subprocess.Popen[bytes]] = {}
+        self.disrupted: set[int] = set()
+        self.succeeded: set[int] = set()
+        self.failed = 0
+        self.outcome: dict[str, Any] | None = None  # the Failed condition, once decided
+
+    # -- what the Job controller decides -------------------------------------------------
+    def _rule_for_exit(self, code: int) -> tuple[int, dict[str, Any]] | None:
+        for index, rule in enumerate(self.rules):
+            exits = rule.get("onExitCodes")
+            if not exits:
+                continue
+            values = set(exits.get("values") or [])
+            if (exits.get("operator") == "In") == (code in values):
+                return index, rule
+        return None
+
+    def _rule_for_disruption(self) -> tuple[int, dict[str, Any]] | None:
+        for index, rule in enumerate(self.rules):
+            types = {c.get("type") for c in rule.get("onPodConditions") or []}
+            if "DisruptionTarget" in types:
+                return index, rule
+        return None
+
+    def _fail(self, reason: str, message: str) -> None:
+        """Decide the Job's failure (first decision wins) and stop its other pods."""
+        if self.outcome is None:
+            self.outcome = {
+                "type": "Failed",
+                "status": "True",
+                "reason": reason,
+                "message": message,
+                "lastTransitionTime": _now(),
+            }
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.kill()
+
+    def pod_ended(self, index: int, code: int) -> bool:
+        """Record one pod's end; whether the index runs another pod."""
+        with self.lock:
+            if self.outcome is not None:
+                return False
+            if code == 0:
+                self.succeeded.add(index)
+                return False
+            pod = f"{self.namespace}/{self.name}-{index}"
+            if index in self.disrupted:
+                self.disrupted.discard(index)
+                matched = self._rule_for_disruption()
+                if matched is not None and matched[1]["action"] == "Ignore":
+                    return True  # not counted: a new pod replaces the evicted one
+            else:
+                matched = self._rule_for_exit(code)
+                if matched is not None and matched[1]["action"] == "FailJob":
+                    index_of_rule = matched[0]
+                    self.failed += 1
+                    self._fail(
+                        "PodFailurePolicy",
+                        f"Container worker for pod {pod} failed with exit code {code} "
+                        f"matching FailJob rule at index {index_of_rule}",
+                    )
+                    return False
+                if matched is not None and matched[1]["action"] == "Ignore":
+                    return True
+            self.failed += 1
+            if self.failed > self.limit:
+                self._fail("BackoffLimitExceeded", "Job has reached the specified backoff limit")
+                return False
+            return True
+
+    def check_deadline(self, started: float) -> None:
+        if self.deadline is not None and time.monotonic() - started > float(self.deadline):
+            with self.lock:
+                self._fail("DeadlineExceeded", "Job was active longer than specified deadline")
+
+
 class Kubelet:
-    """Runs each Job's container command as a local process and reports its outcome."""
+    """Runs the pods of each Job as local processes and reports their outcome."""
 
     def __init__(self, cluster: Cluster, logs: Path, commands: dict[str, list[str]]) -> None:
         self.cluster = cluster
         self.logs = logs
         self.commands = commands  # executable name -> local command (e.g. the venv's script)
         self.started: dict[str, int] = {}
+        self.runs: dict[str, _JobRun] = {}  # by Job uid
         self.extra_env: dict[str, str] = {}
         self.seen_env: dict[str, dict[str, str]] = {}
         self._stop = threading.Event()
@@ -246,6 +410,30 @@ class Kubelet:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(10)
+        for run in list(self.runs.values()):
+            with run.lock:
+                for process in run.processes.values():
+                    if process.poll() is None:
+                        process.kill()
+
+    def running(self, job_name: str, index: int = 0) -> bool:
+        """Whether pod `index` of the Job named `job_name` runs now."""
+        for run in list(self.runs.values()):
+            process = run.processes.get(index)
+            if run.name == job_name and process is not None and process.poll() is None:
+                return True
+        return False
+
+    def disrupt(self, job_name: str, index: int = 0) -> None:
+        """Evict a running pod as a node drain does: condition DisruptionTarget, then killed."""
+        for run in list(self.runs.values()):
+            process = run.processes.get(index)
+            if run.name == job_name and process is not None and process.poll() is None:
+                with run.lock:
+                    run.disrupted.add(index)
+                process.kill()
+                return
+        raise AssertionError(f"no running pod {index} of Job {job_name}")
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -258,7 +446,8 @@ class Kubelet:
                 if uid in self.started or job["spec"].get("suspend"):
                     continue
                 self.started[uid] = 0
-                threading.Thread(target=self._run, args=(job,), daemon=True).start()
+                self.runs[uid] = _JobRun(self, job)
+                threading.Thread(target=self._run, args=(self.runs[uid],), daemon=True).start()
             self._stop.wait(0.2)
 
     def _env(self, container: dict[str, Any], namespace: str) -> dict[str, str]:
@@ -282,66 +471,90 @@ class Kubelet:
                 env[item["name"]] = base64.b64decode(secret["data"][ref["key"]]).decode()
         return env
 
-    def _patch(self, job: dict[str, Any], status: dict[str, Any]) -> None:
-        meta = job["metadata"]
+    def _command(self, container: dict[str, Any], env: dict[str, str]) -> list[str]:
+        """The container command with $(VAR) expanded; torchrun runs what follows --no-python."""
+        command = [
+            _VARIABLE.sub(lambda m: env.get(m.group(1), m.group(0)), part)
+            for part in container["command"]
+        ]
+        if command[0] == "torchrun":
+            command = command[command.index("--no-python") + 1 :]
+        return [*self.commands.get(command[0], [command[0]]), *command[1:]]
+
+    def _patch(self, run: _JobRun, status: dict[str, Any]) -> None:
+        """Patch the status of the run's Job; _JobGone once it is deleted or replaced."""
         try:
-            self.cluster.kube.patch_status(
-                "batch/v1", "jobs", meta["namespace"], meta["name"], status
-            )
+            job = self.cluster.kube.get("batch/v1", "jobs", run.namespace, run.name)
+        except KubeError:
+            job = None
+        if job is None or job["metadata"]["uid"] != run.uid:
+            raise _JobGone()
+        try:
+            self.cluster.kube.patch_status("batch/v1", "jobs", run.namespace, run.name, status)
         except KubeError:
             # A real kubelet stops reporting on a deleted Job, or when the test's emulated
             # cluster is gone (a pod still running at teardown).
-            if self._stop.is_set() or not self._job_exists(meta):
-                return
+            if self._stop.is_set():
+                raise _JobGone() from None
             raise
 
-    def _job_exists(self, meta: dict[str, Any]) -> bool:
+    def _run(self, run: _JobRun) -> None:
+        container = run.job["spec"]["template"]["spec"]["containers"][0]
+        started = time.monotonic()
         try:
-            job = self.cluster.kube.get("batch/v1", "jobs", meta["namespace"], meta["name"])
-        except KubeError:
-            return False
-        return job is not None
+            self._patch(run, {"active": run.completions, "startTime": _now()})
+            pods = [
+                threading.Thread(target=self._pod, args=(run, container, index), daemon=True)
+                for index in range(run.completions)
+            ]
+            for pod in pods:
+                pod.start()
+            while any(pod.is_alive() for pod in pods):
+                run.check_deadline(started)
+                time.sleep(0.1)
+            if run.outcome is not None:
+                # Pods stopped by a deadline count as failed, as the Job controller counts them.
+                failed = max(run.failed, 1)
+                self._patch(run, {"active": 0, "failed": failed, "conditions": [run.outcome]})
+                return
+            done = {"type": "Complete", "status": "True", "lastTransitionTime": _now()}
+            self._patch(
+                run,
+                {
+                    "active": 0,
+                    "succeeded": len(run.succeeded),
+                    "failed": run.failed,
+                    "completionTime": _now(),
+                    "conditions": [done],
+                },
+            )
+        except _JobGone:
+            run._fail("Deleted", "the Job was deleted")
 
-    def _run(self, job: dict[str, Any]) -> None:
-        name = job["metadata"]["name"]
-        container = job["spec"]["template"]["spec"]["containers"][0]
-        command = list(container["command"])
-        command = [*self.commands.get(command[0], [command[0]]), *command[1:]]
-        env = self._env(container, job["metadata"]["namespace"])
-        self.seen_env[name] = env
-        failed = 0
-        limit = job["spec"].get("backoffLimit", 6)
-        self._patch(job, {"active": 1, "startTime": _now()})
+    def _pod(self, run: _JobRun, container: dict[str, Any], index: int) -> None:
+        """One index's pods, one after another until one succeeds or the Job ends."""
+        env = self._env(container, run.namespace)
+        if run.indexed:  # the Job controller sets it in every pod of an Indexed Job
+            env["JOB_COMPLETION_INDEX"] = str(index)
+        command = self._command(container, env)
+        self.seen_env[run.name if index == 0 else f"{run.name}-{index}"] = env
         while True:
-            with open(self.logs / f"{name}.log", "ab") as log:
-                code = subprocess.call(
-                    command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO
-                )
-            if code == 0:
-                done = {"type": "Complete", "status": "True", "lastTransitionTime": _now()}
-                self._patch(
-                    job,
-                    {
-                        "active": 0,
-                        "succeeded": 1,
-                        "failed": failed,
-                        "completionTime": _now(),
-                        "conditions": [done],
-                    },
-                )
+            with open(self.logs / f"{run.name}-{index}.log", "ab") as log:
+                with run.lock:
+                    if run.outcome is not None:
+                        return
+                    process = subprocess.Popen(
+                        command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO
+                    )
+                    run.processes[index] = process
+                code = process.wait()
+            if not run.pod_ended(index, code):
                 return
-            failed += 1
-            if failed > limit:
-                condition = {
-                    "type": "Failed",
-                    "status": "True",
-                    "reason": "BackoffLimitExceeded",
-                    "message": "Job has reached the specified backoff limit",
-                    "lastTransitionTime": _now(),
-                }
-                self._patch(job, {"active": 0, "failed": failed, "conditions": [condition]})
+            try:
+                self._patch(run, {"active": run.completions, "failed": run.failed})
+            except _JobGone:
+                run._fail("Deleted", "the Job was deleted")
                 return
-            self._patch(job, {"active": 1, "failed": failed})
 
 
 class OperatorProcess:
@@ -357,6 +570,8 @@ class OperatorProcess:
             "SELFAUGMENT_TIMER_INTERVAL": "2",
             "SELFAUGMENT_METRICS_PORT": str(self.metrics_port),
             "SELFAUGMENT_WORKER_IMAGE": "selfaugment-worker:test",
+            # A short Lease: a standby takes over from a killed leader in seconds.
+            "SELFAUGMENT_LEASE_DURATION_SECONDS": "4",
             **env,
         }
         self.process: subprocess.Popen[bytes] | None = None
@@ -378,6 +593,12 @@ class OperatorProcess:
         try:
             self.process.wait(15)
         except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+
+    def kill(self) -> None:
+        """A crash (SIGKILL): no clean-up, the Lease is not given up."""
+        if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(5)
 
