@@ -242,3 +242,70 @@ def test_replicates_run_with_their_own_seeds_and_the_report_shows_the_spread(
     assert status.base_choice is not None and status.base_choice.startswith(
         report["base_selection"]["separation"]["winner"]
     )
+
+
+def test_a_rung_killed_mid_training_resumes_and_still_trains_exactly(tmp_path: Path) -> None:
+    """A later rung's worker is SIGKILLed mid-training and run again: it resumes from its own
+    checkpoint (not from the earlier rung's), and the candidate still ends up trained exactly
+    as the exhaustive stage would train it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    spec = _tiny(
+        **{
+            "dataset.limit": 960,
+            "search.base_selection.method": "successive_halving",
+            "search.base_epochs": 24,
+            "runtime.checkpoint_every": 1,
+        }
+    )
+    assert [(r.epochs, r.candidates) for r in base_rungs(spec)] == [(12, 3), (24, 2)]
+    run = tmp_path / "halving"
+    store = open_store(run)
+    prepare_run(store, spec)
+    for task in all_tasks(spec):
+        if task.kind == "base" and task.params["rung"] == 0:
+            run_task(store, task.id)
+    command = [
+        str(Path(sys.executable).parent / "selfaugment"),
+        "worker",
+        "run",
+        "--store",
+        str(run),
+        "--task",
+        "base-r1-s0",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", SELFAUGMENT_THREADS="1")
+    worker = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
+    epochs_done = run / "tasks" / "base-r1-s0" / "work" / "pretrain" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while True:  # one line per epoch, from the checkpoint's 12 on
+        assert worker.poll() is None, "the rung finished before it could be killed"
+        assert time.monotonic() < deadline
+        if epochs_done.exists() and len(epochs_done.read_text().splitlines()) >= 15:
+            break
+        time.sleep(0.01)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    assert subprocess.run(command, env=env, capture_output=True).returncode == 0
+    survivor = store.read_json("tasks/base-r1-s0/result.json")
+    assert len(survivor["loss_history"]) == 24
+    lines = epochs_done.read_text().splitlines()
+    assert len(lines) == 24 and json.loads(lines[-1])["epoch"] == 24
+
+    exhaustive = _tiny(
+        **{
+            "dataset.limit": 960,
+            "search.base_candidates": f"[{survivor['transform']}]",
+            "search.base_epochs": 24,
+            "runtime.checkpoint_every": 1,
+        }
+    )
+    alone_store = open_store(tmp_path / "exhaustive")
+    prepare_run(alone_store, exhaustive)
+    alone = run_task(alone_store, f"base-{survivor['transform'].lower()}")
+    assert alone["loss_history"] == survivor["loss_history"]
+    assert alone["rotation_accuracy"] == survivor["rotation_accuracy"]
