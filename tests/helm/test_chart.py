@@ -3,6 +3,7 @@ schema rejections, RBAC, and the copies of the CRDs and the dashboard it carries
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shlex
@@ -37,7 +38,10 @@ CUSTOM_VALUES: dict[str, Any] = {
         "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
         "jobTTLSeconds": 3600,
         "runAsUser": None,
+        "activeDeadlineSeconds": {"folds": 7200, "retrain": 86400},
     },
+    "replicaCount": 2,
+    "leaderElection": {"enabled": True, "leaseDurationSeconds": 30},
     "storage": {
         "endpoint": "http://minio.minio.svc:9000",
         "region": "us-east-1",
@@ -114,6 +118,7 @@ def test_default_render_has_the_expected_objects(tmp_path):
         ["CustomResourceDefinition"] * 2
         + ["ClusterRole"] * 4  # operator, crd-reader, editor, viewer
         + ["ClusterRoleBinding"] * 2
+        + ["Role", "RoleBinding"]  # leader election: one Lease in the release namespace
         + ["ServiceAccount", "Service", "Deployment", "ConfigMap"]
     ), kinds
     for doc in docs:
@@ -131,7 +136,11 @@ def test_deployment_is_hardened_and_probed(tmp_path):
     deployment = one(render(tmp_path), "Deployment")
     pod = deployment["spec"]["template"]["spec"]
     assert deployment["spec"]["replicas"] == 1
-    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    # Leader election: the new pod stands by until the old one gives the Lease up.
+    assert deployment["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
     assert pod["serviceAccountName"] == FULLNAME
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] > 0
@@ -147,10 +156,14 @@ def test_deployment_is_hardened_and_probed(tmp_path):
     assert container["resources"]["requests"]["cpu"] and container["resources"]["limits"]["memory"]
     assert container["image"] == "ghcr.io/selfaugment/operator:0.1.0"  # the appVersion
     (port,) = container["ports"]
-    probe = container["livenessProbe"]["httpGet"]
-    assert probe == {"path": "/healthz", "port": port["name"]}
+    # Liveness: what a restart fixes (API, watch); readiness: every check, the store too.
+    assert container["livenessProbe"]["httpGet"] == {"path": "/livez", "port": port["name"]}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": port["name"]}
     env = container_env(deployment)
     assert env["SELFAUGMENT_METRICS_PORT"] == str(port["containerPort"])
+    assert env["POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert env["POD_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert env["SELFAUGMENT_LEASE_NAME"] == FULLNAME
     assert {m["mountPath"] for m in container["volumeMounts"]} == {"/tmp"}  # writable scratch
 
 
@@ -179,6 +192,11 @@ def test_operator_reads_the_settings_the_chart_sets(tmp_path, monkeypatch):
     assert settings.s3_endpoint == env["AWS_ENDPOINT_URL"] == CUSTOM_VALUES["storage"]["endpoint"]
     assert settings.s3_secret == CUSTOM_VALUES["storage"]["credentialsSecret"]
     assert settings.worker_run_as_user is None  # null: the platform assigns the UID
+    assert settings.active_deadlines["folds"] == 7200
+    assert settings.active_deadlines["retrain"] == 86400
+    assert settings.active_deadlines["merge"] == OperatorSettings().active_deadlines["merge"]
+    assert settings.leader_election is True
+    assert settings.lease_name == FULLNAME and settings.lease_duration == 30
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # by reference, never by value
         assert env[key] == {"secretKeyRef": {"name": "minio-credentials", "key": key}}
 
@@ -192,7 +210,10 @@ def test_default_values_give_the_operator_defaults(tmp_path, monkeypatch):
     for key, value in env.items():
         if isinstance(value, str):
             monkeypatch.setenv(key, value)
-    assert OperatorSettings.from_env() == OperatorSettings()
+    # The Lease is named after the release, so that two releases never share one.
+    assert OperatorSettings.from_env() == dataclasses.replace(
+        OperatorSettings(), lease_name=FULLNAME
+    )
 
 
 def test_custom_values_render_namespaced_mode_monitors_and_scheduling(tmp_path):
@@ -209,9 +230,9 @@ def test_custom_values_render_namespaced_mode_monitors_and_scheduling(tmp_path):
     assert container["ports"][0]["containerPort"] == 9100
 
     # Namespaced mode: a Role and RoleBinding per watched namespace, no cluster-wide operator role.
-    roles = by_kind(docs, "Role")
+    roles = [r for r in by_kind(docs, "Role") if r["metadata"]["name"] == FULLNAME]
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
-    bindings = by_kind(docs, "RoleBinding")
+    bindings = [b for b in by_kind(docs, "RoleBinding") if b["metadata"]["name"] == FULLNAME]
     for binding in bindings:
         assert binding["roleRef"] == {
             "apiGroup": "rbac.authorization.k8s.io",
@@ -262,11 +283,16 @@ def test_service_selects_the_operator_pod(tmp_path):
 
 # What the operator does (operator/kube.py callers and kopf): (group, resource) -> verbs.
 NEEDED = {
+    # patch: kopf removes the finalizer of earlier versions; a retry annotates the Pretrain.
     ("selfaugment.io", "augmentsearches"): {"get", "list", "watch", "patch"},
     ("selfaugment.io", "pretrains"): {"get", "list", "watch", "patch", "create"},
     ("selfaugment.io", "augmentsearches/status"): {"patch"},
     ("selfaugment.io", "pretrains/status"): {"patch"},
-    ("batch", "jobs"): {"get", "list", "watch", "create"},
+    # blockOwnerDeletion on children, under OwnerReferencesPermissionEnforcement (OpenShift)
+    ("selfaugment.io", "augmentsearches/finalizers"): {"update"},
+    ("selfaugment.io", "pretrains/finalizers"): {"update"},
+    # delete: a retry, and all ranks of a multi-node Pretrain started again
+    ("batch", "jobs"): {"get", "list", "watch", "create", "delete"},
     ("", "services"): {"get", "create"},
     ("", "events"): {"create"},
     ("", "pods"): {"list"},  # pods of Jobs that cannot start (WorkersHealthy)
@@ -303,9 +329,47 @@ def test_operator_rbac_is_sufficient_and_least_privilege(tmp_path, scope):
         ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"}
     }
     if scope == "namespaced":
-        assert one(docs, "Role")["metadata"]["namespace"] == NAMESPACE  # default: release ns
+        assert one(docs, "Role", FULLNAME)["metadata"]["namespace"] == NAMESPACE  # release ns
         args = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
         assert args == [f"--namespace={NAMESPACE}"]
+
+
+def test_leader_election_gets_one_lease_in_the_release_namespace(tmp_path):
+    """create on leases (it cannot be narrowed by name), get and patch only on the Lease."""
+    docs = render(tmp_path)
+    role = one(docs, "Role", f"{FULLNAME}-leader-election")
+    assert role["metadata"]["namespace"] == NAMESPACE
+    assert role["rules"] == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "resourceNames": [FULLNAME],
+            "verbs": ["get", "patch"],
+        },
+    ]
+    binding = one(docs, "RoleBinding", f"{FULLNAME}-leader-election")
+    assert binding["subjects"][0]["name"] == FULLNAME
+    off = render(tmp_path, {"leaderElection": {"enabled": False, "leaseDurationSeconds": 15}})
+    assert not by_kind(off, "Role")
+    deployment = one(off, "Deployment")
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert container_env(deployment)["SELFAUGMENT_LEADER_ELECTION"] == "false"
+
+
+def test_two_replicas_need_leader_election(tmp_path):
+    docs = render(tmp_path, {"replicaCount": 2})
+    assert one(docs, "Deployment")["spec"]["replicas"] == 2
+    result = run_helm(
+        "template",
+        RELEASE,
+        str(CHART),
+        "--set",
+        "replicaCount=2",
+        "--set",
+        "leaderElection.enabled=false",
+    )
+    assert result.returncode != 0 and "leaderElection.enabled" in result.stderr
 
 
 def test_the_secret_existence_check_is_opt_in_and_get_only(tmp_path):
@@ -329,7 +393,10 @@ def test_editor_and_viewer_roles_for_users(tmp_path):
 
 
 BAD_VALUES = [
-    ("replicaCount=2", "replicaCount"),
+    ("replicaCount=-1", "replicaCount"),
+    ("leaderElection.leaseDurationSeconds=1", "leaderElection.leaseDurationSeconds"),
+    ("workers.activeDeadlineSeconds.fold=60", "workers.activeDeadlineSeconds"),
+    ("workers.activeDeadlineSeconds.folds=0", "workers.activeDeadlineSeconds.folds"),
     ("watch.scope=everywhere", "watch.scope"),
     ("watch.namespaces={Team_A}", "watch.namespaces"),
     ("image.pullPolicy=Sometimes", "image.pullPolicy"),
