@@ -87,6 +87,21 @@ class BaseSelection(StrictModel):
     )
 
 
+class RacingConfig(StrictModel):
+    """Racing the TPE candidates: each is scored on a growing share of the held-out images and
+    stopped as soon as its objective, minus `z` standard errors over the images seen, is worse
+    than the current P-th best (P = top_policies; those are always scored in full). TPE gets
+    the estimate. Off by default until its effect on the found policies is measured."""
+
+    enabled: bool = Field(False, description="Race the candidates (see above).")
+    z: float = Field(
+        2.0, gt=0.0, le=10.0, description="Standard errors of margin before a candidate stops."
+    )
+    min_fraction: float = Field(
+        0.25, gt=0.0, le=1.0, description="The share of held-out images always scored."
+    )
+
+
 class SearchConfig(StrictModel):
     """The policy search (Algorithm 1 of the SelfAugment paper)."""
 
@@ -139,6 +154,7 @@ class SearchConfig(StrictModel):
         ),
     )
     score_batch_size: int = Field(256, ge=2, description="Batch size when scoring candidates.")
+    racing: RacingConfig = Field(default_factory=RacingConfig)
     score_images: int | None = Field(
         None,
         ge=16,

@@ -147,3 +147,36 @@ def test_supervised_oracle_loss_uses_the_linear_head() -> None:
     assert plain.supervised_loss is None and "supervised_loss" not in plain.to_dict()
     with pytest.raises(ValueError, match="one label per held-out image"):
         PolicyScorer(model, rotation, images, linear_head=linear, labels=labels[:3])
+
+
+class _Stop:
+    """A race that stops every candidate (or none) and records what it was shown."""
+
+    def __init__(self, stop: bool) -> None:
+        self.stop = stop
+        self.seen: list[int] = []
+
+    def should_stop(self, per_image: dict[str, torch.Tensor], total: int) -> bool:
+        self.seen.append(int(per_image["infonce"].shape[0]))
+        assert set(per_image) >= {"rotation_loss", "infonce", "correct"} and total == 100
+        return self.stop
+
+
+def test_a_race_sees_growing_shares_and_may_stop_a_candidate_early(setup) -> None:
+    model, train, heldout = setup
+    probe = train_probe(model.backbone, "rotation", train, heldout, ProbeConfig(epochs=2))
+    scorer = PolicyScorer(
+        model, probe.head_state, heldout, "cpu", batch_size=64, augmenter_factory=StandInAugmenter
+    )
+    full = scorer.score("identity")
+    assert full.images == 100
+    never = _Stop(False)
+    raced_in_full = scorer.score("identity", never)
+    # chunks of max(16, ceil(100 / 8)) images; asked after every chunk but the last
+    assert never.seen == [16, 32, 48, 64, 80, 96]
+    assert raced_in_full.images == 100
+    assert raced_in_full.rotation_loss == pytest.approx(full.rotation_loss, rel=1e-6)
+    assert raced_in_full.infonce == pytest.approx(full.infonce, rel=1e-6)
+    always = _Stop(True)
+    stopped = scorer.score("identity", always)
+    assert stopped.images == 16 and always.seen == [16]

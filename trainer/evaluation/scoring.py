@@ -12,10 +12,11 @@ numbers (and all candidates see the same crops, flips and random draws where the
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -34,15 +35,32 @@ AugmenterFactory = Callable[[Any], Augmenter]
 
 @dataclass(frozen=True)
 class PolicyScore:
-    """Forward-pass scores of one policy on the held-out images (means over images)."""
+    """Forward-pass scores of one policy on the held-out images (means over images).
+
+    `images`: how many held-out images the means are over (fewer than all when a race
+    stopped the candidate early, see `Race`)."""
 
     rotation_loss: float
     rotation_accuracy: float
     infonce: float
     supervised_loss: float | None = None
+    images: int | None = None
 
     def to_dict(self) -> dict[str, float]:
         return {key: value for key, value in asdict(self).items() if value is not None}
+
+
+class Race(Protocol):
+    """Decides, after each chunk of held-out images, whether a candidate can stop early."""
+
+    def should_stop(self, per_image: dict[str, torch.Tensor], total: int) -> bool:
+        """`per_image`: each loss per image scored so far ("rotation_loss", "infonce", and
+        "supervised_loss" with a linear head); `total`: the images there are."""
+        ...
+
+
+#: A race looks at the candidate after each of this many equal chunks of the held-out images.
+RACE_CHUNKS = 8
 
 
 def rotation_head_from_state(state: dict[str, torch.Tensor]) -> nn.Linear:
@@ -134,42 +152,67 @@ class PolicyScorer:
         return cls(model, rotation_head_state, heldout_images, device, batch_size, seed, **kwargs)
 
     @torch.no_grad()
-    def score(self, policy: Any) -> PolicyScore:
-        """Rotation loss/accuracy and InfoNCE of the held-out images under `policy`."""
+    def score(self, policy: Any, race: Race | None = None) -> PolicyScore:
+        """Rotation loss/accuracy and InfoNCE of the held-out images under `policy`.
+
+        With a `race`, the images are scored in RACE_CHUNKS chunks and the race may stop the
+        candidate after any of them; the score is then the mean over the images seen."""
         augmenter = self.make_augmenter(policy)
         self.model.eval()
         self.rotation_head.eval()
         generator = torch.Generator(device=self.device).manual_seed(self.seed)
-        backbone = self.model.backbone
         total = self.images.shape[0]
-        rotation_loss = rotation_correct = infonce = supervised = 0.0
-        labels = self.labels
-        for start in range(0, total, self.batch_size):
-            batch = self.images[start : start + self.batch_size]
-            count = batch.shape[0]
-            view_q = augmenter(batch, generator)
-            view_k = augmenter(batch, generator)
-            with autocast(self.device, self.bf16):
-                # the 4 rotations as one batch (eval mode: batch norm uses its running stats);
-                # the upright quarter's features serve the InfoNCE query too: 5 passes, not 6
-                rotated = torch.cat([torch.rot90(view_q, turns, (2, 3)) for turns in range(4)])
-                raw = backbone(rotated)
-                features = raw.float()
-                logits = self.rotation_head(features)
-                targets = torch.arange(4, device=self.device).repeat_interleave(count)
-                rotation_loss += F.cross_entropy(logits, targets, reduction="sum").item()
-                rotation_correct += (logits.argmax(1) == targets).sum().item()
-                if self.linear_head is not None and labels is not None:
-                    supervised += F.cross_entropy(
-                        self.linear_head(features[:count]),
-                        labels[start : start + count],
-                        reduction="sum",
-                    ).item()
-                loss, _ = self.model.contrastive_loss_eval(None, view_k, query_features=raw[:count])
-            infonce += loss.item() * count
+        step = self.batch_size
+        if race is not None:
+            step = min(step, max(16, math.ceil(total / RACE_CHUNKS)))
+        parts: dict[str, list[torch.Tensor]] = {"rotation_loss": [], "correct": [], "infonce": []}
+        if self.linear_head is not None:
+            parts["supervised_loss"] = []
+        for start in range(0, total, step):
+            batch = self.images[start : start + step]
+            for name, values in self._score_batch(augmenter, generator, batch, start).items():
+                parts[name].append(values)
+            if race is not None and start + step < total:
+                seen = {name: torch.cat(values) for name, values in parts.items()}
+                if race.should_stop(seen, total):
+                    break
+        per_image = {name: torch.cat(values) for name, values in parts.items()}
+        scored = int(per_image["infonce"].shape[0])
+        supervised = per_image.get("supervised_loss")
         return PolicyScore(
-            rotation_loss=rotation_loss / (4 * total),
-            rotation_accuracy=rotation_correct / (4 * total),
-            infonce=infonce / total,
-            supervised_loss=supervised / total if self.linear_head is not None else None,
+            rotation_loss=float(per_image["rotation_loss"].mean()),
+            rotation_accuracy=float(per_image["correct"].sum()) / (4 * scored),
+            infonce=float(per_image["infonce"].mean()),
+            supervised_loss=float(supervised.mean()) if supervised is not None else None,
+            images=scored,
         )
+
+    def _score_batch(
+        self, augmenter: Augmenter, generator: torch.Generator, batch: torch.Tensor, start: int
+    ) -> dict[str, torch.Tensor]:
+        """Per-image losses of one batch (float64 on the CPU, so sums do not depend on order)."""
+        count = batch.shape[0]
+        view_q = augmenter(batch, generator)
+        view_k = augmenter(batch, generator)
+        out: dict[str, torch.Tensor] = {}
+        with autocast(self.device, self.bf16):
+            # the 4 rotations as one batch (eval mode: batch norm uses its running stats);
+            # the upright quarter's features serve the InfoNCE query too: 5 passes, not 6
+            rotated = torch.cat([torch.rot90(view_q, turns, (2, 3)) for turns in range(4)])
+            raw = self.model.backbone(rotated)
+            features = raw.float()
+            logits = self.rotation_head(features)
+            targets = torch.arange(4, device=self.device).repeat_interleave(count)
+            losses = F.cross_entropy(logits, targets, reduction="none").view(4, count)
+            out["rotation_loss"] = losses.mean(0)
+            out["correct"] = (logits.argmax(1) == targets).view(4, count).sum(0)
+            if self.linear_head is not None and self.labels is not None:
+                out["supervised_loss"] = F.cross_entropy(
+                    self.linear_head(features[:count]),
+                    self.labels[start : start + count],
+                    reduction="none",
+                )
+            _, contrast = self.model.contrastive_loss_eval(None, view_k, query_features=raw[:count])
+            positives = torch.zeros(count, dtype=torch.long, device=self.device)
+            out["infonce"] = F.cross_entropy(contrast.float(), positives, reduction="none")
+        return {name: values.detach().double().cpu() for name, values in out.items()}

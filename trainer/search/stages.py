@@ -287,7 +287,7 @@ def run_fold(ctx: TaskContext) -> FoldResult:
 
 def run_search(ctx: TaskContext) -> SearchResult:
     """T repeats of TPE per fold: this task is one (fold, repeat)."""
-    from selfaugment.trainer.search.tpe import Normalisers, run_tpe, top_trials
+    from selfaugment.trainer.search.tpe import Normalisers, objective_value, run_tpe, top_trials
 
     search = ctx.spec.search
     fold, repeat = int(ctx.task.params["fold"]), int(ctx.task.params["repeat"])
@@ -322,8 +322,16 @@ def run_search(ctx: TaskContext) -> SearchResult:
             best_objective=best[-1],
         )
 
+    total_images = int(scorer.images.shape[0])
+    race = _race(ctx, normalisers, previous, total_images)
+
     def score(policy_json: dict[str, Any]) -> dict[str, float]:
-        return dict(scorer.score(Policy.from_json(policy_json)).to_dict())
+        losses = dict(scorer.score(Policy.from_json(policy_json), race).to_dict())
+        if race is not None and losses.get("images", total_images) >= total_images:
+            race.finished.append(
+                objective_value(search.objective, losses, normalisers, search.weights)
+            )
+        return losses
 
     def on_trial(record: TrialRecord) -> None:
         kept.append(record)
@@ -350,6 +358,7 @@ def run_search(ctx: TaskContext) -> SearchResult:
     )
     top = top_trials(records, search.top_policies)
     ctx.store.write_json(trials_key, [record.to_dict() for record in records])
+    scored = [int(record.losses.get("images", total_images)) for record in records]
     return {
         "fold": fold,
         "repeat": repeat,
@@ -359,7 +368,38 @@ def run_search(ctx: TaskContext) -> SearchResult:
         "best_objective": top[0].objective if top else None,
         "objective_history": [record.objective for record in records],
         "top": [record.to_dict() for record in top],
+        "racing": {
+            "enabled": race is not None,
+            "stopped_early": sum(count < total_images for count in scored),
+            "images_scored": sum(scored),
+            "images_in_full": total_images * len(records),
+        },
     }
+
+
+def _race(
+    ctx: TaskContext, normalisers: Any, previous: list[TrialRecord], total_images: int
+) -> Any:
+    """The race of this search's candidates (None unless `search.racing.enabled`)."""
+    from selfaugment.trainer.search.tpe import ObjectiveRace
+
+    search = ctx.spec.search
+    if not search.racing.enabled:
+        return None
+    race = ObjectiveRace(
+        search.objective,
+        normalisers,
+        search.weights,
+        top=search.top_policies,
+        z=search.racing.z,
+        min_fraction=search.racing.min_fraction,
+    )
+    race.finished = [  # kept trials scored in full (a stopped one has fewer images)
+        record.objective
+        for record in previous
+        if record.losses.get("images", total_images) >= total_images
+    ]
+    return race
 
 
 def _finished_trials(ctx: TaskContext, key: str) -> list[TrialRecord]:

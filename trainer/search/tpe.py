@@ -93,6 +93,61 @@ def objective_value(
     raise ValueError(f"unknown objective {objective!r}")
 
 
+def per_image_objective(
+    objective: Objective,
+    per_image: dict[str, Any],
+    normalisers: Normalisers,
+    weights: ObjectiveWeights,
+) -> Any:
+    """The objective of each image: every objective is a mean over images of a linear
+    combination of per-image losses, so its standard error follows from these values."""
+    if objective == "min_rotation":
+        return per_image["rotation_loss"]
+    if objective == "min_infonce":
+        return per_image["infonce"]
+    if objective == "max_infonce":
+        return -per_image["infonce"]
+    if objective == "minimax":
+        rotation = per_image["rotation_loss"] / max(normalisers.rotation_loss, 1e-12)
+        infonce = per_image["infonce"] / max(normalisers.infonce, 1e-12)
+        return weights.rotation * rotation - weights.infonce * infonce
+    if objective == "supervised":
+        return per_image["supervised_loss"]
+    raise ValueError(f"unknown objective {objective!r}")
+
+
+@dataclass
+class ObjectiveRace:
+    """Stops a candidate once it cannot reach the top P (see RacingConfig in trainer/spec.py).
+
+    `finished` holds the objectives of the candidates scored in full; until there are P of
+    them, no candidate stops."""
+
+    objective: Objective
+    normalisers: Normalisers
+    weights: ObjectiveWeights
+    top: int
+    z: float
+    min_fraction: float
+    finished: list[float] = field(default_factory=list)
+
+    def threshold(self) -> float | None:
+        """The P-th best objective of the candidates scored in full (None: fewer than P)."""
+        if len(self.finished) < self.top:
+            return None
+        return sorted(self.finished)[self.top - 1]
+
+    def should_stop(self, per_image: dict[str, Any], total: int) -> bool:
+        threshold = self.threshold()
+        values = per_image_objective(self.objective, per_image, self.normalisers, self.weights)
+        seen = len(values)
+        if threshold is None or seen < max(2, self.min_fraction * total):
+            return False
+        mean = float(values.mean())
+        error = float(values.std()) / seen**0.5
+        return mean - self.z * error > threshold
+
+
 def search_space(op_names: Sequence[str], sub_policies: int, ops_per_sub_policy: int) -> dict:
     """hyperopt space: an op choice, a probability and a magnitude per slot."""
     from hyperopt import hp

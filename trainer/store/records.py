@@ -62,6 +62,7 @@ class SearchResult(TypedDict):
     best_objective: float | None
     objective_history: list[float]
     top: list[dict[str, Any]]  # TrialRecord.to_dict() of the best trials
+    racing: dict[str, Any]  # enabled, stopped_early, images_scored, images_in_full
 
 
 class MergeResult(TypedDict):
