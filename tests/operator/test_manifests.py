@@ -301,3 +301,98 @@ def test_worker_uid_setting_from_environment(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("SELFAUGMENT_WORKER_RUN_AS_USER", "root")
     with pytest.raises(ValueError, match="SELFAUGMENT_WORKER_RUN_AS_USER"):
         OperatorSettings.from_env()
+
+
+def test_jobs_ignore_disruptions_and_fail_at_once_on_bad_input() -> None:
+    """podFailurePolicy: DisruptionTarget ignored, EXIT_BAD_INPUT fails the Job, the rest
+    counts against backoffLimit; it needs restartPolicy Never."""
+    spec = search_spec()
+    job = manifests.task_job(SEARCH, spec, task_by_id(spec, "fold-0"), SETTINGS)
+    assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+    assert job["spec"]["backoffLimit"] == 3
+    assert job["spec"]["podFailurePolicy"]["rules"] == [
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+        {
+            "action": "FailJob",
+            "onExitCodes": {"containerName": "worker", "operator": "In", "values": [2]},
+        },
+    ]
+    single = PretrainSpec.model_validate({"storage": {"uri": "s3://b"}, "max_retries": 4})
+    single_job = manifests.pretrain_job(PRETRAIN, single, SETTINGS)
+    assert single_job["spec"]["podFailurePolicy"] == job["spec"]["podFailurePolicy"]
+    assert single_job["spec"]["backoffLimit"] == 4
+
+
+def test_a_multi_node_job_fails_whole_on_any_rank_failure() -> None:
+    """All ranks start again together (the operator recreates the Job), so the Job itself
+    retries nothing: backoffLimit 0, and any non-zero exit fails it."""
+    spec = PretrainSpec.model_validate(
+        {"distributed": {"nodes": 2}, "max_retries": 3, "storage": {"uri": "s3://b"}}
+    )
+    job = manifests.pretrain_job(PRETRAIN, spec, SETTINGS)
+    assert job["spec"]["backoffLimit"] == 0
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    assert rules[0]["action"] == "Ignore"
+    assert rules[1]["onExitCodes"]["values"] == [2]  # bad input: final, not restarted
+    assert rules[2] == {
+        "action": "FailJob",
+        "onExitCodes": {"containerName": "worker", "operator": "NotIn", "values": [0, 2]},
+    }
+
+
+def test_deadlines_per_stage_from_the_spec_over_the_operator_defaults() -> None:
+    settings = OperatorSettings(active_deadlines={**SETTINGS.active_deadlines, "search": 999})
+    spec = search_spec(active_deadline_seconds={"folds": 3600})
+    fold = manifests.task_job(SEARCH, spec, task_by_id(spec, "fold-0"), settings)
+    trial = manifests.task_job(SEARCH, spec, task_by_id(spec, "search-f0-r0"), settings)
+    merge = manifests.task_job(SEARCH, spec, task_by_id(spec, "merge"), settings)
+    assert fold["spec"]["activeDeadlineSeconds"] == 3600
+    assert trial["spec"]["activeDeadlineSeconds"] == 999
+    assert merge["spec"]["activeDeadlineSeconds"] == OperatorSettings().active_deadlines["merge"]
+    retrain = manifests.retrain_pretrain(
+        SEARCH, search_spec(active_deadline_seconds={"retrain": 7})
+    )
+    retrain_spec = PretrainSpec.model_validate(retrain["spec"])
+    retrain_body = {**PRETRAIN, "metadata": {**PRETRAIN["metadata"], "name": "cifar-retrain"}}
+    retrain_job = manifests.pretrain_job(retrain_body, retrain_spec, settings)
+    assert retrain_job["spec"]["activeDeadlineSeconds"] == 7
+    standalone = PretrainSpec.model_validate({"storage": {"uri": "s3://b"}})
+    standalone_job = manifests.pretrain_job(PRETRAIN, standalone, settings)
+    assert standalone_job["spec"]["activeDeadlineSeconds"] == settings.active_deadlines["pretrain"]
+
+
+def test_deadline_stages_are_checked_by_the_spec() -> None:
+    with pytest.raises(ValueError, match="active_deadline_seconds"):
+        search_spec(active_deadline_seconds={"fold": 60})
+    with pytest.raises(ValueError, match="active_deadline_seconds"):
+        search_spec(active_deadline_seconds={"folds": 0})
+
+
+def test_jobs_pods_and_services_carry_the_recommended_labels_and_no_token() -> None:
+    spec = search_spec()
+    job = manifests.task_job(SEARCH, spec, task_by_id(spec, "search-f0-r0"), SETTINGS)
+    expected = {
+        "app.kubernetes.io/name": "selfaugment-worker",
+        "app.kubernetes.io/instance": "cifar",
+        "app.kubernetes.io/component": "search",
+        "app.kubernetes.io/part-of": "selfaugment",
+        "app.kubernetes.io/managed-by": "selfaugment-operator",
+    }
+    pod = job["spec"]["template"]
+    assert expected.items() <= job["metadata"]["labels"].items()
+    assert expected.items() <= pod["metadata"]["labels"].items()
+    assert pod["spec"]["automountServiceAccountToken"] is False
+    multi = PretrainSpec.model_validate({"distributed": {"nodes": 2}, "storage": {"uri": "s3://b"}})
+    pretrain_job = manifests.pretrain_job(PRETRAIN, multi, SETTINGS)
+    service = manifests.pretrain_service(PRETRAIN, multi)
+    for labels in (pretrain_job["metadata"]["labels"], service["metadata"]["labels"]):
+        assert labels["app.kubernetes.io/instance"] == "hier"
+        assert labels["app.kubernetes.io/component"] == "pretrain"
+        assert labels["app.kubernetes.io/part-of"] == "selfaugment"
+    assert pretrain_job["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+    retrain_body = {**PRETRAIN, "metadata": {**PRETRAIN["metadata"], "name": "cifar-retrain"}}
+    retrain = PretrainSpec.model_validate(manifests.retrain_pretrain(SEARCH, spec)["spec"])
+    retrain_labels = manifests.pretrain_job(retrain_body, retrain, SETTINGS)["metadata"]["labels"]
+    assert retrain_labels["app.kubernetes.io/instance"] == "cifar-retrain"
+    assert retrain_labels["app.kubernetes.io/component"] == "retrain"
+    assert retrain_labels[names.LABEL_SEARCH] == "cifar"

@@ -17,6 +17,7 @@ from selfaugment.operator.runtime import Deps
 from selfaugment.operator.search import SearchReconciler, changed_sections, parse_search_spec
 from selfaugment.operator.settings import OperatorSettings
 from selfaugment.trainer.metrics import create_metrics
+from selfaugment.trainer.search.planner import all_tasks
 from selfaugment.trainer.store import LocalStore
 
 
@@ -26,6 +27,8 @@ class MemoryKube:
     def __init__(self) -> None:
         self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.created: list[str] = []
+        self.deleted: list[tuple[str, str]] = []  # (name, propagation)
+        self.patches: list[tuple[str, dict[str, Any]]] = []
         self.status_patches: list[dict[str, Any]] = []
 
     def get(
@@ -50,8 +53,30 @@ class MemoryKube:
         if key in self.objects:
             return False
         self.objects[key] = json.loads(json.dumps(body))
+        self.objects[key]["metadata"].setdefault("uid", f"uid-{len(self.created)}")
         self.created.append(body["metadata"]["name"])
         return True
+
+    def patch(
+        self, api_version: str, plural: str, namespace: str, name: str, body: dict[str, Any]
+    ) -> dict[str, Any]:
+        self.patches.append((name, body))
+        obj = self.objects[(plural, namespace, name)]
+        merged = status.merge_patch(obj, body)
+        obj.clear()
+        obj.update(merged)
+        return obj
+
+    def delete(
+        self,
+        api_version: str,
+        plural: str,
+        namespace: str,
+        name: str,
+        propagation: str = "Background",
+    ) -> None:
+        self.deleted.append((name, propagation))
+        self.objects.pop((plural, namespace, name), None)
 
     def patch_status(
         self, api_version: str, plural: str, namespace: str, name: str, value: dict[str, Any]
@@ -60,13 +85,17 @@ class MemoryKube:
         obj = self.objects[(plural, namespace, name)]
         obj["status"] = status.merge_patch(obj.get("status") or {}, value)
 
-    def finish(self, name: str, ok: bool = True) -> None:
+    def finish(
+        self,
+        name: str,
+        ok: bool = True,
+        reason: str = "BackoffLimitExceeded",
+        message: str = "",
+    ) -> None:
         job = self.objects[("jobs", "default", name)]
         kind = "Complete" if ok else "Failed"
-        job["status"] = {
-            "succeeded" if ok else "failed": 1,
-            "conditions": [{"type": kind, "status": "True", "reason": "BackoffLimitExceeded"}],
-        }
+        condition = {"type": kind, "status": "True", "reason": reason, "message": message}
+        job["status"] = {"succeeded" if ok else "failed": 1, "conditions": [condition]}
 
 
 def make(tmp_path: Path, **spec: Any) -> tuple[MemoryKube, Deps, list[tuple[str, str]], LocalStore]:
@@ -502,3 +531,210 @@ def test_the_secret_check_is_skipped_without_the_right_to_get_secrets(tmp_path: 
         f"store {store} is reachable; Secret creds exists"
     )
     assert ("StorageReady", storage["message"]) in events
+
+
+def conditions_of(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["type"]: c for c in result["conditions"]}
+
+
+def annotate_retry(kube: MemoryKube, plural: str, name: str, token: str) -> None:
+    body = kube.objects[(plural, "default", name)]
+    body["metadata"].setdefault("annotations", {})[names.RETRY_ANNOTATION] = token
+
+
+RULE_MATCH = "Container worker for pod default/{pod} failed with exit code {code} matching FailJob rule at index {index}"
+
+
+def test_a_deadline_fails_the_search_with_its_own_condition_and_event(tmp_path: Path) -> None:
+    kube, deps, events, _ = make(tmp_path)
+    reconcile(kube, deps)
+    kube.objects[("jobs", "default", "s-fold-0")]["spec"]["activeDeadlineSeconds"] = 60
+    kube.finish("s-fold-0", ok=False, reason="DeadlineExceeded", message="Job was active longer")
+    result = reconcile(kube, deps)
+    conditions = conditions_of(result)
+    assert result["phase"] == "Failed" and result["failedTask"] == "fold-0"
+    failed = conditions["Failed"]
+    assert failed["status"] == "True" and failed["reason"] == "DeadlineExceeded"
+    assert "deadline of 60 s" in failed["message"] and "fold-0" in failed["message"]
+    assert [reason for reason, _ in events].count("DeadlineExceeded") == 1
+    # What generic tools wait on: Finished on either outcome, Succeeded says which.
+    assert (
+        conditions["Finished"]["status"] == "True" and conditions["Finished"]["reason"] == "Failed"
+    )
+    assert conditions["Succeeded"]["status"] == "False"
+
+
+def test_bad_input_is_named_and_not_retried(tmp_path: Path) -> None:
+    kube, deps, events, _ = make(tmp_path)
+    reconcile(kube, deps)
+    message = RULE_MATCH.format(pod="s-fold-1-abc", code=2, index=1)
+    kube.finish("s-fold-1", ok=False, reason="PodFailurePolicy", message=message)
+    result = reconcile(kube, deps)
+    failed = conditions_of(result)["Failed"]
+    assert failed["reason"] == "BadInput" and "exit code 2" in failed["message"]
+    assert "kubectl logs job/s-fold-1" in failed["message"]
+    assert ("BadInput", failed["message"]) in events
+
+
+def test_terminal_conditions_while_running(tmp_path: Path) -> None:
+    kube, deps, _, _ = make(tmp_path)
+    conditions = conditions_of(reconcile(kube, deps))
+    assert conditions["Finished"]["status"] == "False"
+    assert conditions["Finished"]["reason"] == "InProgress"
+    assert conditions["Succeeded"]["status"] == "False"
+
+
+def test_a_retry_annotation_starts_failed_tasks_again_once_per_value(tmp_path: Path) -> None:
+    """A new value of selfaugment.io/retry: the failed Job is deleted and created again, the
+    finished tasks stay (their results are in the store); the same value again does nothing."""
+    kube, deps, events, store = make(tmp_path)
+    reconcile(kube, deps)
+    store.write_json("tasks/fold-0/result.json", {"base_policy": "Rotate"})
+    kube.finish("s-fold-0")
+    kube.finish("s-fold-1", ok=False)
+    assert reconcile(kube, deps)["phase"] == "Failed"
+    annotate_retry(kube, names.SEARCH_PLURAL, "s", "1")
+    retried = reconcile(kube, deps)
+    assert kube.deleted == [("s-fold-1", "Background")]
+    assert retried["phase"] == "Running" and "failedTask" not in retried
+    assert retried["retryToken"] == "1"
+    assert conditions_of(retried)["Failed"]["status"] == "False"
+    assert conditions_of(retried)["Finished"]["status"] == "False"
+    assert any(reason == "Retry" and "fold-1" in message for reason, message in events)
+    reconcile(kube, deps)  # the Job's deletion (a watch event) brings the next pass
+    assert kube.created.count("s-fold-1") == 2
+    assert kube.created.count("s-fold-0") == 1  # finished: never again
+    kube.finish("s-fold-1", ok=False)
+    assert reconcile(kube, deps)["phase"] == "Failed"
+    reconcile(kube, deps)  # the same token: acted on already
+    assert len(kube.deleted) == 1 and kube.objects[("jobs", "default", "s-fold-1")]
+    annotate_retry(kube, names.SEARCH_PLURAL, "s", "2")
+    assert reconcile(kube, deps)["retryToken"] == "2" and len(kube.deleted) == 2
+
+
+def test_a_retry_of_a_running_search_is_recorded_and_does_nothing(tmp_path: Path) -> None:
+    kube, deps, events, _ = make(tmp_path)
+    reconcile(kube, deps)
+    annotate_retry(kube, names.SEARCH_PLURAL, "s", "early")
+    result = reconcile(kube, deps)
+    assert result["retryToken"] == "early" and result["phase"] == "Running"
+    assert kube.deleted == [] and any(reason == "Retry" for reason, _ in events)
+
+
+def pretrain_deps(tmp_path: Path, **spec: Any) -> tuple[MemoryKube, Deps, list[tuple[str, str]]]:
+    kube = MemoryKube()
+    events: list[tuple[str, str]] = []
+    deps = Deps(
+        kube,
+        OperatorSettings(),
+        create_metrics(),
+        lambda b, k, reason, m: events.append((reason, m)),
+    )  # type: ignore[arg-type]
+    kube.objects[(names.PRETRAIN_PLURAL, "default", "p")] = {
+        "apiVersion": names.API_VERSION,
+        "kind": names.PRETRAIN_KIND,
+        "metadata": {"name": "p", "namespace": "default", "uid": "u", "generation": 1},
+        "spec": {"storage": {"uri": str(tmp_path)}, **spec},
+    }
+    return kube, deps, events
+
+
+def run_pretrain(kube: MemoryKube, deps: Deps) -> dict[str, Any]:
+    body = kube.objects[(names.PRETRAIN_PLURAL, "default", "p")]
+    PretrainReconciler(body, deps).run()
+    return dict(body["status"])
+
+
+def test_a_failed_rank_restarts_all_ranks_counted_once_up_to_max_retries(tmp_path: Path) -> None:
+    kube, deps, events = pretrain_deps(tmp_path, distributed={"nodes": 2}, max_retries=1)
+    job = names.pretrain_job_name("p")
+    run_pretrain(kube, deps)
+    first_uid = kube.objects[("jobs", "default", job)]["metadata"]["uid"]
+    rank_failed = RULE_MATCH.format(pod=f"{job}-1-x", code=1, index=2)
+    kube.finish(job, ok=False, reason="PodFailurePolicy", message=rank_failed)
+    restarted = run_pretrain(kube, deps)
+    assert restarted["restarts"] == 1 and restarted["restartedJobUid"] == first_uid
+    assert restarted["phase"] == "Running"
+    assert conditions_of(restarted)["Ready"]["reason"] == "Restarting"
+    assert kube.deleted == [(job, "Foreground")]  # its pods go before the name is free
+    assert [reason for reason, _ in events].count("RanksRestarted") == 1
+    # The API still lists the Job while its pods go (foreground): nothing is counted again.
+    kube.objects[("jobs", "default", job)] = {
+        "metadata": {"name": job, "uid": first_uid, "deletionTimestamp": "2026-01-01T00:00:00Z"},
+        "spec": {},
+        "status": {"conditions": [{"type": "Failed", "status": "True"}]},
+    }
+    again = run_pretrain(kube, deps)
+    assert again["restarts"] == 1 and len(kube.deleted) == 1
+    del kube.objects[("jobs", "default", job)]
+    run_pretrain(kube, deps)
+    # all ranks again, as one new Job (the headless Service of that name stays)
+    assert kube.created.count(job) == 3 and ("jobs", "default", job) in kube.objects
+    kube.finish(job, ok=False, reason="PodFailurePolicy", message=rank_failed)
+    final = run_pretrain(kube, deps)
+    failed = conditions_of(final)["Failed"]
+    assert final["phase"] == "Failed" and final["restarts"] == 1
+    assert failed["reason"] == "JobFailed" and "after 1 restarts of all ranks" in failed["message"]
+    assert conditions_of(final)["Finished"]["status"] == "True"
+
+
+def test_a_deadline_or_bad_input_is_final_for_a_group_too(tmp_path: Path) -> None:
+    kube, deps, events = pretrain_deps(tmp_path, distributed={"nodes": 2}, max_retries=3)
+    job = names.pretrain_job_name("p")
+    run_pretrain(kube, deps)
+    kube.finish(job, ok=False, reason="DeadlineExceeded", message="Job was active longer")
+    final = run_pretrain(kube, deps)
+    assert final["phase"] == "Failed" and final.get("restarts", 0) == 0
+    assert conditions_of(final)["Failed"]["reason"] == "DeadlineExceeded"
+    assert (
+        kube.deleted == []
+        and ("DeadlineExceeded", conditions_of(final)["Failed"]["message"]) in events
+    )
+
+
+def test_a_retry_of_a_failed_pretrain_starts_its_job_again(tmp_path: Path) -> None:
+    kube, deps, events = pretrain_deps(tmp_path)
+    job = names.pretrain_job_name("p")
+    run_pretrain(kube, deps)
+    kube.finish(job, ok=False)
+    assert run_pretrain(kube, deps)["phase"] == "Failed"
+    annotate_retry(kube, names.PRETRAIN_PLURAL, "p", "a")
+    retried = run_pretrain(kube, deps)
+    assert retried["retryToken"] == "a" and retried["phase"] == "Pending"
+    assert kube.deleted == [(job, "Background")]
+    run_pretrain(kube, deps)
+    assert (
+        kube.created.count(job) == 2
+        and ("Retry", f"selfaugment.io/retry=a: Job {job} starts again") in events
+    )
+
+
+def test_a_search_fails_when_its_retraining_fails_and_passes_a_retry_on(tmp_path: Path) -> None:
+    """The retrain task's outcome is its Pretrain's phase (a group restart is not a failure);
+    a retry of the search annotates the failed Pretrain, which starts its Job again."""
+    kube, deps, events, store = make(tmp_path)
+    body = kube.objects[(names.SEARCH_PLURAL, "default", "s")]
+    spec = parse_search_spec(body["spec"])
+    for task in all_tasks(spec):
+        if task.kind not in ("retrain", "report"):
+            store.write_json(f"tasks/{task.id}/result.json", {"base_policy": "Rotate"})
+    reconcile(kube, deps)
+    pretrain = kube.objects[(names.PRETRAIN_PLURAL, "default", "s-retrain")]
+    pretrain["status"] = {"phase": "Running"}
+    assert reconcile(kube, deps)["phase"] == "Running"
+    pretrain["status"] = {
+        "phase": "Failed",
+        "conditions": [
+            {"type": "Failed", "status": "True", "reason": "DeadlineExceeded", "message": "late"}
+        ],
+    }
+    failed = reconcile(kube, deps)
+    assert failed["phase"] == "Failed" and failed["failedTask"] == "retrain"
+    assert conditions_of(failed)["Failed"]["reason"] == "DeadlineExceeded"
+    assert "Pretrain s-retrain failed: late" in conditions_of(failed)["Failed"]["message"]
+    annotate_retry(kube, names.SEARCH_PLURAL, "s", "7")
+    retried = reconcile(kube, deps)
+    assert retried["phase"] == "Running"
+    assert pretrain["metadata"]["annotations"][names.RETRY_ANNOTATION] == "7"
+    assert reconcile(kube, deps)["phase"] == "Running"  # the Pretrain has not acted on it yet
+    assert [reason for reason, _ in events].count("DeadlineExceeded") == 1

@@ -62,6 +62,11 @@ def test_from_env_reads_every_variable(clean_env: pytest.MonkeyPatch) -> None:
     clean_env.setenv("SELFAUGMENT_S3_ENDPOINT", "http://minio:9000")
     clean_env.setenv("SELFAUGMENT_S3_SECRET", "minio-credentials")
     clean_env.setenv("SELFAUGMENT_JOB_TTL_SECONDS", "600")
+    clean_env.setenv("SELFAUGMENT_ACTIVE_DEADLINES", json.dumps({"folds": 7200}))
+    clean_env.setenv("SELFAUGMENT_LEADER_ELECTION", "false")
+    clean_env.setenv("SELFAUGMENT_LEASE_NAME", "sa-operator")
+    clean_env.setenv("POD_NAMESPACE", "ml-ops")
+    clean_env.setenv("SELFAUGMENT_LEASE_DURATION_SECONDS", "30")
     settings = OperatorSettings.from_env()
     assert settings.gpu_resource == "amd.com/gpu"
     assert settings.worker_node_selector == {"pool": "gpu"}
@@ -69,6 +74,10 @@ def test_from_env_reads_every_variable(clean_env: pytest.MonkeyPatch) -> None:
     assert settings.s3_endpoint == "http://minio:9000"
     assert settings.s3_secret == "minio-credentials"
     assert settings.job_ttl_seconds == 600
+    assert settings.active_deadlines == {**OperatorSettings().active_deadlines, "folds": 7200}
+    assert settings.leader_election is False
+    assert (settings.lease_name, settings.lease_namespace) == ("sa-operator", "ml-ops")
+    assert settings.lease_duration == 30.0
 
 
 def test_from_env_defaults_when_unset_or_empty(clean_env: pytest.MonkeyPatch) -> None:
@@ -97,6 +106,11 @@ def test_from_env_defaults_when_unset_or_empty(clean_env: pytest.MonkeyPatch) ->
         ("SELFAUGMENT_WORKER_TOLERATIONS", '[{"effect": "Never"}]', r"\[0\]\.effect"),
         ("SELFAUGMENT_WORKER_TOLERATIONS", '[{"tolerationSeconds": "5"}]', "expected int"),
         ("SELFAUGMENT_METRICS_PORT", "http", "expected an integer"),
+        ("SELFAUGMENT_ACTIVE_DEADLINES", "[3600]", "expected a JSON object"),
+        ("SELFAUGMENT_ACTIVE_DEADLINES", '{"fold": 60}', "unknown stage 'fold'"),
+        ("SELFAUGMENT_ACTIVE_DEADLINES", '{"folds": 0}', "entry 'folds': expected a positive"),
+        ("SELFAUGMENT_ACTIVE_DEADLINES", '{"folds": true}', "entry 'folds': expected a positive"),
+        ("SELFAUGMENT_LEADER_ELECTION", "maybe", "expected true or false"),
     ],
 )
 def test_bad_values_name_the_variable(
