@@ -27,6 +27,7 @@ import itertools
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -272,6 +273,12 @@ class Cluster:
         path = f"/apis/{names.API_VERSION}/namespaces/{namespace}/{plural}"
         self.kube._call("POST", path, body=body)
 
+    def phase(self, name: str, *phases: str) -> dict[str, Any] | None:
+        """The AugmentSearch `name` once its phase is one of `phases`, else None."""
+        body = self.search(name)
+        status = (body or {}).get("status") or {}
+        return body if status.get("phase") in phases else None
+
     def wait_for(self, what: str, check: Callable[[], Any], timeout: float = 60.0) -> Any:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -280,6 +287,43 @@ class Cluster:
                 return value
             time.sleep(0.25)
         raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def fake_search(name: str, endpoint: str, **overrides: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "dataset": {"uri": "sklearn:digits", "image_size": 16, "limit": 64},
+        "model": {"width": 8},
+        "moco": {"dim": 16, "queue_size": 64},
+        "optim": {"batch_size": 32},
+        "evaluation": {"epochs": 1, "batch_size": 32},
+        "search": {
+            "base_policy": "RandomResizedCrop",
+            "fold_epochs": 1,
+            "folds": 2,
+            "repeats": 1,
+            "trials": 2,
+            "top_policies": 1,
+            "startup_trials": 1,
+            "score_batch_size": 32,
+        },
+        "retrain": {"epochs": 1},
+        "runtime": {"device": "cpu", "progress": False},
+        "parallelism": {"max_workers": 2, "max_retries": 1},
+        "storage": {
+            "uri": f"s3://selfaugment/runs/{name}",
+            "endpoint": endpoint,
+            "region": "us-east-1",
+            "secret_ref": "store-credentials",
+        },
+    }
+    for section, values in overrides.items():
+        spec[section] = {**spec.get(section, {}), **values}
+    return {
+        "apiVersion": names.API_VERSION,
+        "kind": names.SEARCH_KIND,
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": spec,
+    }
 
 
 def _api_client(url: str) -> Any:
@@ -660,6 +704,19 @@ def operator_process(
 
 
 @pytest.fixture()
+def second_operator(
+    cluster: Cluster, tmp_path: Path, operator_env: dict[str, str]
+) -> Iterator[OperatorProcess]:
+    """Another replica of the operator (its own log and metrics port), for leader election."""
+    workdir = tmp_path / "second"
+    workdir.mkdir()
+    process = OperatorProcess(cluster, workdir, operator_env)
+    process.start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture()
 def kubelet_fake(cluster: Cluster, tmp_path: Path) -> Iterator[Kubelet]:
     """A kubelet that runs `selfaugment` as tests/operator/fake_worker.py (mechanics tests only)."""
     logs = tmp_path / "pods"
@@ -677,3 +734,28 @@ def kubelet_real(cluster: Cluster, tmp_path: Path) -> Iterator[Kubelet]:
     instance = Kubelet(cluster, logs, {"selfaugment": [str(VENV_BIN / "selfaugment")]})
     yield instance
     instance.close()
+
+
+@pytest.fixture()
+def search_manifest() -> Callable[..., dict[str, Any]]:
+    """fake_search: a tiny AugmentSearch (digits, 2 folds, 2 trials) for the fake worker."""
+    return fake_search
+
+
+def kubectl_binary() -> str:
+    """The real kubectl (`make tools` puts one into the venv)."""
+    local = VENV_BIN / "kubectl"
+    found = str(local) if local.exists() else shutil.which("kubectl")
+    assert found, "kubectl not found: run `make tools` (or install a kubectl on PATH)"
+    return found
+
+
+@pytest.fixture()
+def kubectl(cluster: Cluster) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Run the real kubectl against the emulated API server."""
+
+    def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        command = [kubectl_binary(), "--kubeconfig", str(cluster.kubeconfig), *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+
+    return run

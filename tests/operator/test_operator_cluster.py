@@ -32,43 +32,6 @@ SECRET_VALUES = {
 }
 
 
-def search_manifest(name: str, endpoint: str, **overrides: Any) -> dict[str, Any]:
-    spec: dict[str, Any] = {
-        "dataset": {"uri": "sklearn:digits", "image_size": 16, "limit": 64},
-        "model": {"width": 8},
-        "moco": {"dim": 16, "queue_size": 64},
-        "optim": {"batch_size": 32},
-        "evaluation": {"epochs": 1, "batch_size": 32},
-        "search": {
-            "base_policy": "RandomResizedCrop",
-            "fold_epochs": 1,
-            "folds": 2,
-            "repeats": 1,
-            "trials": 2,
-            "top_policies": 1,
-            "startup_trials": 1,
-            "score_batch_size": 32,
-        },
-        "retrain": {"epochs": 1},
-        "runtime": {"device": "cpu", "progress": False},
-        "parallelism": {"max_workers": 2, "max_retries": 1},
-        "storage": {
-            "uri": f"s3://selfaugment/runs/{name}",
-            "endpoint": endpoint,
-            "region": "us-east-1",
-            "secret_ref": "store-credentials",
-        },
-    }
-    for section, values in overrides.items():
-        spec[section] = {**spec.get(section, {}), **values}
-    return {
-        "apiVersion": names.API_VERSION,
-        "kind": names.SEARCH_KIND,
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": spec,
-    }
-
-
 def store_keys(endpoint: str, prefix: str) -> set[str]:
     client = boto3.client(
         "s3",
@@ -84,12 +47,6 @@ def store_keys(endpoint: str, prefix: str) -> set[str]:
 def scrape(operator_process: Any) -> str:
     url = f"http://127.0.0.1:{operator_process.metrics_port}/metrics"
     return str(urllib.request.urlopen(url).read().decode())
-
-
-def phase_is(cluster: Any, name: str, *phases: str) -> dict[str, Any] | None:
-    body = cluster.search(name)
-    status = (body or {}).get("status") or {}
-    return body if status.get("phase") in phases else None
 
 
 def store_texts(endpoint: str, prefix: str) -> str:
@@ -111,7 +68,7 @@ def store_texts(endpoint: str, prefix: str) -> str:
 
 
 def test_search_succeeds_across_an_operator_restart(
-    cluster, operator_process, kubelet_fake, s3_endpoint
+    cluster, operator_process, kubelet_fake, s3_endpoint, search_manifest
 ):
     """Mechanics (fake worker): every stage runs, the operator restarts mid-search, no Job is
     created twice, the retrain Pretrain completes, Secret values never leak."""
@@ -132,7 +89,7 @@ def test_search_succeeds_across_an_operator_restart(
     operator_process.stop()
     operator_process.start()
     body = cluster.wait_for(
-        "Succeeded", lambda: phase_is(cluster, "restart", "Succeeded", "Failed"), 120
+        "Succeeded", lambda: cluster.phase("restart", "Succeeded", "Failed"), 120
     )
     status = body["status"]
     assert status["phase"] == "Succeeded", status
@@ -209,16 +166,14 @@ def test_search_succeeds_across_an_operator_restart(
 
 
 def test_failed_task_is_retried_then_fails_the_search(
-    cluster, operator_process, kubelet_fake, s3_endpoint
+    cluster, operator_process, kubelet_fake, s3_endpoint, search_manifest
 ):
     """Mechanics (fake worker told to fail search-f1-r0): the Job is retried up to
     max_retries (backoffLimit), then the search fails with a condition naming the task."""
     cluster.create_secret("store-credentials", SECRET_VALUES)
     kubelet_fake.extra_env["FAKE_FAIL_TASKS"] = "search-f1-r0"
     cluster.apply(search_manifest("failing", s3_endpoint, parallelism={"max_retries": 2}))
-    body = cluster.wait_for(
-        "Failed", lambda: phase_is(cluster, "failing", "Failed", "Succeeded"), 90
-    )
+    body = cluster.wait_for("Failed", lambda: cluster.phase("failing", "Failed", "Succeeded"), 90)
     status = body["status"]
     assert status["phase"] == "Failed"
     assert status["failedTask"] == "search-f1-r0"
@@ -250,7 +205,7 @@ def test_failed_task_is_retried_then_fails_the_search(
 
 
 def test_operator_defaults_reach_the_store_and_the_workers(
-    cluster, operator_process, kubelet_fake, s3_endpoint
+    cluster, operator_process, kubelet_fake, s3_endpoint, search_manifest
 ):
     """A spec without storage.endpoint/secret_ref: the operator opens the store at
     SELFAUGMENT_S3_ENDPOINT and gives workers that endpoint and the SELFAUGMENT_S3_SECRET
@@ -296,7 +251,9 @@ def test_operator_defaults_reach_the_store_and_the_workers(
     assert "spec.json" in store_keys(s3_endpoint, "runs/defaults/")
 
 
-def test_invalid_spec_fails_the_resource_not_the_operator(cluster, operator_process, s3_endpoint):
+def test_invalid_spec_fails_the_resource_not_the_operator(
+    cluster, operator_process, s3_endpoint, search_manifest
+):
     """A spec the model rejects gets phase Failed, a SpecValid=False condition and an Event
     naming the field; the operator keeps serving other resources."""
     bad = search_manifest("invalid", s3_endpoint)
@@ -312,7 +269,7 @@ def test_invalid_spec_fails_the_resource_not_the_operator(cluster, operator_proc
         },
     }
     cluster.apply(bad_pretrain)
-    body = cluster.wait_for("Failed", lambda: phase_is(cluster, "invalid", "Failed"))
+    body = cluster.wait_for("Failed", lambda: cluster.phase("invalid", "Failed"))
     condition = {c["type"]: c for c in body["status"]["conditions"]}["SpecValid"]
     assert condition["status"] == "False" and condition["reason"] == "InvalidSpec"
     assert "search.folds" in condition["message"]
@@ -335,7 +292,7 @@ def test_invalid_spec_fails_the_resource_not_the_operator(cluster, operator_proc
 
 
 def test_spec_change_is_refused_and_deletion_removes_children(
-    cluster, operator_process, kubelet_fake, s3_endpoint
+    cluster, operator_process, kubelet_fake, s3_endpoint, search_manifest
 ):
     """Mechanics (fake worker, slow): changing an immutable field sets SpecImmutable and an
     Event; deleting the search garbage-collects its Jobs (ownerReferences)."""
@@ -432,9 +389,7 @@ def test_smoke_search_end_to_end(cluster, operator_process, kubelet_real, s3_end
     completed Pretrain."""
     cluster.create_secret("store-credentials", SECRET_VALUES)
     cluster.apply(smoke_manifest("smoke", s3_endpoint))
-    body = cluster.wait_for(
-        "finished", lambda: phase_is(cluster, "smoke", "Succeeded", "Failed"), 540
-    )
+    body = cluster.wait_for("finished", lambda: cluster.phase("smoke", "Succeeded", "Failed"), 540)
     status = body["status"]
     assert status["phase"] == "Succeeded", (
         status,
