@@ -15,7 +15,9 @@
   or Failed with the Job controller's reasons and messages. `disrupt()` evicts a pod as a node
   drain would (condition DisruptionTarget).
 - `moto`: an S3 server on loopback; `operator_process`: the real operator (`python -m
-  selfaugment.operator`) as a subprocess that tests can stop and start again.
+  selfaugment.operator`) as a subprocess that tests can stop, kill and start again;
+  `second_operator`: another replica (leader election); `kubectl`: the real kubectl binary
+  against the emulator; `search_manifest`: a tiny AugmentSearch for the fake worker.
 """
 
 from __future__ import annotations
