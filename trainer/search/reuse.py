@@ -20,6 +20,7 @@ _SEARCH_ONLY_FIELDS = {
     "startup_trials",
     "score_batch_size",
     "score_images",
+    "racing",
     "randaugment",
 }
 
