@@ -24,6 +24,7 @@ from selfaugment.trainer.spec import AugmentSearchSpec
 
 #: Rotation prediction classifies each held-out image under 4 rotations.
 ROTATIONS = 4
+_SCORED = frozenset({"transform", "rotation_accuracy", "rotation_loss"})
 
 
 class NoBaseResultsError(ValueError):
@@ -78,7 +79,9 @@ def final_scores(
     last = len(base_rungs(spec)) - 1
     by_transform: dict[str, list[dict[str, Any]]] = {}
     for task_id, result in results.items():
-        if task_id.startswith("base-") and int(result.get("rung", 0)) == last:
+        if not task_id.startswith("base-") or not _SCORED.issubset(result):
+            continue  # not a base-candidate result this version can read
+        if int(result.get("rung", 0)) == last:
             by_transform.setdefault(str(result["transform"]), []).append(result)
     if not by_transform:
         raise NoBaseResultsError("no base-candidate results: the base stage has not run")
