@@ -8,6 +8,8 @@
     selfaugment study correlation -f study.yaml -o DIR
     selfaugment study compare DIR --model NAME[=RUN_DIR] ...
     selfaugment study pool DIR DIR ... -o DIR
+    selfaugment data prepare SOURCE [--store STORE] [--storage-size N]   (shards + index, once)
+    selfaugment data show PREPARED_URI
     selfaugment worker run --store URI --task ID       (what the runner and the operator start)
     selfaugment worker pretrain --store URI --prefix P (a standalone Pretrain resource's job)
 
@@ -147,6 +149,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    from selfaugment.trainer.data.cli import data_command
+
+    _threads_from_env()
+    return data_command(args)
+
+
 def cmd_study(args: argparse.Namespace) -> int:
     from selfaugment.trainer.evaluation.study import run_compare, run_correlation_study, run_pool
 
@@ -267,6 +276,36 @@ def build_parser() -> argparse.ArgumentParser:
     pool.add_argument("studies", type=Path, nargs="+", help="output folders of `study correlation`")
     pool.add_argument("-o", "--output", type=Path, required=True, help="folder to write to")
     study.set_defaults(handler=cmd_study)
+
+    data = commands.add_parser("data", help="prepare a dataset into shards once; show one")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    data_prepare = data_commands.add_parser(
+        "prepare", help="store a source as shards with an index (reused, and resumed, if rerun)"
+    )
+    data_prepare.add_argument(
+        "source", help="image folder, .npz/IDX, s3:// prefix, torchvision:NAME"
+    )
+    data_prepare.add_argument(
+        "--store", default=None, help="where prepared datasets live (default: the cache folder)"
+    )
+    data_prepare.add_argument(
+        "--storage-size", type=_positive, default=256, help="stored side (px)"
+    )
+    data_prepare.add_argument("--shard-size", type=_positive, default=1024, help="images per shard")
+    data_prepare.add_argument("--encoding", choices=("jpeg", "png"), default="jpeg")
+    data_prepare.add_argument("--jpeg-quality", type=_positive, default=95)
+    data_prepare.add_argument("--format", default="auto", help="source format (default: inferred)")
+    data_prepare.add_argument("--split", choices=("train", "test"), default="train")
+    data_prepare.add_argument("--root", default=None, help="folder of torchvision datasets")
+    data_prepare.add_argument("--download", action="store_true", help="let torchvision download")
+    data_prepare.add_argument("--on-corrupt", choices=("skip", "fail"), default="skip")
+    data_prepare.add_argument("--workers", type=_positive, default=None, help="decoding threads")
+    data_show = data_commands.add_parser("show", help="summarise a prepared dataset")
+    data_show.add_argument("prepared", help="its URI, as `data prepare` prints it")
+    for sub in (data_prepare, data_show):
+        sub.add_argument("--endpoint", default=None, help="S3 endpoint URL")
+        sub.add_argument("--json", action="store_true", help="print JSON")
+    data.set_defaults(handler=cmd_data)
 
     worker = commands.add_parser("worker", help="run one task (used by runners and Jobs)")
     worker_commands = worker.add_subparsers(dest="worker_command", required=True)

@@ -99,12 +99,28 @@ def resize_and_crop(images: torch.Tensor, size: int) -> torch.Tensor:
     return torch.cat(outputs)
 
 
-def prepare_images(array: np.ndarray, size: int, channels: int, source: str) -> torch.Tensor:
-    """Any accepted array layout and dtype to uint8 [N, channels, size, size]."""
+def shape_images(
+    images: torch.Tensor, size: int | None, channels: int, source: str
+) -> torch.Tensor:
+    """uint8 [N, C, H, W] to `channels` and, unless `size` is None, to [N, channels, size, size].
+
+    The one place that orders the two steps, so that a whole array (load_dataset) and a single
+    stored sample (the prepared-dataset reader) come out pixel for pixel the same."""
+    if size is None:
+        return convert_channels(images, channels, source)
+    if images.shape[1] < channels:  # repeat gray to RGB after resizing: less work
+        return convert_channels(resize_and_crop(images, size), channels, source)
+    return resize_and_crop(convert_channels(images, channels, source), size)
+
+
+def array_to_nchw(array: np.ndarray, source: str) -> np.ndarray:
+    """Any accepted array layout and dtype to writable, contiguous uint8 [N, C, H, W]."""
     nchw = to_nchw(to_uint8(np.asarray(array), source), source)
     if not (nchw.flags.writeable and nchw.flags.c_contiguous):
         nchw = np.array(nchw, order="C")  # torch wants writable memory
-    tensor = torch.from_numpy(nchw)
-    if tensor.shape[1] < channels:  # repeat gray to RGB after resizing: less work
-        return convert_channels(resize_and_crop(tensor, size), channels, source)
-    return resize_and_crop(convert_channels(tensor, channels, source), size)
+    return nchw
+
+
+def prepare_images(array: np.ndarray, size: int, channels: int, source: str) -> torch.Tensor:
+    """Any accepted array layout and dtype to uint8 [N, channels, size, size]."""
+    return shape_images(torch.from_numpy(array_to_nchw(array, source)), size, channels, source)

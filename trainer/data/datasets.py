@@ -105,7 +105,8 @@ def _chosen_indices(count: int, limit: int | None, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).permutation(count)[:limit])
 
 
-def _read_arrays(fmt: str, local: Path | None, cfg: DatasetConfig) -> ArrayData:
+def read_arrays(fmt: str, local: Path | None, cfg: DatasetConfig) -> ArrayData:
+    """The undecoded pixels and labels of an array source (every format but imagefolder)."""
     if fmt == "digits":
         return load_digits_data(cfg.split)
     if local is None:
@@ -161,7 +162,7 @@ def load_dataset(cfg: DatasetConfig, seed: int = 0) -> ImageSet:
             raise DatasetError(f"dataset.uri: {local} is not a folder (format imagefolder)")
         image_set = _from_folder(local, cfg, seed)
     else:
-        image_set = _from_arrays(_read_arrays(fmt, local, cfg), cfg, seed)
+        image_set = _from_arrays(read_arrays(fmt, local, cfg), cfg, seed)
     if image_set.skipped:
         shown = ", ".join(
             f"{name} ({reason})" for name, reason in image_set.skipped[:SKIPPED_SHOWN]

@@ -5,6 +5,7 @@ Files are decoded by a thread pool: PIL and torch release the GIL while decoding
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -40,7 +41,8 @@ class FolderListing:
     classes: list[str] | None
 
 
-def _is_image(path: Path) -> bool:
+def is_image_file(path: Path) -> bool:
+    """An image by its suffix, and not hidden (the rule for folders and for S3 keys alike)."""
     return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
 
 
@@ -48,7 +50,7 @@ def _images_under(folder: Path) -> list[Path]:
     found: list[Path] = []
     for directory, subdirs, names in os.walk(folder, followlinks=True):
         subdirs[:] = sorted(name for name in subdirs if not name.startswith("."))
-        found.extend(Path(directory) / name for name in names if _is_image(Path(name)))
+        found.extend(Path(directory) / name for name in names if is_image_file(Path(name)))
     return sorted(found, key=lambda path: path.relative_to(folder).as_posix())
 
 
@@ -58,7 +60,7 @@ def list_folder(root: Path) -> FolderListing:
         entries = sorted(root.iterdir())
     except OSError as error:
         raise DatasetError(f"{root}: cannot list image folder: {error.strerror}") from None
-    loose = [entry for entry in entries if entry.is_file() and _is_image(entry)]
+    loose = [entry for entry in entries if entry.is_file() and is_image_file(entry)]
     subdirs = [entry for entry in entries if entry.is_dir() and not entry.name.startswith(".")]
     if loose:
         if subdirs:
@@ -78,8 +80,8 @@ def list_folder(root: Path) -> FolderListing:
     return FolderListing(files, labels, classes)
 
 
-def _pixels(image: Image.Image, channels: int) -> np.ndarray:
-    """PIL image to uint8 [H, W] (gray) or [H, W, 3]."""
+def image_pixels(image: Image.Image, channels: int) -> np.ndarray:
+    """Loaded PIL image to uint8 [H, W] (gray) or [H, W, 3]."""
     if image.mode in WIDE_GRAY_MODES:
         wide = np.asarray(image, dtype=np.float64) / WIDE_GRAY_SCALE
         gray = np.clip(np.rint(wide), 0, 255).astype(np.uint8)
@@ -87,18 +89,35 @@ def _pixels(image: Image.Image, channels: int) -> np.ndarray:
     return np.asarray(image.convert("L" if channels == 1 else "RGB"))
 
 
+def decode_opened(image: Image.Image, size: int | None, channels: int) -> torch.Tensor:
+    """An opened PIL image to uint8 [channels, size, size], or [channels, H, W] at its own
+    size when `size` is None. Files in a folder and the encoded samples of a prepared dataset
+    both come through here, so the two give the same pixels for the same bytes."""
+    if image.format == "JPEG" and size is not None:
+        image.draft("RGB" if channels == 3 else "L", (size, size))  # DCT-domain downscale
+    image.load()
+    array = image_pixels(image, channels)
+    tensor = torch.from_numpy(np.array(array, copy=True))
+    tensor = tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1)
+    if size is None:
+        return tensor.contiguous()
+    return resize_and_crop(tensor.unsqueeze(0), size)[0].contiguous()
+
+
 def decode_image(path: Path, size: int, channels: int) -> torch.Tensor:
     """One file to uint8 [channels, size, size]; raises on any decoding problem."""
     if path.stat().st_size == 0:
         raise ValueError("empty file (0 bytes)")
     with Image.open(path) as image:
-        if image.format == "JPEG":
-            image.draft("RGB" if channels == 3 else "L", (size, size))  # DCT-domain downscale
-        image.load()
-        array = _pixels(image, channels)
-    tensor = torch.from_numpy(np.array(array, copy=True))
-    tensor = tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1)
-    return resize_and_crop(tensor.unsqueeze(0), size)[0].contiguous()
+        return decode_opened(image, size, channels)
+
+
+def decode_image_bytes(data: bytes, size: int | None, channels: int) -> torch.Tensor:
+    """An image file's bytes to uint8 [channels, size, size] (see decode_opened)."""
+    if not data:
+        raise ValueError("empty file (0 bytes)")
+    with Image.open(io.BytesIO(data)) as image:
+        return decode_opened(image, size, channels)
 
 
 def _try_decode(path: Path, size: int, channels: int) -> torch.Tensor | str:

@@ -1,0 +1,129 @@
+"""In memory or streamed: the automatic choice, and the in-memory path from a prepared dataset.
+
+A dataset is decoded into memory (uint8 [N, C, S, S], the fast path training has always
+used: batches are index lookups on the device) when its decoded size N * C * S * S fits the
+memory budget; otherwise it is streamed from its shards. Both paths decode the same stored
+bytes with the same function (codec.decode_sample), so image i is the same tensor either way,
+and with no shuffle window both visit the images in the same order.
+
+`select_samples` applies `dataset.limit` as load_dataset does (the same seeded choice among
+the source's readable items), so a limited run picks the same images on every path.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from selfaugment.trainer.config import DatasetConfig
+from selfaugment.trainer.data.codec import decode_sample
+from selfaugment.trainer.data.folder import decode_workers
+from selfaugment.trainer.data.prepared import PreparedDataset
+from selfaugment.trainer.data.shard_reader import ShardReader
+from selfaugment.trainer.data.stream import StreamedImages
+from selfaugment.trainer.data.types import DatasetError, ImageSet, LoadReport
+
+#: Decoded bytes a worker may hold in memory (and on the GPU) before it streams instead: the
+#: datasets the paper trains on fit (CIFAR-10 at 32 px: 0.15 GB; STL-10's 105k at 96 px:
+#: 2.9 GB), ImageNet-scale ones (1.28M at 224 px: 193 GB) do not.
+DEFAULT_MEMORY_BUDGET = 4 * 2**30
+DataPath = Literal["auto", "memory", "stream"]
+
+
+def decoded_bytes(count: int, channels: int, image_size: int) -> int:
+    """Bytes of `count` decoded images, uint8 [count, channels, image_size, image_size]."""
+    return count * channels * image_size * image_size
+
+
+def select_samples(prepared: PreparedDataset, limit: int | None, seed: int) -> np.ndarray:
+    """Sample ids (sorted) that `dataset.limit` keeps: all, or the first `limit` readable
+    items of the seeded shuffle of the whole source, as load_dataset picks them."""
+    source_count = int(prepared.index["source_count"])
+    if limit is None or limit >= source_count:
+        return np.arange(prepared.count, dtype=np.int64)
+    sample_of = np.full(source_count, -1, dtype=np.int64)
+    sample_of[prepared.position] = np.arange(prepared.count)
+    shuffled = sample_of[np.random.default_rng(seed).permutation(source_count)]
+    return np.sort(shuffled[shuffled >= 0][:limit])
+
+
+def load_prepared(
+    prepared: PreparedDataset,
+    image_size: int,
+    channels: int,
+    sample_ids: np.ndarray | None = None,
+    *,
+    workers: int | None = None,
+    cache_dir: Path | None = None,
+) -> ImageSet:
+    """The samples (all by default) decoded into memory at `image_size`: an ImageSet, as
+    load_dataset returns it. Shards are read one after another, their samples decoded by a
+    thread pool (PIL and torch release the GIL)."""
+    started = time.perf_counter()
+    ids = np.arange(prepared.count) if sample_ids is None else np.asarray(sample_ids, np.int64)
+    images = torch.empty((len(ids), channels, image_size, image_size), dtype=torch.uint8)
+    reader = ShardReader(prepared, cache_dir)
+
+    def decode(row: int) -> None:
+        sample = int(ids[row])
+        shard, offset = int(prepared.shard[sample]), int(prepared.offset[sample])
+        data = reader.read(shard, offset, int(prepared.length[sample]))
+        images[row] = decode_sample(data, prepared.kind, image_size, channels, prepared.source)
+
+    rows_by_shard = np.argsort(prepared.shard[ids], kind="stable")
+    with ThreadPoolExecutor(max_workers=workers or decode_workers()) as pool:
+        list(pool.map(decode, rows_by_shard.tolist()))
+    reader.close()
+    labels = torch.from_numpy(prepared.label[ids].copy()) if prepared.has_labels else None
+    image_set = ImageSet(
+        images,
+        labels,
+        prepared.num_classes if labels is not None else None,
+        prepared.names(ids),
+        prepared.source,
+        skipped=prepared.skipped,
+    )
+    image_set.report = LoadReport(
+        source=prepared.source,
+        format=f"prepared {prepared.index['source']['format']}",
+        split=prepared.index["source"]["split"],
+        num_images=len(ids),
+        image_size=image_size,
+        channels=channels,
+        skipped=prepared.skipped,
+        seconds=time.perf_counter() - started,
+    )
+    return image_set
+
+
+def open_images(
+    prepared: PreparedDataset,
+    cfg: DatasetConfig,
+    seed: int = 0,
+    *,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    path: DataPath = "auto",
+    window: int | None = None,
+    cache_dir: Path | None = None,
+    cache_shards: int | None = None,
+) -> ImageSet | StreamedImages:
+    """`cfg`'s images (image_size, channels, limit) from a prepared dataset: in memory when
+    they fit `memory_budget` (or `path` says so), streamed otherwise."""
+    if cfg.image_size > prepared.storage_size:
+        raise DatasetError(
+            f"dataset.image_size {cfg.image_size} is larger than the storage size "
+            f"{prepared.storage_size} of {prepared.uri}: prepare it with a storage size of at "
+            f"least {cfg.image_size}"
+        )
+    ids = select_samples(prepared, cfg.limit, seed)
+    size = decoded_bytes(len(ids), cfg.channels, cfg.image_size)
+    if path == "memory" or (path == "auto" and size <= memory_budget):
+        return load_prepared(prepared, cfg.image_size, cfg.channels, ids, cache_dir=cache_dir)
+    return StreamedImages(
+        prepared, cfg.image_size, cfg.channels, ids, window, cache_dir, cache_shards
+    )
