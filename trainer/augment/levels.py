@@ -17,10 +17,15 @@ once and then added, is two separate torch kernels, which never fuse, as in PIL'
 Per-sample arguments arrive as float64 tensors on the CPU (as Python floats reach PIL) and each
 op rounds them where PIL does: enhance factors to float32 (PIL's C ``float alpha``), Solarize
 thresholds and Posterize bits to whole numbers. Ops may overwrite their ``levels`` input.
+AutoContrast, Equalize and Solarize, which are look-up tables per channel, are in
+``augment/tables.py``.
 """
 
 from __future__ import annotations
 
+from typing import cast
+
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -29,22 +34,34 @@ MAX_LEVEL = 255.0
 # PIL 'L': (19595 R + 38470 G + 7471 B + 2**15) >> 16, as floor(sum of R * 19595 / 2**16, ...
 # + 1/2): 16-bit fractions of values below 256 need 24 bits, so every step is exact in float32.
 _GRAY_WEIGHTS = (19595.0 / 65536.0, 38470.0 / 65536.0, 7471.0 / 65536.0)
+_GRAY_MATRIX = torch.tensor([_GRAY_WEIGHTS], dtype=torch.float32)  # [1, 3]
 _SMOOTH_DIVISOR = 13.0  # PIL's SMOOTH kernel: 1 1 1 / 1 5 1 / 1 1 1, divided by 13
 
 
 def column(values: Tensor, like: Tensor) -> Tensor:
     """Per-sample values [B] as float32 [B, 1, 1, 1] on ``like``'s device (rounded to nearest,
-    as C rounds a double to a float)."""
+    as C rounds a double to a float). CPU values are converted by numpy: a torch conversion of
+    a few numbers costs ten times more, and a policy makes dozens per batch."""
+    if values.device.type == "cpu" and like.device.type == "cpu":
+        return torch.from_numpy(values.numpy().astype(np.float32)).view(-1, 1, 1, 1)
     return values.to(device=like.device, dtype=torch.float32).view(-1, 1, 1, 1)
 
 
 def grayscale(levels: Tensor) -> Tensor:
-    """PIL's 'L' conversion of [B, 3, H, W] levels -> [B, 1, H, W] (one channel: itself).
+    """PIL's 'L' conversion of [B, 3, H, W] levels -> a new [B, 1, H, W] tensor (one channel:
+    ``levels`` itself).
 
-    Exact in float32 in any order of operations, fused multiply-adds included (see the weights).
+    Exact in float32 in any order of operations, fused multiply-adds included (see the weights),
+    so on the CPU it is one matrix product (a third faster than three passes); elsewhere a GPU
+    matrix product may run in TF32, which is not exact, so it stays elementwise.
     """
     if levels.shape[1] == 1:
         return levels
+    batch, _, height, width = levels.shape
+    if levels.device.type == "cpu" and levels.dtype == torch.float32:
+        weights = _GRAY_MATRIX.to(levels.dtype)
+        weighted = torch.matmul(weights, levels.reshape(batch, 3, height * width))
+        return weighted.add_(0.5).floor_().view(batch, 1, height, width)
     red, green, blue = levels[:, 0:1], levels[:, 1:2], levels[:, 2:3]
     weighted = red * _GRAY_WEIGHTS[0]
     weighted.add_(green, alpha=_GRAY_WEIGHTS[1]).add_(blue, alpha=_GRAY_WEIGHTS[2])
@@ -57,17 +74,36 @@ def gray_mean(gray: Tensor) -> Tensor:
     count = gray.shape[2] * gray.shape[3]
     exact_in_float32 = count * MAX_LEVEL < 2**24
     total = gray.sum(dim=(1, 2, 3), keepdim=True, dtype=None if exact_in_float32 else torch.float64)
+    if total.device.type == "cpu":  # a few numbers: numpy is cheaper than five torch calls
+        mean = np.floor((total.numpy().astype(np.float64) * 2.0 + count) / (2.0 * count))
+        return torch.from_numpy(mean.astype(np.float32))
     return total.double().mul_(2.0).add_(count).div_(2.0 * count).floor_().float()
+
+
+def _within_unit(factors: Tensor) -> bool:
+    """True when every factor is in [0, 1]: the blend is then a convex combination of two
+    values in 0..255, and so is its float32 rounding (rounding is monotone and both ends are
+    representable), so the clip can be skipped."""
+    values = factors.numpy() if factors.device.type == "cpu" else factors.cpu().numpy()
+    return bool(values.min() >= 0.0) and bool(values.max() <= 1.0)
+
+
+def _any_nonzero(values: Tensor) -> bool:
+    return bool(np.any(values.numpy() if values.device.type == "cpu" else values.cpu().numpy()))
 
 
 def blend(degenerate: Tensor | float, levels: Tensor, factors: Tensor) -> Tensor:
     """PIL ``Image.blend(degenerate, image, factor)``: ``degenerate + factor * (image -
-    degenerate)`` in float32, truncated and clipped to 0..255 (``levels`` is overwritten)."""
+    degenerate)`` in float32, truncated and clipped to 0..255 (``levels`` is overwritten).
+
+    ``degenerate`` is an image [B, 1 or C, H, W], a value per sample [B, 1, 1, 1], or 0.0.
+    """
     factor = column(factors, levels)
     if isinstance(degenerate, float) and degenerate == 0.0:  # Brightness: 0 + t is exact
-        return levels.mul_(factor).floor_().clamp_(0.0, MAX_LEVEL)
-    levels.sub_(degenerate).mul_(factor).add_(degenerate)
-    return levels.floor_().clamp_(0.0, MAX_LEVEL)
+        levels.mul_(factor).floor_()
+    else:
+        levels.sub_(degenerate).mul_(factor).add_(degenerate).floor_()
+    return levels if _within_unit(factors) else levels.clamp_(0.0, MAX_LEVEL)
 
 
 def blend_with_gray(
@@ -76,13 +112,22 @@ def blend_with_gray(
     """Brightness, Color and Contrast in one pass, each sample with its own op.
 
     Blends with ``gray_weight * grayscale + mean_weight * mean(grayscale)`` (weights 0 or 1 per
-    sample): (0, 0) is Brightness, (1, 0) Color, (0, 1) Contrast, bit for bit.
+    sample): (0, 0) is Brightness, (1, 0) Color, (0, 1) Contrast, bit for bit. Computes only
+    what the samples need: no grayscale without Color or Contrast, and a value per sample
+    rather than an image when there is no Color.
     """
-    if not bool((gray_weights != 0).any() or (mean_weights != 0).any()):
+    use_gray, use_mean = _any_nonzero(gray_weights), _any_nonzero(mean_weights)
+    if not use_gray and not use_mean:
         return blend(0.0, levels, factors)
     gray = grayscale(levels)
-    degenerate = gray * column(gray_weights, levels)
-    degenerate.add_(gray_mean(gray).mul_(column(mean_weights, levels)))
+    mean = gray_mean(gray) if use_mean else None
+    if not use_gray:
+        return blend(cast(Tensor, mean).mul_(column(mean_weights, levels)), levels, factors)
+    if gray is levels:  # one channel: grayscale is the image itself
+        gray = gray.clone()
+    degenerate = gray.mul_(column(gray_weights, levels))
+    if mean is not None:
+        degenerate.add_(mean.mul_(column(mean_weights, levels)))
     return blend(degenerate, levels, factors)
 
 
@@ -107,30 +152,22 @@ def sharpness(levels: Tensor, factors: Tensor) -> Tensor:
     """Blend with PIL's SMOOTH filter, border pixels unchanged (factor < 1 blurs).
 
     The filtered value is a multiple of 1/13, never within 1/26 of a rounding tie, so PIL's
-    float kernel and our exact sums round it the same on any CPU.
+    float kernel and our exact sums round it the same on any CPU. PIL's filter leaves the
+    border as it is, and a blend of a value with itself is that value, so only the interior
+    is blended (in place, through a view).
     """
-    degenerate = levels.clone()
     if levels.shape[2] >= 3 and levels.shape[3] >= 3:
         rows = levels[:, :, :-2] + levels[:, :, 1:-1] + levels[:, :, 2:]
         box = rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:]  # 3x3 sums of the interior
-        smooth = box.add_(levels[:, :, 1:-1, 1:-1], alpha=4.0).div_(_SMOOTH_DIVISOR)
-        degenerate[:, :, 1:-1, 1:-1] = smooth.add_(0.5).floor_()
-    return blend(degenerate, levels, factors)
+        interior = levels[:, :, 1:-1, 1:-1]
+        smooth = box.add_(interior, alpha=4.0).div_(_SMOOTH_DIVISOR).add_(0.5).floor_()
+        blend(smooth, interior, factors)
+    return levels
 
 
 def invert(levels: Tensor, arguments: Tensor | None = None) -> Tensor:
     """255 - value."""
     return levels.neg_().add_(MAX_LEVEL)
-
-
-def solarize(levels: Tensor, thresholds: Tensor) -> Tensor:
-    """Invert the values at or above the threshold (256 = identity).
-
-    For whole levels ``v >= t`` is ``v >= ceil(t)``; the ceiling is taken in float64 so that a
-    threshold such as 100.000001 is not rounded to 100 by a float32 cast.
-    """
-    threshold = column(torch.ceil(thresholds.double()), levels)
-    return torch.where(levels >= threshold, MAX_LEVEL - levels, levels)
 
 
 def posterize_bits(bits: Tensor) -> Tensor:
@@ -142,38 +179,3 @@ def posterize(levels: Tensor, bits: Tensor) -> Tensor:
     """Keep the ``posterize_bits(bits)`` most significant bits of each value."""
     step = column(torch.pow(2.0, 8.0 - posterize_bits(bits)), levels)
     return levels.div_(step).floor_().mul_(step)  # powers of two: exact
-
-
-def auto_contrast(levels: Tensor, arguments: Tensor | None = None) -> Tensor:
-    """Per channel, map min -> 0 and max -> 255 with PIL's ``int(v * scale + offset)`` in
-    double precision (``scale = 255 / (max - min)``, not ``1 / x * 255``); flat channels
-    unchanged."""
-    low = levels.amin(dim=(2, 3), keepdim=True).double()
-    high = levels.amax(dim=(2, 3), keepdim=True).double()
-    stretch = high > low
-    span = (high - low).clamp_(min=1.0)
-    scale = torch.where(stretch, torch.full_like(span, MAX_LEVEL).div_(span), 1.0)  # 255 / x,
-    # not torch's 255 * (1 / x), which rounds twice
-    offset = torch.where(stretch, -low * scale, 0.0)
-    mapped = levels.double().mul_(scale).add_(offset).floor_().clamp_(0.0, MAX_LEVEL)
-    return mapped.float()
-
-
-def equalize(levels: Tensor, arguments: Tensor | None = None) -> Tensor:
-    """Histogram equalisation per image and channel with PIL's look-up-table formula."""
-    batch, channels, height, width = levels.shape
-    rows, pixels = batch * channels, height * width
-    device = levels.device
-    values = levels.to(torch.int64).view(rows, pixels)
-    histogram = torch.zeros(rows, 256, dtype=torch.int64, device=device)
-    histogram.scatter_add_(
-        1, values, torch.ones((), dtype=torch.int64, device=device).expand(rows, pixels)
-    )
-    # PIL: step = (pixels - count of the highest occupied level) // 255; identity if step == 0
-    bins = torch.arange(256, device=device, dtype=torch.int64)
-    highest = torch.where(histogram > 0, bins, -1).amax(dim=1, keepdim=True)
-    step = (pixels - histogram.gather(1, highest)) // 255
-    before = torch.cumsum(histogram, dim=1) - histogram
-    table = torch.div(step // 2 + before, step.clamp(min=1), rounding_mode="floor")
-    table = torch.where(step > 0, table, bins).clamp_(0, 255)
-    return table.gather(1, values).view(batch, channels, height, width).float()

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from selfaugment.trainer.augment import geometric, levels, pil
+from selfaugment.trainer.augment import geometric, levels, pil, tables
 from selfaugment.trainer.augment import tensor as colour
 from selfaugment.trainer.augment.geometric import AffineBuilder
 from selfaugment.trainer.augment.tensor import LevelOp
@@ -94,11 +94,11 @@ OPS: dict[str, OpSpec] = {spec.name: spec for spec in (
           affine=geometric.translate_y_matrices),
     _spec("Rotate", True, 0.0, 30.0, "degrees", pil.rotate, geometric.rotate,
           affine=geometric.rotate_matrices),
-    _no_magnitude("AutoContrast", pil.auto_contrast, colour.auto_contrast, levels.auto_contrast),
-    _no_magnitude("Equalize", pil.equalize, colour.equalize, levels.equalize),
+    _no_magnitude("AutoContrast", pil.auto_contrast, colour.auto_contrast, tables.auto_contrast),
+    _no_magnitude("Equalize", pil.equalize, colour.equalize, tables.equalize),
     _no_magnitude("Invert", pil.invert, colour.invert, levels.invert),
     _spec("Solarize", False, 256.0, 0.0, "threshold", pil.solarize, colour.solarize,
-          levels=levels.solarize),
+          levels=tables.solarize),
     _spec("Posterize", False, 8.0, 4.0, "bits", pil.posterize, colour.posterize,
           levels=levels.posterize),
     _spec("Contrast", True, 1.0, 1.9, "factor", pil.contrast, colour.contrast,

@@ -2,7 +2,8 @@
 
 Inputs are uint8 (0..255) or floating point (0..1); the output has the input's dtype and
 device. Arguments are per sample (a Tensor[B]) or one float for the whole batch. Each op
-converts to 8-bit levels, runs the exact level op of ``augment/levels.py`` and converts back:
+converts to 8-bit levels, runs the exact level op of ``augment/levels.py`` (or
+``augment/tables.py``) and converts back:
 
 - uint8 inputs give exactly ``augment/pil.py``'s result (``tests/augment/test_ops.py``);
 - float inputs are read as ``levels / 255`` rounded to the nearest level, and give exactly the
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor
 
 from selfaugment.trainer.augment import levels as exact
+from selfaugment.trainer.augment import tables
 
 LevelOp = Callable[[Tensor, Tensor], Tensor]
 """(float32 levels [B, C, H, W], float64 CPU arguments [B]) -> levels; may overwrite its input."""
@@ -128,7 +130,7 @@ def solarize(
     images: Tensor, thresholds: Tensor | float, generator: torch.Generator | None = None
 ) -> Tensor:
     """Invert the values at or above the threshold (0..256 scale; 256 = identity)."""
-    return on_images(images, exact.solarize, thresholds, "thresholds")
+    return on_images(images, tables.solarize, thresholds, "thresholds")
 
 
 def posterize(
@@ -142,11 +144,11 @@ def auto_contrast(
     images: Tensor, arguments: Tensor | float = 0.0, generator: torch.Generator | None = None
 ) -> Tensor:
     """Per channel, map min -> 0 and max -> 255 linearly (flat channels unchanged)."""
-    return on_images(images, exact.auto_contrast, arguments)
+    return on_images(images, tables.auto_contrast, arguments)
 
 
 def equalize(
     images: Tensor, arguments: Tensor | float = 0.0, generator: torch.Generator | None = None
 ) -> Tensor:
     """Histogram equalisation per image and channel with PIL's look-up-table formula."""
-    return on_images(images, exact.equalize, arguments)
+    return on_images(images, tables.equalize, arguments)

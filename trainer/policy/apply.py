@@ -29,7 +29,7 @@ from selfaugment.trainer.augment.geometric import (
     AffineBuilder,
     affine_nearest,
     cutout_boxes,
-    fill_boxes,
+    fill_boxes_,
 )
 from selfaugment.trainer.augment.ops import OP_NAMES, OPS
 from selfaugment.trainer.augment.pil import GRAY_FILL
@@ -39,6 +39,8 @@ from selfaugment.trainer.policy.model import AnyPolicy, Policy, RandAugment
 _SPECS = [OPS[name] for name in OP_NAMES]
 _AFFINE_IDS = np.array([i for i, spec in enumerate(_SPECS) if spec.affine is not None])
 _BLEND_IDS = np.array([i for i, spec in enumerate(_SPECS) if spec.blend is not None])
+_BLEND_WEIGHTS = np.array([spec.blend or (0.0, 0.0) for spec in _SPECS])
+"""[ops, 2]: each op's (gray, mean) weights in ``blend_with_gray`` ((0, 0) for non-blends)."""
 _CUTOUT_ID = OP_NAMES.index("Cutout")
 _FULL_BATCH_FRACTION = 0.5
 
@@ -149,8 +151,8 @@ def _resample(levels: Tensor, ids: np.ndarray, arguments: np.ndarray) -> Tensor:
 
 
 def _blend(levels: Tensor, ids: np.ndarray, factors: Tensor) -> Tensor:
-    """Brightness, Color and Contrast of one position in one blend."""
-    weights = np.array([_SPECS[i].blend if i in _BLEND_IDS else (0.0, 0.0) for i in ids])
+    """Brightness, Color and Contrast of one position in one blend (other rows: factor 1)."""
+    weights = np.where((ids >= 0)[:, None], _BLEND_WEIGHTS[ids], 0.0)
     return exact.blend_with_gray(
         levels, factors, torch.from_numpy(weights[:, 0]), torch.from_numpy(weights[:, 1])
     )
@@ -159,7 +161,7 @@ def _blend(levels: Tensor, ids: np.ndarray, factors: Tensor) -> Tensor:
 def _cutout(levels: Tensor, fractions: Tensor, centers: Tensor) -> Tensor:
     height, width = levels.shape[2], levels.shape[3]
     pixels = centers * torch.tensor([float(width), float(height)], dtype=torch.float64)
-    return fill_boxes(levels, cutout_boxes(fractions, pixels, height, width), float(GRAY_FILL))
+    return fill_boxes_(levels, cutout_boxes(fractions, pixels, height, width), float(GRAY_FILL))
 
 
 def _fused_rows(selected: np.ndarray) -> np.ndarray:
