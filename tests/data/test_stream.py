@@ -104,6 +104,9 @@ def test_a_subset_is_read_like_an_image_set_subset(prepared: PreparedDataset) ->
         part.stream(SEED, EPOCH), part.epoch_order(SEED, EPOCH), strict=True
     ):
         assert torch.equal(image, data[[9, 2, 5, 11, 0][item]])
+    in_memory = part.in_memory()
+    assert torch.equal(in_memory.images, data[[9, 2, 5, 11, 0]])
+    assert in_memory.labels is not None and in_memory.labels.tolist() == part.labels.tolist()
     with pytest.raises(DatasetError, match="out of range"):
         StreamedImages(prepared, 16, 3, np.array([12]))
 

@@ -16,6 +16,9 @@ Both data paths use these, so they visit the same images in the same order:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -61,6 +64,50 @@ def steps_per_epoch(count: int, global_batch: int, drop_last: bool = True) -> in
     return count // global_batch if drop_last else -(-count // global_batch)
 
 
+@dataclass(frozen=True)
+class RankSteps:
+    """One rank's steps of an epoch of `count` positions, from `start_step`: a sequence of
+    position arrays computed on demand (a few integers, whatever the epoch's length).
+
+    drop_last=True (training) leaves out the last count % global_batch positions; False
+    (evaluation) splits that last partial batch among the ranks as evenly as possible, so the
+    ranks together cover every position exactly once."""
+
+    count: int
+    global_batch: int
+    rank: int = 0
+    world_size: int = 1
+    start_step: int = 0
+    drop_last: bool = True
+
+    def __post_init__(self) -> None:
+        world, rank = self.world_size, self.rank
+        if world < 1 or not 0 <= rank < world:
+            raise DatasetError(f"rank {rank} is not in 0..{world - 1} (world size {world})")
+        if self.global_batch < 1 or self.global_batch % world:
+            raise DatasetError(
+                f"global batch {self.global_batch} is not a positive multiple of the {world} ranks"
+            )
+        total = steps_per_epoch(self.count, self.global_batch, self.drop_last)
+        if not 0 <= self.start_step <= total:
+            raise DatasetError(f"start step {self.start_step} is outside the epoch's {total} steps")
+
+    def __len__(self) -> int:
+        return steps_per_epoch(self.count, self.global_batch, self.drop_last) - self.start_step
+
+    def positions(self, step: int) -> np.ndarray:
+        """The positions `rank` reads at global step `step` of the epoch."""
+        first = step * self.global_batch
+        if first + self.global_batch <= self.count:
+            begin = first + self.rank * (self.global_batch // self.world_size)
+            return np.arange(begin, begin + self.global_batch // self.world_size)
+        return np.array_split(np.arange(first, self.count), self.world_size)[self.rank]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for step in range(self.start_step, self.start_step + len(self)):
+            yield self.positions(step)
+
+
 def step_batches(
     count: int,
     global_batch: int,
@@ -69,27 +116,6 @@ def step_batches(
     start_step: int = 0,
     drop_last: bool = True,
 ) -> list[np.ndarray]:
-    """Per step from `start_step`, the positions in the epoch's order that `rank` reads.
-
-    drop_last=True (training) leaves out the last count % global_batch positions; False
-    (evaluation) splits that last partial batch among the ranks as evenly as possible, so the
-    ranks together cover every position exactly once."""
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise DatasetError(f"rank {rank} is not in 0..{world_size - 1} (world size {world_size})")
-    if global_batch < 1 or global_batch % world_size:
-        raise DatasetError(
-            f"global batch {global_batch} is not a positive multiple of the {world_size} ranks"
-        )
-    local = global_batch // world_size
-    total = steps_per_epoch(count, global_batch, drop_last)
-    if not 0 <= start_step <= total:
-        raise DatasetError(f"start step {start_step} is outside the epoch's {total} steps")
-    batches = []
-    for step in range(start_step, total):
-        first = step * global_batch
-        if first + global_batch <= count:
-            begin = first + rank * local
-            batches.append(np.arange(begin, begin + local))
-        else:
-            batches.append(np.array_split(np.arange(first, count), world_size)[rank])
-    return batches
+    """Per step from `start_step`, the positions in the epoch's order that `rank` reads (see
+    RankSteps, which gives them one step at a time)."""
+    return list(RankSteps(count, global_batch, rank, world_size, start_step, drop_last))

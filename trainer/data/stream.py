@@ -27,10 +27,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from selfaugment.trainer.data.codec import decode_sample
-from selfaugment.trainer.data.order import epoch_permutation, step_batches, windowed_order
+from selfaugment.trainer.data.order import (
+    RankSteps,
+    epoch_permutation,
+    step_batches,
+    windowed_order,
+)
 from selfaugment.trainer.data.prepared import PreparedDataset
 from selfaugment.trainer.data.shard_reader import ShardReader
-from selfaugment.trainer.data.types import DatasetError
+from selfaugment.trainer.data.types import DatasetError, ImageSet
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 Item = tuple[int, int]  # (prepared sample id, seed for its transform)
@@ -87,16 +92,20 @@ class PreparedSamples(Dataset[tuple[torch.Tensor, int]]):
 
 
 class _StepSampler(Sampler[list[Item]]):
-    """Yields one rank's batches of (sample id, transform seed), step by step."""
+    """Yields one rank's batches of (sample id, transform seed), step by step, computed as
+    they are asked for: the sampler holds the epoch's order (8 bytes per item) and no more."""
 
-    def __init__(self, batches: list[list[Item]]) -> None:
-        self.batches = batches
+    def __init__(self, ids: np.ndarray, steps: RankSteps, seed: int, epoch: int) -> None:
+        self.ids, self.steps, self.seed, self.epoch = ids, steps, seed, epoch
 
     def __iter__(self) -> Iterator[list[Item]]:
-        return iter(self.batches)
+        for positions in self.steps:
+            if len(positions):
+                seeds = (sample_seed(self.seed, self.epoch, int(p)) for p in positions)
+                yield list(zip(self.ids[positions].tolist(), seeds, strict=True))
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return len(self.steps)
 
 
 def collate(batch: Sequence[tuple[torch.Tensor, int]]) -> tuple[Any, torch.Tensor]:
@@ -160,6 +169,18 @@ class StreamedImages:
             array = np.flatnonzero(array)
         return replace(self, sample_ids=self.sample_ids[array.astype(np.int64)])
 
+    def in_memory(self, image_size: int | None = None) -> ImageSet:
+        """These items decoded into memory (an ImageSet): for a part that fits the budget,
+        such as a fold's held-out images that a probe or the scorer reads many times."""
+        from selfaugment.trainer.data.memory import load_prepared  # memory.py imports this
+
+        size = image_size if image_size is not None else self.image_size
+        if size is None:
+            raise DatasetError(f"{self.source}: in_memory needs an image size")
+        return load_prepared(
+            self.prepared, size, self.channels, self.sample_ids, cache_dir=self.cache_dir
+        )
+
     def epoch_order(self, seed: int, epoch: int) -> np.ndarray:
         """Item indices in the order of `epoch`."""
         shard_count = len(self.prepared.index["shards"])
@@ -209,15 +230,10 @@ class StreamedImages:
         """Batches (uint8 [B, C, H, W], int64 labels [B]) of `rank` for `epoch`, from
         `start_step`; workers decode. Images of different sizes come as a list."""
         order = self.epoch_order(seed, epoch)
-        steps = step_batches(len(order), global_batch, rank, world_size, start_step, drop_last)
-        batches = [
-            [(int(self.sample_ids[order[p]]), sample_seed(seed, epoch, int(p))) for p in positions]
-            for positions in steps
-            if len(positions)
-        ]
+        steps = RankSteps(len(order), global_batch, rank, world_size, start_step, drop_last)
         return DataLoader(
             self.dataset(transform),
-            batch_sampler=_StepSampler(batches),
+            batch_sampler=_StepSampler(self.sample_ids[order], steps, seed, epoch),
             num_workers=num_workers,
             collate_fn=collate,
             pin_memory=pin_memory,
