@@ -1,28 +1,31 @@
-"""Throughput of the per-image PIL reference vs BatchAugmenter, on the same policy and images.
+"""Throughput of the per-image PIL path vs BatchAugmenter, on the same policies and images.
 
     .venv/bin/python benchmarks/bench_augment.py [--images 2048] [--batch-size 256]
-        [--repeats 5] [--threads N] [--output benchmarks/results/augment-cpu.json]
+        [--repeats 5] [--threads 2] [--write] [--out benchmarks/results]
 
-(a) PIL: per image, tensor -> PIL, random resized crop + flip, policy, -> float tensor (what a
-DataLoader with ``ToTensor`` does); (b) ``BatchAugmenter`` on uint8 batches. Each repeat runs
-(a) then (b) over all images, so both see the same machine load; we report the median over
-repeats of images per second (wall clock) and also of CPU seconds (less sensitive to other
-processes). CUDA is measured too when available.
+Per policy (the built-in mocov2, and random 5x2 policies), these take turns within each repeat
+(benchmarks/common.py):
+
+- ``pil``: per image, tensor -> PIL, random resized crop + flip, the policy, -> float tensor
+  (what a DataLoader with ``ToTensor`` does); one thread, as PIL has;
+- ``batched, 1 thread``: ``BatchAugmenter`` on uint8 batches with torch at 1 thread;
+- ``batched, N threads``: the same with torch at ``--threads`` (the augmenter's thread policy
+  still runs the CPU work on one thread: ``cpu_threads=1``);
+- ``batched, N OpenMP threads``: the other policy, ``cpu_threads=None``: N threads inside;
+- ``batched, CUDA``: when a CUDA device is present.
+
+Images per second are medians over the repeats; speed-ups are against ``pil`` of the same run.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import random
-import statistics
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import common
 import numpy as np
 import torch
 from PIL import Image
@@ -77,113 +80,83 @@ def pil_pass(images: torch.Tensor, policy: AnyPolicy, rng: random.Random) -> tor
 
 
 def batched_pass(
-    images: torch.Tensor, augmenter: BatchAugmenter, batch_size: int, generator: torch.Generator
+    images: torch.Tensor,
+    augmenter: BatchAugmenter,
+    batch_size: int,
+    generator: torch.Generator,
+    threads: int,
 ) -> None:
+    torch.set_num_threads(threads)
     for batch in images.split(batch_size):
         augmenter(batch, generator)
-    if images.is_cuda:
-        torch.cuda.synchronize()
-
-
-def timed(function: Callable[[], object]) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process)."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    function()
-    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def bench_policy(
     policy: AnyPolicy, images: torch.Tensor, args: argparse.Namespace
-) -> dict[str, object]:
-    count = len(images)
+) -> dict[str, Any]:
     rng = random.Random(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
-    augmenter = BatchAugmenter(policy)
-    pil_pass(images[:64], policy, rng)  # warm-up
-    batched_pass(images[: args.batch_size], augmenter, args.batch_size, generator)
-    pil_runs, batched_runs = [], []
-    for _ in range(args.repeats):
-        pil_runs.append(timed(lambda: pil_pass(images, policy, rng)))
-        batched_runs.append(
-            timed(lambda: batched_pass(images, augmenter, args.batch_size, generator))
-        )
-    result: dict[str, object] = {
-        "policy": policy.name,
-        "pil_images_per_s": count / statistics.median(r[0] for r in pil_runs),
-        "batched_cpu_images_per_s": count / statistics.median(r[0] for r in batched_runs),
-        "pil_cpu_seconds_per_image": statistics.median(r[1] for r in pil_runs) / count,
-        "batched_cpu_seconds_per_image": statistics.median(r[1] for r in batched_runs) / count,
-        "pil_wall_seconds": [round(r[0], 4) for r in pil_runs],
-        "batched_wall_seconds": [round(r[0], 4) for r in batched_runs],
+    policy_threads = BatchAugmenter(policy)  # the thread policy: one thread inside
+    openmp_threads = BatchAugmenter(policy, cpu_threads=None)
+    size = args.batch_size
+    runs: dict[str, Callable[[], object]] = {
+        "pil": lambda: pil_pass(images, policy, rng),
+        "batched, 1 thread": lambda: batched_pass(images, policy_threads, size, generator, 1),
+        f"batched, {args.threads} threads": lambda: batched_pass(
+            images, policy_threads, size, generator, args.threads
+        ),
+        f"batched, {args.threads} OpenMP threads": lambda: batched_pass(
+            images, openmp_threads, size, generator, args.threads
+        ),
     }
-    result["speedup_wall"] = result["batched_cpu_images_per_s"] / result["pil_images_per_s"]  # type: ignore[operator]
-    result["speedup_cpu_time"] = (
-        result["pil_cpu_seconds_per_image"] / result["batched_cpu_seconds_per_image"]  # type: ignore[operator]
-    )
-    threads = torch.get_num_threads()
-    if threads > 1:  # also one thread: PIL runs on one, and shared machines punish OpenMP
-        torch.set_num_threads(1)
-        single = [
-            timed(lambda: batched_pass(images, augmenter, args.batch_size, generator))[0]
-            for _ in range(args.repeats)
-        ]
-        torch.set_num_threads(threads)
-        result["batched_cpu_1thread_images_per_s"] = count / statistics.median(single)
-        result["speedup_wall_1thread"] = (
-            result["batched_cpu_1thread_images_per_s"] / result["pil_images_per_s"]  # type: ignore[operator]
-        )
     if torch.cuda.is_available():
         on_gpu = images.cuda()
         cuda_generator = torch.Generator(device="cuda").manual_seed(args.seed)
-        batched_pass(on_gpu, augmenter, args.batch_size, cuda_generator)  # warm-up
-        runs = [
-            timed(lambda: batched_pass(on_gpu, augmenter, args.batch_size, cuda_generator))[0]
-            for _ in range(args.repeats)
-        ]
-        result["batched_cuda_images_per_s"] = count / statistics.median(runs)
-        result["cuda_device"] = torch.cuda.get_device_name()
-    return result
-
-
-def machine() -> dict[str, object]:
+        runs["batched, CUDA"] = lambda: batched_pass(
+            on_gpu, policy_threads, size, cuda_generator, args.threads
+        )
+    pil_pass(images[:64], policy, rng)  # warm-up: imports, caches, the geometric index memo
+    for name, run in runs.items():
+        if name != "pil":
+            run()
+    seconds = common.interleaved(
+        runs, args.repeats, torch.device("cuda") if torch.cuda.is_available() else None
+    )
+    torch.set_num_threads(args.threads)
+    rates = {name: len(images) / common.median(values) for name, values in seconds.items()}
     return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "load_average_1m": os.getloadavg()[0],
+        "policy": policy.name,
+        "images_per_second": rates,
+        "speedup_over_pil": {
+            name: rate / rates["pil"] for name, rate in rates.items() if name != "pil"
+        },
+        "wall_seconds": {
+            name: [round(value, 4) for value in values] for name, values in seconds.items()
+        },
     }
 
 
-def markdown(report: dict) -> str:
+def markdown(report: dict[str, Any], load: common.Load) -> str:
+    names = [name for name in report["results"][0]["images_per_second"] if name != "pil"]
     lines = [
         "# Augmentation throughput: per-image PIL vs BatchAugmenter",
         "",
         f"Command: `{report['command']}`  ",
-        f"Machine: {report['machine']['processor']}, {report['machine']['cpu_count']} CPUs, "
-        f"torch {report['machine']['torch']} with {report['machine']['torch_threads']} threads, "
-        f"load average {report['machine']['load_average_1m']:.1f} at the start  ",
-        f"Images: {report['images']} x 3x32x32 uint8, batches of {report['batch_size']}, "
-        f"median of {report['repeats']} repeats, seed {report['seed']}.",
+        f"Machine: {report['machine']['processor']}, {load.cores} CPUs, torch "
+        f"{report['machine']['torch']}, {load.line()}  ",
+        f"Images: {report['images']} x 3x32x32 uint8, batches of {report['batch_size']}; medians of "
+        f"{report['repeats']} interleaved repeats, seed {report['seed']}. Speed-up: images per "
+        "second over the PIL path's, in the same run.",
         "",
-        "| policy | PIL img/s | batched CPU img/s | speed-up (wall) | speed-up (CPU time) "
-        "| batched, 1 thread | speed-up, 1 thread | CUDA img/s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| policy | PIL img/s | "
+        + " | ".join(f"{name}: img/s (speed-up)" for name in names)
+        + " |",
+        "| --- | ---: | " + " | ".join("---:" for _ in names) + " |",
     ]
     for row in report["results"]:
-        cuda = row.get("batched_cuda_images_per_s")
-        single = row.get("batched_cpu_1thread_images_per_s")
-        single_speedup = row.get("speedup_wall_1thread", 0.0)
-        lines.append(
-            f"| {row['policy']} | {row['pil_images_per_s']:.0f} | "
-            f"{row['batched_cpu_images_per_s']:.0f} | {row['speedup_wall']:.1f}x | "
-            f"{row['speedup_cpu_time']:.1f}x | {f'{single:.0f}' if single else '-'} | "
-            f"{f'{single_speedup:.1f}x' if single else '-'} | "
-            f"{f'{cuda:.0f}' if cuda else '-'} |"
-        )
+        rates, speedups = row["images_per_second"], row["speedup_over_pil"]
+        cells = [f"{rates[name]:.0f} ({speedups[name]:.1f}x)" for name in names]
+        lines.append(f"| {row['policy']} | {rates['pil']:.0f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -193,30 +166,28 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--random-policies", type=int, default=3, help="random 5x2 policies")
     parser.add_argument(
-        "--threads", type=int, default=None, help="torch threads (default: torch's)"
+        "--threads", type=int, default=2, help="the multi-thread setting (default 2)"
     )
-    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks/results/augment-cpu.json")
+    common.add_output_arguments(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    load = common.Load()
     images = make_images(args.images, args.seed)
-    policies = [load_policy(ROOT / "examples/mocov2-policy.json"), random_policy(args.seed)]
-    report = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": machine(),
+    policies: list[AnyPolicy] = [load_policy(ROOT / "examples/mocov2-policy.json")]
+    policies += [random_policy(args.seed + index) for index in range(args.random_policies)]
+    report: dict[str, Any] = {
+        "command": common.command(),
+        "machine": common.machine(),
         "seed": args.seed,
         "images": args.images,
         "batch_size": args.batch_size,
         "repeats": args.repeats,
         "results": [bench_policy(policy, images, args) for policy in policies],
     }
-    report["machine"]["load_average_1m_end"] = os.getloadavg()[0]  # type: ignore[index]
-    text = markdown(report)
-    print(text)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    args.output.with_suffix(".md").write_text(text)
+    load.finish()
+    name = "augment-cuda" if torch.cuda.is_available() else "augment-cpu"
+    common.finish(args, name, report, markdown(report, load), load)
 
 
 if __name__ == "__main__":

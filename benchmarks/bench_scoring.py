@@ -11,14 +11,14 @@ the same held-out images and the same trained checkpoint:
   scorer    PolicyScorer: checkpoint loaded once, held-out images decoded once on the device,
             the policy applied to whole batches by BatchAugmenter.
 
-Usage: python benchmarks/bench_scoring.py [--candidates 6] [--heldout 512] [--device cpu]
-Writes benchmarks/results/scoring-<device>.json and .md.
+Usage: python benchmarks/bench_scoring.py [--candidates 6] [--heldout 512] [--device cpu] [--write]
+Prints the results; with --write, also benchmarks/results/scoring-<device>.json and .md (marked
+when the load average exceeded the number of cores: benchmarks/common.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import common
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -46,8 +47,6 @@ from selfaugment.trainer.moco.checkpoint import checkpoint_config, load_checkpoi
 from selfaugment.trainer.moco.learner import MoCo
 from selfaugment.trainer.moco.models import build_backbone
 from selfaugment.trainer.policy import OpSetting, Policy, apply_policy_pil
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def random_policy(rng: random.Random, sub_policies: int = 5, ops: int = 2) -> Policy:
@@ -173,8 +172,9 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the results")
+    common.add_output_arguments(parser)
     args = parser.parse_args()
+    load = common.Load()
     torch.manual_seed(args.seed)
     dataset = DatasetConfig(uri="sklearn:digits", image_size=args.image_size, channels=3)
     data = load_dataset(dataset, seed=args.seed)
@@ -275,10 +275,8 @@ def main() -> int:
         "fraction_of_forward_only_limit": scorer_rate / limit_rate,
         "load_average_at_end": os.getloadavg()[0],
     }
-    results = args.out
-    results.mkdir(parents=True, exist_ok=True)
+    load.finish()
     name = f"scoring-{args.device.split(':')[0]}"
-    (results / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         f"# Candidate scoring speed ({args.device})",
         "",
@@ -295,14 +293,12 @@ def main() -> int:
         "",
         f"The scorer runs at **{result['fraction_of_forward_only_limit']:.0%}** of its "
         f"forward-only limit and **{result['speedup_over_previous_scorer']:.2f}x** the "
-        f"previous scorer (load average {result['machine']['load_average_at_start']:.2f} at "
-        f"start, {result['load_average_at_end']:.2f} at end; medians of interleaved runs).",
+        f"previous scorer ({load.line()}; medians of interleaved runs).",
         "",
         f"Speed-up: **{result['speedup']:.1f}x** ({len(heldout)} held-out images, "
         f"{args.image_size}px, {result['setup']['model']}).",
     ]
-    (results / f"{name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    common.finish(args, name, result, "\n".join(lines) + "\n", load)
     return 0
 
 

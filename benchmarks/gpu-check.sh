@@ -26,12 +26,14 @@ if "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else
   OUT=${OUT:-benchmarks/results}
   tests=(-m gpu)
   sizes=()
+  moco_sizes=()
   scoring_sizes=()
 else
   mode=cpu
   OUT=${OUT:-$(mktemp -d)}
   tests=(-m "not gpu")
-  sizes=(--images 256 --repeats 1)
+  sizes=(--images 256 --repeats 1 --random-policies 1)
+  moco_sizes=(--configs r18w8_16px --steps 1 --repeats 1)
   scoring_sizes=(--candidates 2 --heldout 128)
 fi
 mkdir -p "$OUT"
@@ -45,9 +47,11 @@ LOG=$OUT/gpu-check-$mode.log
 } 2>&1 | tee -a "$LOG"
 
 step tests "$PYTHON" -m pytest -q -p no:cacheprovider "${tests[@]}" -k "not gpu_check" tests/test_devices.py
-step moco "$PYTHON" benchmarks/bench_moco.py --out "$OUT" --steps 4 --warmup 2
-step scoring "$PYTHON" benchmarks/bench_scoring.py --device "$mode" --out "$OUT" "${scoring_sizes[@]}"
-step augment "$PYTHON" benchmarks/bench_augment.py --output "$OUT/augment-$mode.json" "${sizes[@]}"
+# --write: the benchmarks only print without it; a result measured on a loaded machine is
+# written marked as such (benchmarks/common.py).
+step moco "$PYTHON" benchmarks/bench_moco.py --write --out "$OUT" "${moco_sizes[@]}"
+step scoring "$PYTHON" benchmarks/bench_scoring.py --write --device "$mode" --out "$OUT" "${scoring_sizes[@]}"
+step augment "$PYTHON" benchmarks/bench_augment.py --write --out "$OUT" "${sizes[@]}"
 
 echo "gpu-check ($mode): $failures failed step(s); results and log in $OUT" | tee -a "$LOG"
 [ "$failures" -eq 0 ]

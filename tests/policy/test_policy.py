@@ -287,6 +287,30 @@ def test_batch_augmenter_output_and_determinism() -> None:
         BatchAugmenter("none", crop_scale=(0.0, 1.0))
 
 
+def test_batch_augmenter_runs_cpu_batches_on_its_own_threads_and_restores_the_callers() -> None:
+    """One thread by default (the thread policy), the caller's count after the call, and the
+    same views whatever the thread count."""
+    images = (torch.rand(32, 3, 16, 16) * 255).to(torch.uint8)
+    seen: list[int] = []
+
+    class Recording(BatchAugmenter):
+        def _augment(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+            seen.append(torch.get_num_threads())
+            return super()._augment(images, generator)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        single = Recording("mocov2")(images, torch.Generator().manual_seed(0))
+        assert torch.get_num_threads() == 2
+        callers = Recording("mocov2", cpu_threads=None)(images, torch.Generator().manual_seed(0))
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1, 2] and torch.equal(single, callers)
+    with pytest.raises(ValueError, match="cpu_threads"):
+        BatchAugmenter("none", cpu_threads=0)
+
+
 def test_policy_transform_in_a_torchvision_pipeline() -> None:
     image = Image.fromarray((np.random.default_rng(0).random((16, 16, 3)) * 255).astype(np.uint8))
     on_pil = transforms.Compose(

@@ -26,6 +26,8 @@ images (per-image PIL reference) and CHW tensors (batched path with B = 1)::
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from PIL import Image
@@ -80,8 +82,31 @@ def apply_plan_pil(image: Image.Image, plan: AugmentPlan, index: int) -> Image.I
     return image
 
 
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block with ``count`` torch intra-op threads, then restore the caller's."""
+    previous = torch.get_num_threads()
+    if previous == count:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 class BatchAugmenter:
-    """Random resized crop + flip + policy on a batch; returns float32 in [0, 1]."""
+    """Random resized crop + flip + policy on a batch; returns float32 in [0, 1].
+
+    ``cpu_threads`` (default 1): torch threads for a batch on the CPU; None keeps the caller's
+    setting. One, because augmenting a batch of small images is a hundred short ops, and at
+    every op OpenMP threads wait for each other: when another process holds a core, the
+    waiting thread stalls the op, and two threads ran at a fifth of one thread's rate on a
+    shared 2-core machine (``benchmarks/bench_augment.py`` measures both). On a quiet machine
+    two threads gain little on such short ops; the training step, which has long ones, keeps
+    the caller's threads.
+    """
 
     def __init__(
         self,
@@ -92,6 +117,7 @@ class BatchAugmenter:
         flip: bool = True,
         crop_ratio: tuple[float, float] = CROP_RATIO,
         policy_first: bool = False,
+        cpu_threads: int | None = 1,
     ) -> None:
         self.policy: AnyPolicy = resolve_policy(policy) if isinstance(policy, str) else policy
         if not isinstance(self.policy, Policy | RandAugment):
@@ -106,13 +132,16 @@ class BatchAugmenter:
         self.crop, self.flip = crop, flip
         self.crop_scale, self.crop_ratio = crop_scale, crop_ratio
         self.policy_first = policy_first
+        if cpu_threads is not None and cpu_threads < 1:
+            raise ValueError(f"cpu_threads: must be at least 1 or None, got {cpu_threads}")
+        self.cpu_threads = cpu_threads
         self._has_ops = isinstance(self.policy, RandAugment) or any(self.policy.sub_policies)
 
     def __repr__(self) -> str:
         name = self.policy.name
         return (
             f"BatchAugmenter(policy={name!r}, crop={self.crop}, crop_scale={self.crop_scale}, "
-            f"flip={self.flip}, policy_first={self.policy_first})"
+            f"flip={self.flip}, policy_first={self.policy_first}, cpu_threads={self.cpu_threads})"
         )
 
     def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -120,9 +149,16 @@ class BatchAugmenter:
 
         Crop and flip, then the policy (``policy_first``: the policy, then crop and flip, the
         order of Fast AutoAugment and SelfAugment's code; docs/concepts.md says why ours is
-        the default). The caller's batch is never modified.
+        the default). The caller's batch is never modified. A CPU batch is augmented with
+        ``cpu_threads`` torch threads (the caller's setting is restored afterwards).
         """
         check_images(images)
+        if images.device.type != "cpu" or self.cpu_threads is None:
+            return self._augment(images, generator)
+        with torch_threads(self.cpu_threads):
+            return self._augment(images, generator)
+
+    def _augment(self, images: Tensor, generator: torch.Generator | None) -> Tensor:
         uint8 = images.dtype == torch.uint8
         if not self._has_ops:  # crop and flip only: [0, 1] values, not rounded
             if uint8:
