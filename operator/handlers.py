@@ -31,7 +31,7 @@ from selfaugment.operator.kube import Kube, KubeError
 from selfaugment.operator.leader import AlwaysLeader, LeaderElector, own_identity
 from selfaugment.operator.observe import SearchGauges, serve
 from selfaugment.operator.pretrain import PretrainReconciler
-from selfaugment.operator.resync import Loops
+from selfaugment.operator.resync import Loops, settled
 from selfaugment.operator.runtime import Deps, StoreUnavailable
 from selfaugment.operator.search import SearchReconciler, retry_pending
 from selfaugment.operator.settings import OperatorSettings
@@ -148,6 +148,9 @@ def reconcile_search(body: Mapping[str, Any]) -> None:
     if meta.get("deletionTimestamp"):
         return
     key = (meta["namespace"], meta["name"])
+    if settled(raw):  # ended: nothing to do but export its series (a new leader has none)
+        RUNTIME.gauges.record(*key, raw.get("status") or {})
+        return
 
     def work() -> None:
         # Re-read under the lock: the body of a queued event may be stale by now.
@@ -162,7 +165,7 @@ def reconcile_search(body: Mapping[str, Any]) -> None:
 def reconcile_pretrain(body: Mapping[str, Any]) -> None:
     raw = _plain(body)
     meta = raw["metadata"]
-    if meta.get("deletionTimestamp"):
+    if meta.get("deletionTimestamp") or settled(raw):
         return
     key = (meta["namespace"], meta["name"])
 

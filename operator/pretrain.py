@@ -136,7 +136,7 @@ class PretrainReconciler(ResourceReconciler):
             self.status.update(restarts=0, restartedJobUid=None)
             message = f"{names.RETRY_ANNOTATION}={self.retrying}: Job {job_name} starts again"
             self.deps.post_event(self.body, "Normal", "Retry", message)
-        if job is not None and (job_deleting(job) or self.after_patch):
+        if result is None and job is not None and (job_deleting(job) or self.after_patch):
             job = None  # on its way out; created again once gone
             self.status["phase"] = "Running" if self.old.get("phase") == "Running" else "Pending"
             self._condition("Ready", False, "Restarting", f"Job {job_name} is being replaced")

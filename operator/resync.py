@@ -6,8 +6,7 @@ until someone removed the finalizer by hand. The operator needs no clean-up of i
 deletion (children carry ownerReferences; results stay in the store), so nothing of it stays
 on a resource. Every `interval` seconds the resync lists the AugmentSearches and Pretrains
 (which also tells /healthz that the API answers and lets it compare the listing with what the
-watch delivered), probes the default store endpoint, and on the leader reconciles every run
-that has not ended.
+watch delivered), probes the default store endpoint, and on the leader reconciles every run.
 """
 
 from __future__ import annotations
@@ -75,15 +74,21 @@ class Loops:
         self.store_endpoint = store_endpoint
         self.stop = threading.Event()
         self.wake = threading.Event()  # resync now (leadership was just gained)
+        self.threads: list[threading.Thread] = []
 
     def start(self) -> None:
         self.lead_once()
         for target, name in ((self._lead, "leader-election"), (self._resync, "resync")):
-            threading.Thread(target=target, name=name, daemon=True).start()
+            self.threads.append(threading.Thread(target=target, name=name, daemon=True))
+            self.threads[-1].start()
 
-    def close(self) -> None:
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop both loops, let a resync round in progress finish, then give the Lease up (so
+        that the next leader never reconciles beside this one)."""
         self.stop.set()
         self.wake.set()
+        for thread in self.threads:
+            thread.join(timeout)
         self.elector.release()
 
     # -- leader election -------------------------------------------------------------------
@@ -121,9 +126,7 @@ class Loops:
             self.health.listed(plural, items)
             if not self.elector.leading:
                 continue
-            for body in items:
-                if settled(body) or (body.get("metadata") or {}).get("deletionTimestamp"):
-                    continue
+            for body in items:  # runs that ended return at once (their metrics are kept)
                 try:
                     reconcile(body)
                 except Exception as error:  # counted and logged by the reconcile wrapper
