@@ -37,10 +37,14 @@ from selfaugment.trainer.augment.tensor import LevelOp
 from selfaugment.trainer.policy.model import AnyPolicy, Policy, RandAugment
 
 _SPECS = [OPS[name] for name in OP_NAMES]
-_AFFINE_IDS = np.array([i for i, spec in enumerate(_SPECS) if spec.affine is not None])
-_BLEND_IDS = np.array([i for i, spec in enumerate(_SPECS) if spec.blend is not None])
-_BLEND_WEIGHTS = np.array([spec.blend or (0.0, 0.0) for spec in _SPECS])
-"""[ops, 2]: each op's (gray, mean) weights in ``blend_with_gray`` ((0, 0) for non-blends)."""
+# Per op id (and one more entry, for -1 = skip, so that tables can be indexed with ids):
+_IS_AFFINE = np.array([spec.affine is not None for spec in _SPECS] + [False])
+_IS_BLEND = np.array([spec.blend is not None for spec in _SPECS] + [False])
+_IDENTITY_ARGUMENT = np.array([spec.identity_argument for spec in _SPECS] + [0.0])
+_SPAN = np.array([spec.max_argument - spec.identity_argument for spec in _SPECS] + [0.0])
+_SIGNED = np.array([spec.signed for spec in _SPECS] + [False])
+_BLEND_WEIGHTS = np.array([spec.blend or (0.0, 0.0) for spec in _SPECS] + [(0.0, 0.0)])
+"""[ops + 1, 2]: each op's (gray, mean) weights in ``blend_with_gray`` ((0, 0) for the rest)."""
 _CUTOUT_ID = OP_NAMES.index("Cutout")
 _FULL_BATCH_FRACTION = 0.5
 
@@ -130,12 +134,11 @@ def _on_rows(
 
 
 def _arguments(ids: np.ndarray, magnitudes: np.ndarray, signs: np.ndarray) -> np.ndarray:
-    """Each sample's op argument (float64), from its op's record."""
-    arguments = np.zeros(ids.shape)
-    for op_id in np.unique(ids[ids >= 0]):
-        rows = ids == op_id
-        arguments[rows] = _SPECS[op_id].argument(magnitudes[rows], signs[rows])
-    return arguments
+    """Each sample's op argument (float64): ``OpSpec.argument`` for all ops at once, with the
+    same operations in the same order, so the same values to the last bit."""
+    span = _SPAN[ids] * magnitudes
+    span = span * np.where(_SIGNED[ids], signs, 1.0)  # * 1.0 is exact
+    return span + _IDENTITY_ARGUMENT[ids]
 
 
 def _resample(levels: Tensor, ids: np.ndarray, arguments: np.ndarray) -> Tensor:
@@ -143,7 +146,7 @@ def _resample(levels: Tensor, ids: np.ndarray, arguments: np.ndarray) -> Tensor:
     ops get the identity map)."""
     height, width = levels.shape[2], levels.shape[3]
     data = np.tile(np.array(IDENTITY), (ids.size, 1))
-    for op_id in np.unique(ids[np.isin(ids, _AFFINE_IDS)]):
+    for op_id in np.unique(ids[_IS_AFFINE[ids]]):
         rows = ids == op_id
         builder = cast(AffineBuilder, _SPECS[op_id].affine)  # set for all _AFFINE_IDS
         data[rows] = builder(arguments[rows], height, width)
@@ -152,7 +155,7 @@ def _resample(levels: Tensor, ids: np.ndarray, arguments: np.ndarray) -> Tensor:
 
 def _blend(levels: Tensor, ids: np.ndarray, factors: Tensor) -> Tensor:
     """Brightness, Color and Contrast of one position in one blend (other rows: factor 1)."""
-    weights = np.where((ids >= 0)[:, None], _BLEND_WEIGHTS[ids], 0.0)
+    weights = _BLEND_WEIGHTS[ids]
     return exact.blend_with_gray(
         levels, factors, torch.from_numpy(weights[:, 0]), torch.from_numpy(weights[:, 1])
     )
@@ -167,7 +170,7 @@ def _cutout(levels: Tensor, fractions: Tensor, centers: Tensor) -> Tensor:
 def _fused_rows(selected: np.ndarray) -> np.ndarray:
     """Rows to run a fused group on: all of them when most samples take part (the others
     get identity arguments), which saves the gather and scatter of a subset."""
-    if selected.mean() >= _FULL_BATCH_FRACTION:
+    if np.count_nonzero(selected) >= _FULL_BATCH_FRACTION * selected.size:
         return np.arange(selected.size)
     return np.flatnonzero(selected)
 
@@ -183,11 +186,11 @@ def apply_plan_levels(
     for position in range(plan.op_ids.shape[1]):
         ids = plan.op_ids[:, position]
         arguments = _arguments(ids, plan.magnitudes[:, position], plan.signs[:, position])
-        geometric = np.isin(ids, _AFFINE_IDS)
+        geometric = _IS_AFFINE[ids]  # ids of -1 read the last entry: False
         if geometric.any():
             rows = _fused_rows(geometric)
             levels = _on_rows(levels, rows, _resample, ids[rows], arguments[rows])
-        blended = np.isin(ids, _BLEND_IDS)
+        blended = _IS_BLEND[ids]
         if blended.any():
             rows = _fused_rows(blended)
             factors = torch.from_numpy(np.where(blended, arguments, 1.0)[rows])  # 1: identity
