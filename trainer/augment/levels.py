@@ -34,7 +34,6 @@ MAX_LEVEL = 255.0
 # PIL 'L': (19595 R + 38470 G + 7471 B + 2**15) >> 16, as floor(sum of R * 19595 / 2**16, ...
 # + 1/2): 16-bit fractions of values below 256 need 24 bits, so every step is exact in float32.
 _GRAY_WEIGHTS = (19595.0 / 65536.0, 38470.0 / 65536.0, 7471.0 / 65536.0)
-_GRAY_MATRIX = torch.tensor([_GRAY_WEIGHTS], dtype=torch.float32)  # [1, 3]
 _SMOOTH_DIVISOR = 13.0  # PIL's SMOOTH kernel: 1 1 1 / 1 5 1 / 1 1 1, divided by 13
 
 
@@ -51,17 +50,10 @@ def grayscale(levels: Tensor) -> Tensor:
     """PIL's 'L' conversion of [B, 3, H, W] levels -> a new [B, 1, H, W] tensor (one channel:
     ``levels`` itself).
 
-    Exact in float32 in any order of operations, fused multiply-adds included (see the weights),
-    so on the CPU it is one matrix product (a third faster than three passes); elsewhere a GPU
-    matrix product may run in TF32, which is not exact, so it stays elementwise.
+    Exact in float32 in any order of operations, fused multiply-adds included (see the weights).
     """
     if levels.shape[1] == 1:
         return levels
-    batch, _, height, width = levels.shape
-    if levels.device.type == "cpu" and levels.dtype == torch.float32:
-        weights = _GRAY_MATRIX.to(levels.dtype)
-        weighted = torch.matmul(weights, levels.reshape(batch, 3, height * width))
-        return weighted.add_(0.5).floor_().view(batch, 1, height, width)
     red, green, blue = levels[:, 0:1], levels[:, 1:2], levels[:, 2:3]
     weighted = red * _GRAY_WEIGHTS[0]
     weighted.add_(green, alpha=_GRAY_WEIGHTS[1]).add_(blue, alpha=_GRAY_WEIGHTS[2])
