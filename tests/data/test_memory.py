@@ -104,8 +104,19 @@ def test_the_memory_budget_decides_the_path(prepared: PreparedDataset, image_fol
 def test_a_training_size_above_the_storage_size_is_refused(
     prepared: PreparedDataset, image_folder: Path
 ) -> None:
+    assert prepared.index["downscaled"] == 5  # the 40 and 64 px images
     with pytest.raises(DatasetError, match="image_size 48 is larger than the storage size 32"):
         open_images(prepared, config(image_folder, image_size=48))
+
+
+def test_a_training_size_above_the_storage_size_is_fine_when_nothing_was_downscaled(
+    tmp_path: Path,
+) -> None:
+    prepared = prepare_dataset(config("sklearn:digits"), LocalStore(tmp_path), 8)
+    assert prepared.index["downscaled"] == 0
+    cfg = config("sklearn:digits", image_size=16, channels=1, limit=20)
+    in_memory = open_images(prepared, cfg, path="memory")
+    assert torch.equal(in_memory.images, load_dataset(cfg).images)  # type: ignore[union-attr]
 
 
 def test_load_prepared_of_a_subset_keeps_its_order(prepared: PreparedDataset) -> None:

@@ -19,6 +19,7 @@ Two kinds of sample; a prepared dataset holds one kind (its index says which):
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -49,6 +50,15 @@ def _source_channels(mode: str) -> int:
     return 1 if mode in GRAY_MODES else 3
 
 
+@dataclass(frozen=True)
+class Stored:
+    """A sample as stored: its bytes, its tar member suffix, and whether it was downscaled."""
+
+    data: bytes
+    suffix: str
+    downscaled: bool
+
+
 def _encode_pixels(pixels: torch.Tensor, encoding: Encoding, quality: int) -> tuple[bytes, str]:
     """uint8 [C, H, W] to (file bytes, suffix)."""
     array = pixels.permute(1, 2, 0).numpy()
@@ -63,16 +73,16 @@ def _encode_pixels(pixels: torch.Tensor, encoding: Encoding, quality: int) -> tu
 
 def encode_file(
     data: bytes, suffix: str, storage_size: int, encoding: Encoding, quality: int
-) -> tuple[bytes, str]:
-    """An image file's bytes as stored: (bytes, suffix). Raises whatever the decoder raises on a
-    file `load_dataset` could not read either (the caller reports it as corrupt)."""
+) -> Stored:
+    """An image file as stored. Raises whatever the decoder raises on a file `load_dataset`
+    could not read either (the caller reports it as corrupt)."""
     if not data:
         raise ValueError("empty file (0 bytes)")
     with Image.open(io.BytesIO(data)) as image:
         channels = _source_channels(image.mode)
         if min(image.size) <= storage_size:
             decode_opened(image, None, channels)  # the whole decode: proves the file readable
-            return data, suffix.lower()
+            return Stored(data, suffix.lower(), downscaled=False)
         if image.format == "JPEG":
             image.draft("RGB" if channels == 3 else "L", (storage_size, storage_size))
         image.load()
@@ -83,12 +93,14 @@ def encode_file(
         tensor = tvf.resize(
             tensor, [storage_size], interpolation=tvf.InterpolationMode.BILINEAR, antialias=True
         )
-    return _encode_pixels(tensor.contiguous(), encoding, quality)
+    encoded, encoded_suffix = _encode_pixels(tensor.contiguous(), encoding, quality)
+    return Stored(encoded, encoded_suffix, downscaled=True)
 
 
-def encode_array(sample: np.ndarray, storage_size: int) -> bytes:
+def encode_array(sample: np.ndarray, storage_size: int) -> Stored:
     """uint8 [C, H, W] as .npy bytes, downscaled (shorter side to `storage_size`) if larger."""
-    if min(sample.shape[-2:]) > storage_size:
+    downscaled = min(sample.shape[-2:]) > storage_size
+    if downscaled:
         resized = tvf.resize(
             torch.from_numpy(np.ascontiguousarray(sample)),
             [storage_size],
@@ -98,7 +110,7 @@ def encode_array(sample: np.ndarray, storage_size: int) -> bytes:
         sample = resized.numpy()
     buffer = io.BytesIO()
     np.save(buffer, np.ascontiguousarray(sample), allow_pickle=False)
-    return buffer.getvalue()
+    return Stored(buffer.getvalue(), ARRAY_SUFFIX, downscaled)
 
 
 def decode_sample(

@@ -113,12 +113,14 @@ def open_images(
     cache_shards: int | None = None,
 ) -> ImageSet | StreamedImages:
     """`cfg`'s images (image_size, channels, limit) from a prepared dataset: in memory when
-    they fit `memory_budget` (or `path` says so), streamed otherwise."""
-    if cfg.image_size > prepared.storage_size:
+    they fit `memory_budget` (or `path` says so), streamed otherwise. A training size above the
+    storage size is refused when images were downscaled to it (detail would be missing)."""
+    if cfg.image_size > prepared.storage_size and prepared.index["downscaled"]:
         raise DatasetError(
             f"dataset.image_size {cfg.image_size} is larger than the storage size "
-            f"{prepared.storage_size} of {prepared.uri}: prepare it with a storage size of at "
-            f"least {cfg.image_size}"
+            f"{prepared.storage_size} of {prepared.uri}, to which {prepared.index['downscaled']} "
+            f"image(s) were downscaled: prepare it with a storage size of at least "
+            f"{cfg.image_size}"
         )
     ids = select_samples(prepared, cfg.limit, seed)
     size = decoded_bytes(len(ids), cfg.channels, cfg.image_size)

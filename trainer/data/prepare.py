@@ -33,7 +33,7 @@ import numpy as np
 from pydantic import Field, ValidationError
 
 from selfaugment.trainer.config import DatasetConfig, StrictModel
-from selfaugment.trainer.data.codec import ARRAY_SUFFIX, encode_array, encode_file
+from selfaugment.trainer.data.codec import Stored, encode_array, encode_file
 from selfaugment.trainer.data.folder import decode_workers
 from selfaugment.trainer.data.prepared import (
     NO_LABEL,
@@ -116,16 +116,14 @@ def _reason(error: Exception) -> str:
     return f"{type(error).__name__}: {message}"
 
 
-def _encode_item(
-    source: SourceItems, settings: PrepareSettings, position: int
-) -> tuple[bytes, str] | str:
-    """(stored bytes, member suffix), or the reason the item is unreadable."""
+def _encode_item(source: SourceItems, settings: PrepareSettings, position: int) -> Stored | str:
+    """The item as stored, or the reason it is unreadable."""
     try:
         payload = source.read(position)
     except OSError as error:
         return _reason(error)
     if isinstance(payload, np.ndarray):
-        return encode_array(payload, settings.storage_size), ARRAY_SUFFIX
+        return encode_array(payload, settings.storage_size)
     try:
         return encode_file(
             payload,
@@ -160,9 +158,9 @@ def _build_shard(
                         raise CorruptImageError(f"{source.uri}/{name}", result)
                     writer.table.skipped.append((name, result))
                     continue
-                data, suffix = result
                 label = NO_LABEL if source.labels is None else source.labels[position]
-                writer.add(f"{position:09d}{suffix}", data, name, position, label)
+                writer.add(f"{position:09d}{result.suffix}", result.data, name, position, label)
+                writer.table.downscaled += result.downscaled
             table = writer.close()
         store.upload_file(path, shard_tar_key(key, shard))
     store.write_json(shard_table_key(key, shard), table.to_json())
@@ -223,6 +221,7 @@ def _finish(
         "num_classes": source.num_classes,
         "shards": [{"count": t.count, "bytes": t.bytes, "sha256": t.sha256} for t in tables],
         "skipped": {"count": len(skipped), "files": [list(item) for item in skipped]},
+        "downscaled": sum(table.downscaled for table in tables),
         "digest": _digest(tables, arrays["label"], source.classes),
     }
     store.write_json(index_key(key), index)

@@ -26,8 +26,8 @@ HASH_CHUNK = 1 << 20
 @dataclass
 class ShardTable:
     """What one shard holds: per sample (name in the source, source position, label, byte
-    offset and length in the tar), the files skipped in its range, and the tar's size and
-    SHA-256. Written as JSON after the tar: its existence marks the shard finished."""
+    offset and length in the tar), the files skipped in its range, how many images were
+    downscaled, and the tar's size and SHA-256. Written as JSON after the tar: its existence marks the shard finished."""
 
     count: int = 0
     bytes: int = 0
@@ -38,6 +38,7 @@ class ShardTable:
     offsets: list[int] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    downscaled: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -50,6 +51,7 @@ class ShardTable:
             "offsets": self.offsets,
             "lengths": self.lengths,
             "skipped": [list(item) for item in self.skipped],
+            "downscaled": self.downscaled,
         }
 
     @classmethod
@@ -64,6 +66,7 @@ class ShardTable:
             offsets=[int(v) for v in data["offsets"]],
             lengths=[int(v) for v in data["lengths"]],
             skipped=[(str(name), str(reason)) for name, reason in data["skipped"]],
+            downscaled=int(data["downscaled"]),
         )
 
 
