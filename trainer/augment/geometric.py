@@ -56,40 +56,10 @@ def _fix(values: np.ndarray) -> np.ndarray:
     return np.floor(values * 65536.0 + 0.5).astype(np.int64)
 
 
-def source_pixels(data: np.ndarray, height: int, width: int, device: torch.device) -> Tensor:
-    """Source pixel (column, row) of every output pixel, [N, 2, H, W] int64 on ``device``,
-    exactly as PIL's NEAREST affine transform finds it (may lie outside the image)."""
-    count = data.shape[0]
-    a, b, c, d, e, f = (data[:, i] for i in range(6))
-    scaled = (b == 0.0) & (d == 0.0)
-    sources = torch.empty(count, 2, height, width, dtype=torch.int64, device=device)
-    if scaled.any():
-        rows = torch.from_numpy(np.flatnonzero(scaled)).to(device)
-        columns = _truncated_steps(c[scaled] + a[scaled] * 0.5, a[scaled], width)
-        lines = _truncated_steps(f[scaled] + e[scaled] * 0.5, e[scaled], height)
-        picked = sources.index_select(0, rows)
-        picked[:, 0] = torch.from_numpy(columns).to(device)[:, None, :]
-        picked[:, 1] = torch.from_numpy(lines).to(device)[:, :, None]
-        sources.index_copy_(0, rows, picked)
-    if not scaled.all():
-        fixed = ~scaled
-        rows = torch.from_numpy(np.flatnonzero(fixed)).to(device)
-        start_x = _fix(c[fixed] + a[fixed] * 0.5 + b[fixed] * 0.5)
-        start_y = _fix(f[fixed] + d[fixed] * 0.5 + e[fixed] * 0.5)
-        terms = np.stack([start_x, _fix(a[fixed]), _fix(b[fixed]),
-                          start_y, _fix(d[fixed]), _fix(e[fixed])], axis=1)  # fmt: skip
-        steps = torch.from_numpy(terms).to(device).view(-1, 6, 1, 1)
-        xs = torch.arange(width, device=device, dtype=torch.int64).view(1, 1, width)
-        ys = torch.arange(height, device=device, dtype=torch.int64).view(1, height, 1)
-        column = (steps[:, 0] + steps[:, 2] * ys + steps[:, 1] * xs).bitwise_right_shift_(16)
-        line = (steps[:, 3] + steps[:, 5] * ys + steps[:, 4] * xs).bitwise_right_shift_(16)
-        sources.index_copy_(0, rows, torch.stack([column, line], dim=1))
-    return sources
-
-
 def _source_index(data: np.ndarray, height: int, width: int) -> np.ndarray:
-    """``source_pixels`` as flat indices ``row * W + column`` [N, H * W] (int64, numpy), with
-    ``H * W`` (the fill value appended to each image) for sources outside the image."""
+    """The source pixel of every output pixel, exactly as PIL's NEAREST affine transform finds
+    it, as a flat index ``row * W + column`` [N, H * W] (int64, numpy); ``H * W`` (the fill
+    value appended to each image) for sources outside the image."""
     count, outside = data.shape[0], height * width
     a, b, c, d, e, f = (data[:, i] for i in range(6))
     index = np.empty((count, height, width), dtype=np.int64)
