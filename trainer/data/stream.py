@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from selfaugment.trainer.data.codec import decode_sample
 from selfaugment.trainer.data.order import (
@@ -105,16 +105,17 @@ class _StepSampler(Sampler[list[Item]]):
                 yield list(zip(self.ids[positions].tolist(), seeds, strict=True))
 
     def __len__(self) -> int:
-        return len(self.steps)
+        return sum(1 for positions in self.steps if len(positions))
 
 
 def collate(batch: Sequence[tuple[torch.Tensor, int]]) -> tuple[Any, torch.Tensor]:
-    """Images stacked when they share a shape (else a list), labels as int64."""
+    """Images stacked when they share a shape (else a list), labels as int64. Stacking goes
+    through default_collate, which in a worker writes the batch into shared memory at once."""
     images = [image for image, _ in batch]
-    labels = torch.tensor([label for _, label in batch], dtype=torch.int64)
     if all(image.shape == images[0].shape for image in images):
-        return torch.stack(images), labels
-    return images, labels
+        stacked, labels = default_collate(list(batch))
+        return stacked, labels
+    return images, torch.tensor([label for _, label in batch], dtype=torch.int64)
 
 
 @dataclass
