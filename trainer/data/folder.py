@@ -143,7 +143,10 @@ def decode_folder(
     seed: int,
     on_corrupt: str,
 ) -> tuple[torch.Tensor, list[int], list[tuple[str, str]]]:
-    """Decode up to `limit` readable files (seeded choice); (images, kept indices, skipped)."""
+    """Decode up to `limit` readable files (seeded choice); (images, kept indices, skipped).
+
+    Each image is copied into one preallocated tensor as soon as it is decoded, so the peak
+    memory is the decoded dataset once (stacking a list of images at the end held it twice)."""
     files = listing.files
     if not files:
         raise DatasetError(
@@ -151,7 +154,8 @@ def decode_folder(
         )
     order = _candidate_order(len(files), limit, seed)
     wanted = len(files) if limit is None else min(limit, len(files))
-    kept: dict[int, torch.Tensor] = {}
+    images = torch.empty((wanted, channels, size, size), dtype=torch.uint8)
+    kept: list[int] = []
     skipped: list[tuple[str, str]] = []
     position = 0
     pool = ThreadPoolExecutor(max_workers=decode_workers())
@@ -167,7 +171,8 @@ def decode_folder(
                         raise CorruptImageError(str(files[index]), result)
                     skipped.append((name, result))
                 else:
-                    kept[int(index)] = result
+                    images[len(kept)] = result
+                    kept.append(int(index))
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     if not kept:
@@ -175,5 +180,8 @@ def decode_folder(
         raise DatasetError(
             f"{root}: none of the {len(skipped)} image files could be read ({shown})"
         )
-    indices = sorted(kept)
-    return torch.stack([kept[i] for i in indices]), indices, skipped
+    images = images[: len(kept)]
+    if kept != sorted(kept):  # a seeded choice (limit) was decoded in shuffled order
+        rows = torch.from_numpy(np.argsort(np.asarray(kept), kind="stable"))
+        images, kept = images[rows], sorted(kept)
+    return images, kept, skipped
