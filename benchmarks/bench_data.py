@@ -8,9 +8,11 @@ source size: the files are kept byte for byte), and then reads one training epoc
   memory    today's path: load_dataset decodes the folder into uint8 [N, C, S, S], then the
             epoch indexes it batch by batch in the order training uses (epoch_permutation);
   stream    the prepared dataset through StreamedImages.loader (--workers loader processes
-            decoding), the same order, the same batches.
+            decoding), the same order, the same batches;
+  prepared  the in-memory path from the prepared dataset (load_prepared: what a task whose
+            data fits the memory budget will do), then the same epoch as `memory`.
 
-Runs alternate between the two (--repeats times), so that a change of load on the machine
+Runs alternate between the paths (--repeats times, the order rotating), so that a change of load on the machine
 affects both alike; the medians are reported. Measured per run: start-up (process start, after
 imports, to the first batch), the epoch's images per second (with and without start-up), peak
 RSS of the main process, and peak PSS of the process with its loader workers (shared pages
@@ -45,6 +47,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 CLASSES = 10
 SAMPLE_EVERY = 0.05  # seconds between memory samples
 DECODE_SAMPLES = 2000
+MODES = ("memory", "stream", "prepared")
 
 
 # ------------------------------------------------------------------ the synthetic folder
@@ -149,6 +152,23 @@ def run_memory(folder: Path, image_size: int, batch: int, seed: int) -> dict[str
     return {"images": steps * batch, "startup": first_batch, "total": time.perf_counter() - started}
 
 
+def run_prepared(prepared_uri: str, image_size: int, batch: int, seed: int) -> dict[str, Any]:
+    import torch
+
+    from selfaugment.trainer.data import epoch_permutation, load_prepared, open_prepared_uri
+
+    started = time.perf_counter()
+    data = load_prepared(open_prepared_uri(prepared_uri), image_size, 3).images
+    order = torch.from_numpy(epoch_permutation(len(data), seed, 0))
+    steps, checksum, first_batch = len(data) // batch, 0, None
+    for step in range(steps):
+        images = data[order[step * batch : (step + 1) * batch]]
+        checksum += int(images[:, :, 0, 0].sum())
+        if first_batch is None:
+            first_batch = time.perf_counter() - started
+    return {"images": steps * batch, "startup": first_batch, "total": time.perf_counter() - started}
+
+
 def run_stream(
     prepared_uri: str, image_size: int, batch: int, seed: int, workers: int
 ) -> dict[str, Any]:
@@ -200,6 +220,8 @@ def child(args: argparse.Namespace) -> int:
     with TreeMemory() as memory:
         if args.child == "memory":
             result = run_memory(Path(args.folder), args.image_size, args.batch, args.seed)
+        elif args.child == "prepared":
+            result = run_prepared(args.prepared, args.image_size, args.batch, args.seed)
         elif args.child == "stream":
             result = run_stream(args.prepared, args.image_size, args.batch, args.seed, args.workers)
         else:
@@ -248,10 +270,10 @@ def measure_size(count: int, args: argparse.Namespace, scratch: Path) -> dict[st
         DatasetConfig(uri=str(folder)), LocalStore(scratch / "prepared"), args.source_size
     )
     prepare_seconds = time.perf_counter() - started
-    runs: dict[str, list[dict[str, Any]]] = {"memory": [], "stream": []}
+    runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
     for repeat in range(args.repeats):
-        modes = ["memory", "stream"] if repeat % 2 == 0 else ["stream", "memory"]
-        for mode in modes:
+        shift = repeat % len(MODES)
+        for mode in MODES[shift:] + MODES[:shift]:
             result = spawn(mode, args, folder, prepared.uri)
             print(f"  N={count} {mode}: {json.dumps(result)}", flush=True)
             runs[mode].append(result)
@@ -301,11 +323,14 @@ def markdown(result: dict[str, Any]) -> str:
         f"runs per path; one epoch at {result['image_size']} px of JPEGs at "
         f"{result['source_size']} px, {result['workers']} loader worker(s), batch {result['batch']}.",
         "",
-        "| N | path | start-up s | images/s (epoch) | images/s (with start-up) | peak RSS MiB | peak PSS with workers MiB |",
+        "`memory` and `prepared` decode everything during start-up (once per task); their epoch",
+        "after it is index look-ups. `stream` decodes during every epoch, in its loader workers.",
+        "",
+        "| N | path | start-up s | images/s (epoch after start-up) | images/s (with start-up) | peak RSS MiB | peak PSS with workers MiB |",
         "|---|---|---|---|---|---|---|",
     ]
     for size in result["sizes"]:
-        for mode in ("memory", "stream"):
+        for mode in MODES:
             m = size[mode]
             lines.append(
                 f"| {size['images']} | {mode} | {m['startup']:.2f} | "
@@ -346,7 +371,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--write", action="store_true", help="write results/data-cpu.*")
-    parser.add_argument("--child", choices=("memory", "stream", "decode"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=(*MODES, "decode"), help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--prepared", help=argparse.SUPPRESS)
     args = parser.parse_args()
