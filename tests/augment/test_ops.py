@@ -125,6 +125,21 @@ def test_batched_matches_pil_reference(name: str, magnitude: float, sign: float)
     assert difference.max().item() <= max_abs
 
 
+def test_geometric_memo_gives_pils_pixels_when_computed_looked_up_and_emptied(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Source indices are memoised per map; a memo that fills up is emptied, never stale."""
+    monkeypatch.setattr(augment_geometric, "_INDEX_CACHE", {})
+    monkeypatch.setattr(augment_geometric, "_INDEX_CACHE_ENTRIES", 5)
+    angles = torch.tensor([-20.0, 7.5, 13.0, -20.0, 29.0, 7.5] * 2 + [1.0, 2.0])
+    images = IMAGES[: len(angles) // 2].repeat(2, 1, 1, 1)
+    for _ in range(2):  # computed (and the memo emptied on the way), then partly looked up
+        batched = augment_geometric.rotate(images, angles)
+        for image, angle, result in zip(images, angles.tolist(), batched, strict=True):
+            assert torch.equal(result, from_pil(pil.rotate(to_pil(image), angle)))
+    assert 0 < len(augment_geometric._INDEX_CACHE) <= 5
+
+
 def test_ops_match_pil_on_grayscale_images() -> None:
     gray = IMAGES[:, :1].contiguous()
     for name in OP_NAMES:

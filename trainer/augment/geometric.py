@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import cast
 
 import numpy as np
 import torch
@@ -98,14 +99,17 @@ def source_index(data: np.ndarray, height: int, width: int, device: torch.device
     """
     unique, inverse = np.unique(data, axis=0, return_inverse=True)
     keys = [(row.tobytes(), height, width) for row in unique]
-    missing = [i for i, key in enumerate(keys) if key not in _INDEX_CACHE]
-    if len(_INDEX_CACHE) + len(missing) > _INDEX_CACHE_ENTRIES:
-        _INDEX_CACHE.clear()
-        missing = list(range(len(keys)))
+    found = [_INDEX_CACHE.get(key) for key in keys]
+    missing = [i for i, index in enumerate(found) if index is None]
     if missing:
         computed = _source_index(unique[missing], height, width)
-        _INDEX_CACHE.update(zip((keys[i] for i in missing), computed, strict=True))
-    table = torch.from_numpy(np.stack([_INDEX_CACHE[key] for key in keys])).to(device)
+        if len(_INDEX_CACHE) + len(missing) > _INDEX_CACHE_ENTRIES:
+            _INDEX_CACHE.clear()
+        for i, index in zip(missing, computed, strict=True):
+            found[i] = index
+            if len(_INDEX_CACHE) < _INDEX_CACHE_ENTRIES:
+                _INDEX_CACHE[keys[i]] = index
+    table = torch.from_numpy(np.stack(cast(list[np.ndarray], found))).to(device)
     if len(keys) == 1:
         return table.expand(data.shape[0], height * width)
     return table.index_select(0, torch.from_numpy(inverse.reshape(-1)).to(device))
