@@ -101,11 +101,10 @@ class BatchAugmenter:
 
     ``cpu_threads`` (default 1): torch threads for a batch on the CPU; None keeps the caller's
     setting. One, because augmenting a batch of small images is a hundred short ops, and at
-    every op OpenMP threads wait for each other: when another process holds a core, the
-    waiting thread stalls the op, and two threads ran at a fifth of one thread's rate on a
-    shared 2-core machine (``benchmarks/bench_augment.py`` measures both). On a quiet machine
-    two threads gain little on such short ops; the training step, which has long ones, keeps
-    the caller's threads.
+    every op OpenMP threads wait for each other: when another process holds a core, the op
+    waits for the descheduled thread, and on a shared 2-core machine two threads ran at a tenth
+    to a fiftieth of one thread's rate (``benchmarks/bench_augment.py`` measures both). The
+    training step, whose ops are long, keeps the caller's threads.
     """
 
     def __init__(
