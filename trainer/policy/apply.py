@@ -138,7 +138,7 @@ def _arguments(ids: np.ndarray, magnitudes: np.ndarray, signs: np.ndarray) -> np
     same operations in the same order, so the same values to the last bit."""
     span = _SPAN[ids] * magnitudes
     span = span * np.where(_SIGNED[ids], signs, 1.0)  # * 1.0 is exact
-    return span + _IDENTITY_ARGUMENT[ids]
+    return np.where(ids >= 0, span + _IDENTITY_ARGUMENT[ids], 0.0)  # skipped: 0, as before
 
 
 def _resample(levels: Tensor, ids: np.ndarray, arguments: np.ndarray) -> Tensor:
@@ -148,7 +148,7 @@ def _resample(levels: Tensor, ids: np.ndarray, arguments: np.ndarray) -> Tensor:
     data = np.tile(np.array(IDENTITY), (ids.size, 1))
     for op_id in np.unique(ids[_IS_AFFINE[ids]]):
         rows = ids == op_id
-        builder = cast(AffineBuilder, _SPECS[op_id].affine)  # set for all _AFFINE_IDS
+        builder = cast(AffineBuilder, _SPECS[op_id].affine)  # set for every op of _IS_AFFINE
         data[rows] = builder(arguments[rows], height, width)
     return affine_nearest(levels, data, fill=float(GRAY_FILL))
 
