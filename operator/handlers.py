@@ -2,8 +2,11 @@
 start and stop.
 
 Handlers are synchronous (kopf runs them in a thread pool: the store and Kubernetes clients
-block). A per-object lock serialises the reconciliations of one resource that a watch event,
-a Job event and the periodic resync may start at the same moment.
+block). The reconciliations of one resource that watch events, Job events and the periodic
+resync ask for run one at a time, and are coalesced: while one waits for its turn, further
+requests are dropped, because the waiting one reads the state afresh when it starts. A burst
+of Job events therefore costs at most one running and one waiting reconciliation per resource,
+and never holds the thread pool's threads waiting on one resource's lock.
 
 No handler needs a finalizer: the periodic reconciliation is the resync thread of
 operator/resync.py rather than a kopf timer (kopf puts a finalizer on every resource that has a
@@ -39,7 +42,18 @@ from selfaugment.trainer.metrics import create_metrics
 from selfaugment.trainer.store import StoreError
 
 G, V = names.GROUP, names.VERSION
+#: Threads of kopf's executor, which runs the synchronous handlers.
+EXECUTOR_THREADS = 16
 _log = logging.getLogger("selfaugment.operator")
+
+
+class _Turn:
+    """One resource's reconciliations: one runs (`lock`), at most one waits (`waiting`)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.guard = threading.Lock()
+        self.waiting = False
 
 
 class _Runtime:
@@ -51,12 +65,12 @@ class _Runtime:
     loops: Loops
     #: Namespaces the operator watches (empty: all), set by __main__ from --namespace.
     namespaces: tuple[str, ...] = ()
-    locks: dict[tuple[str, str, str], threading.Lock]
-    locks_guard = threading.Lock()
+    turns: dict[tuple[str, str, str], _Turn]
+    turns_guard = threading.Lock()
 
-    def lock(self, kind: str, namespace: str, name: str) -> threading.Lock:
-        with self.locks_guard:
-            return self.locks.setdefault((kind, namespace, name), threading.Lock())
+    def turn(self, kind: str, namespace: str, name: str) -> _Turn:
+        with self.turns_guard:
+            return self.turns.setdefault((kind, namespace, name), _Turn())
 
     @property
     def leading(self) -> bool:
@@ -86,7 +100,10 @@ def operator_startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     metrics = create_metrics()
     RUNTIME.deps = Deps(kube, options, metrics, EventPoster(kube, identity))
     RUNTIME.gauges = SearchGauges(metrics)
-    RUNTIME.locks = {}
+    RUNTIME.turns = {}
+    # Reconciliations block on the store and the API, not on the CPU: more than Python's
+    # default of (cores + 4) threads, so that 100 searches do not queue behind each other.
+    settings.execution.max_workers = EXECUTOR_THREADS
     RUNTIME.health = Health(grace=max(3 * options.timer_interval, 30.0))
     elector = (
         LeaderElector(
@@ -122,11 +139,19 @@ def operator_cleanup(**_: Any) -> None:
 
 
 def _guarded(kind: str, key: tuple[str, str], work: Callable[[], None]) -> None:
-    """Run one reconciliation: serialised per object, timed, errors counted and retried later."""
+    """Run one reconciliation: one at a time per object and coalesced (a request is dropped
+    while another waits: that one reads fresh state), timed, errors counted."""
+    turn = RUNTIME.turn(kind, *key)
+    with turn.guard:
+        if turn.waiting:
+            return
+        turn.waiting = True
     metrics = RUNTIME.deps.metrics
     started = time.perf_counter()
     try:
-        with RUNTIME.lock(kind, *key):
+        with turn.lock:
+            with turn.guard:
+                turn.waiting = False  # from here on, a new request waits for the next turn
             work()
     except (StoreUnavailable, StoreError, KubeError) as error:
         metrics.reconcile_errors.labels(kind).inc()

@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 MERGE_PATCH = "application/merge-patch+json"
+CONNECTIONS = 32
 #: Ask for an object's metadata only (PartialObjectMetadata): the values of a Secret never
 #: reach the operator. The trailing plain JSON is the fallback for servers that cannot.
 METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,application/json"
@@ -44,7 +45,11 @@ class Kube:
                 kubernetes.config.load_incluster_config()
             except kubernetes.config.ConfigException:
                 kubernetes.config.load_kube_config()
-            api_client = kubernetes.client.ApiClient()
+            configuration = kubernetes.client.Configuration.get_default_copy()
+            # Connections kept open: as many as threads may call at once (kopf's executor and
+            # the resync's); urllib3's default (5 per core) would open and drop them all along.
+            configuration.connection_pool_maxsize = CONNECTIONS
+            api_client = kubernetes.client.ApiClient(configuration)
         self.api = api_client
 
     def _call(

@@ -10,7 +10,8 @@ kube-controller-manager and controller-runtime use; it needs no CRD and only `ge
 
 The algorithm is client-go's (tools/leaderelection):
 
-- the holder renews `spec.renewTime` every `duration / 3` seconds;
+- the holder renews `spec.renewTime` every `duration / 7.5` seconds (2 s of 15, client-go's
+  retry period), so that a slow API answer or two cannot cost it the Lease;
 - a candidate takes the Lease over when it has seen the same record unchanged for a whole
   `leaseDurationSeconds`, timed by its own monotonic clock (clocks of nodes need not agree);
 - every write carries the resourceVersion it read (a merge-patch precondition), so of two
@@ -76,7 +77,7 @@ class LeaderElector:
 
     @property
     def retry_period(self) -> float:
-        return self.duration / 3
+        return self.duration / 7.5
 
     @property
     def leading(self) -> bool:

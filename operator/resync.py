@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 from selfaugment.operator import names
@@ -22,6 +23,8 @@ from selfaugment.operator.kube import Kube, KubeError
 from selfaugment.operator.search import retry_pending
 
 _log = logging.getLogger("selfaugment.operator")
+#: Reconciliations of one resync round that run at once (they wait on the store and the API).
+RESYNC_THREADS = 8
 Reconcile = Callable[[Mapping[str, Any]], None]
 
 
@@ -126,13 +129,19 @@ class Loops:
             self.health.listed(plural, items)
             if not self.elector.leading:
                 continue
-            for body in items:  # runs that ended return at once (their metrics are kept)
-                try:
-                    reconcile(body)
-                except Exception as error:  # counted and logged by the reconcile wrapper
-                    _log.debug("resync of %s: %s", body["metadata"].get("name"), error)
+            # Runs that ended return at once (their metrics are kept); the others in parallel.
+            with ThreadPoolExecutor(RESYNC_THREADS, thread_name_prefix="resync") as pool:
+                for body in items:
+                    pool.submit(self._reconcile, reconcile, body)
         if self.store_endpoint:
             self.health.store = probe_endpoint(self.store_endpoint)
+
+    @staticmethod
+    def _reconcile(reconcile: Reconcile, body: Mapping[str, Any]) -> None:
+        try:
+            reconcile(body)
+        except Exception as error:  # counted and logged by the reconcile wrapper
+            _log.debug("resync of %s: %s", body["metadata"].get("name"), error)
 
     def _list(self, plural: str) -> list[dict[str, Any]]:
         if not self.namespaces:

@@ -4,8 +4,8 @@
   manager add that the operator relies on: uid/generation/creationTimestamp on objects, a
   generation bump on spec changes, a new resourceVersion on every write and the
   resourceVersion precondition of a patch (409 on a stale one, as leader election needs),
-  lists with `kind` and the `metadata.name` field selector (as `kubectl wait` needs), and
-  owner-reference garbage collection.
+  lists with `kind`, equality label selectors and the `metadata.name` field selector (as
+  `kubectl wait` needs), and owner-reference garbage collection.
 - `Kubelet`: plays kubelet and Job controller: runs each pod of a Job (one, or `completions`
   of an Indexed Job, with JOB_COMPLETION_INDEX) as a local process with the Job's environment
   (Secret references and `$(VAR)` in the command resolved as a kubelet would; `torchrun
@@ -75,6 +75,18 @@ class StaleResourceVersion(KubernetesObjectConflictError):
     message = "the object has been modified; please apply your changes to the latest version"
 
 
+def _label_equalities(request: Any) -> dict[str, str] | None:
+    """`labelSelector=k=v,k2=v2` as a dict; None for no selector or one with other operators
+    (then every object is listed: the operator's client filters again)."""
+    selector = (request.params or {}).get("labelSelector") or ""
+    if not selector:
+        return None
+    pairs = [term.split("=", 1) for term in selector.split(",")]
+    if any(len(pair) != 2 or pair[0].endswith(("!", "=")) for pair in pairs):
+        return None
+    return {key: value.lstrip("=") for key, value in pairs}
+
+
 def _field_name(request: Any) -> str | None:
     """The name a `fieldSelector=metadata.name=NAME` asks for (kubectl wait sends one)."""
     selector = (request.params or {}).get("fieldSelector") or ""
@@ -91,7 +103,13 @@ class ClusterEmulator(kmock.KubernetesEmulator):
     async def _serve_list(self, request: Any) -> Any:
         payload = await super()._serve_list(request)
         name = _field_name(request)
-        items = [i for i in payload["items"] if name is None or i["metadata"]["name"] == name]
+        labels = _label_equalities(request) or {}
+        items = [
+            i
+            for i in payload["items"]
+            if (name is None or i["metadata"]["name"] == name)
+            and labels.items() <= (i["metadata"].get("labels") or {}).items()
+        ]
         resource = request.resource
         kind = next(
             (
@@ -129,6 +147,7 @@ class ClusterEmulator(kmock.KubernetesEmulator):
                 meta["generation"] = 1
                 meta["resourceVersion"] = str(next(_versions))
                 self.creations().append((str(request.resource.plural), meta.get("name")))
+                self.creation_times().append(time.monotonic())
             elif request.action == enums.action.UPDATE:
                 key = (request.resource, request.namespace, request.name)
                 current = self._objects[key] if key in list(self._objects.keys()) else None
@@ -153,6 +172,12 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         if not hasattr(self, "_creations"):
             self._creations: list[tuple[str, str]] = []
         return self._creations
+
+    def creation_times(self) -> list[float]:
+        """time.monotonic() of each entry of creations() (benchmarks/bench_operator.py)."""
+        if not hasattr(self, "_creation_times"):
+            self._creation_times: list[float] = []
+        return self._creation_times
 
     async def _collect_garbage(self) -> None:
         """Delete objects whose owners are all gone, as the garbage collector does."""

@@ -206,8 +206,8 @@ def test_operator_image_serves_health_and_reconciles_against_the_cluster(
             start_new_session=True,
         )
     try:
-        health = _wait_http(f"http://127.0.0.1:{port}/healthz", process, log)
-        assert health.strip() == "ok"
+        health = json.loads(_wait_http(f"http://127.0.0.1:{port}/healthz", process, log))
+        assert health["healthy"] and health["leader"]["leading"], health
         cluster.create_secret(
             "store-credentials", {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}
         )

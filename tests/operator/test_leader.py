@@ -60,7 +60,7 @@ def test_the_first_candidate_leads_and_the_second_stands_by() -> None:
     assert second.holder == "pod-a"
     lease = api.leases["sa"]["spec"]
     assert lease["holderIdentity"] == "pod-a" and lease["leaseDurationSeconds"] == 15
-    assert first.retry_period == 5
+    assert first.retry_period == 2
 
 
 def test_the_leader_renews_and_keeps_the_lease() -> None:
