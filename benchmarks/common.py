@@ -21,6 +21,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -90,26 +91,43 @@ def command() -> str:
     return " ".join([".venv/bin/python", *sys.argv])
 
 
-def timed(function: Callable[[], object], device: torch.device | None = None) -> float:
-    """Wall seconds of one call (CUDA work included)."""
+def timed(
+    function: Callable[[], object], device: torch.device | None = None
+) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one call, CUDA work included."""
     if device is not None and device.type == "cuda":
         torch.cuda.synchronize()
-    started = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     function()
     if device is not None and device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - started
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+@dataclass
+class Timings:
+    """Seconds of each run in each repeat: wall clock, and CPU time of this process.
+
+    For runs on one thread, CPU time is what a loaded machine distorts least (waiting for a
+    core is not counted); for runs on several threads it counts the waiting threads' spinning
+    too, so compare those by wall clock only.
+    """
+
+    wall: dict[str, list[float]] = field(default_factory=dict)
+    cpu: dict[str, list[float]] = field(default_factory=dict)
 
 
 def interleaved(
     runs: dict[str, Callable[[], object]], repeats: int, device: torch.device | None = None
-) -> dict[str, list[float]]:
-    """Wall seconds of each run in each repeat, the runs taking turns within every repeat."""
-    seconds: dict[str, list[float]] = {name: [] for name in runs}
+) -> Timings:
+    """Time each run in each repeat, the runs taking turns within every repeat."""
+    timings = Timings({name: [] for name in runs}, {name: [] for name in runs})
     for _ in range(repeats):
         for name, run in runs.items():
-            seconds[name].append(timed(run, device))
-    return seconds
+            wall, cpu = timed(run, device)
+            timings.wall[name].append(wall)
+            timings.cpu[name].append(cpu)
+    return timings
 
 
 def median(values: list[float]) -> float:
