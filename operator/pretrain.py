@@ -105,6 +105,7 @@ class PretrainReconciler(ResourceReconciler):
             # Said in status and an Event, then raised: counted, logged and retried later.
             self._storage_failed(error)
             self._block_ready()
+            self.status.pop("retryToken", None)  # a retry not made yet: next time
             self._patch()
             raise
         self._patch()

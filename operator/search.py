@@ -200,6 +200,7 @@ class SearchReconciler(ResourceReconciler):
             # Said in status and an Event, then raised: counted, logged and retried later.
             self._storage_failed(error)
             self._block_progress()
+            self.status.pop("retryToken", None)  # a retry not made yet: next time
             self._patch()
             raise
         self._patch()
