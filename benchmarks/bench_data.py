@@ -227,6 +227,10 @@ def child(args: argparse.Namespace) -> int:
         else:
             result = run_decode(Path(args.folder), args.prepared, args.image_size)
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    status = Path("/proc/self/status").read_text().splitlines()
+    for field in ("RssAnon", "RssFile", "RssShmem"):  # what the main process holds at the end
+        line = next((line for line in status if line.startswith(field + ":")), f"{field}: 0 kB")
+        result[f"{field.lower()}_mib_at_end"] = int(line.split()[1]) / 1024
     result["peak_tree_pss_mib"] = memory.peak_kib / 1024
     print(json.dumps(result))
     return 0
@@ -270,10 +274,11 @@ def measure_size(count: int, args: argparse.Namespace, scratch: Path) -> dict[st
         DatasetConfig(uri=str(folder)), LocalStore(scratch / "prepared"), args.source_size
     )
     prepare_seconds = time.perf_counter() - started
-    runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
+    paths = tuple(args.paths.split(","))
+    runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in paths}
     for repeat in range(args.repeats):
-        shift = repeat % len(MODES)
-        for mode in MODES[shift:] + MODES[:shift]:
+        shift = repeat % len(paths)
+        for mode in paths[shift:] + paths[:shift]:
             result = spawn(mode, args, folder, prepared.uri)
             print(f"  N={count} {mode}: {json.dumps(result)}", flush=True)
             runs[mode].append(result)
@@ -331,6 +336,8 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     for size in result["sizes"]:
         for mode in MODES:
+            if mode not in size:
+                continue
             m = size[mode]
             lines.append(
                 f"| {size['images']} | {mode} | {m['startup']:.2f} | "
@@ -349,7 +356,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"{d['stored_to_training_size']:,.0f} | {d['stored_at_storage_size']:,.0f} | "
             f"{d['folder_file_to_training_size']:,.0f} |"
         )
-    if len(result["sizes"]) > 1:
+    if len(result["sizes"]) > 1 and "stream" in result["sizes"][0]:
         small, large = result["sizes"][0], result["sizes"][-1]
         growth = large["stream"]["peak_tree_pss_mib"] / small["stream"]["peak_tree_pss_mib"] - 1
         lines += [
@@ -369,6 +376,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--workers", type=int, default=2, help="loader workers of the stream")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--paths", default=",".join(MODES), help="paths to run, comma-separated")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--write", action="store_true", help="write results/data-cpu.*")
     parser.add_argument("--child", choices=(*MODES, "decode"), help=argparse.SUPPRESS)

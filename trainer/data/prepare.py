@@ -75,7 +75,7 @@ class PrepareSettings(StrictModel):
         1024,
         ge=1,
         le=1_000_000,
-        description="Source items per shard (about 35 MB at 256 px JPEG).",
+        description="Source items per shard (roughly 40 MB at 256 px JPEG).",
     )
     encoding: Literal["jpeg", "png"] = Field(
         "jpeg", description="Format of re-encoded (downscaled) images; png is lossless."
