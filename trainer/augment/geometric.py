@@ -222,37 +222,32 @@ def cutout_boxes(fractions: Tensor, centers: Tensor, height: int, width: int) ->
     ``v = fraction * W``; the corner is ``floor(max(0, centre - v / 2))`` and the side
     ``floor(v) + 1`` pixels (``v > 0``; none at 0), clipped to the image: FAA draws a PIL
     rectangle from the corner to ``corner + v``, both ends included. ``pil.cutout_box`` is the
-    same arithmetic on Python floats.
+    same arithmetic on Python floats; here in numpy, on the CPU, as the numbers are few.
     """
-    size = fractions.double() * width
-    side = torch.where(size > 0, size.floor() + 1.0, 0.0)
-    centers = centers.double()
-    left = (centers[:, 0] - size / 2).clamp_(min=0.0).floor_()
-    top = (centers[:, 1] - size / 2).clamp_(min=0.0).floor_()
-    return torch.stack(
-        [left, top, (left + side).clamp_(max=width), (top + side).clamp_(max=height)], dim=1
-    )
+    size = fractions.detach().cpu().numpy().astype(np.float64) * width
+    side = np.where(size > 0, np.floor(size) + 1.0, 0.0)
+    across, down = centers.detach().cpu().numpy().astype(np.float64).T
+    left = np.floor(np.maximum(across - size / 2, 0.0))
+    top = np.floor(np.maximum(down - size / 2, 0.0))
+    right, bottom = np.minimum(left + side, width), np.minimum(top + side, height)
+    return torch.from_numpy(np.stack([left, top, right, bottom], axis=1))
 
 
 def fill_boxes_(images: Tensor, boxes: Tensor, fill: float) -> Tensor:
     """Set each sample's box [N, 4] (left, top, right, bottom; half-open) to ``fill``, in place.
 
-    As arithmetic with a 0/1 mask (``v * keep + fill * inside``, exact): ``masked_fill`` and
-    ``torch.where`` with a broadcast boolean mask are six times slower on the CPU.
+    As arithmetic with a 0/1 mask built in numpy (``v * (1 - inside) + fill * inside``, exact):
+    ``masked_fill`` and ``torch.where`` with a broadcast boolean mask are six times slower on
+    the CPU, and a dozen torch calls on a few numbers cost more than the fill.
     """
-    batch, _, height, width = images.shape
-    device = images.device
-    left, top, right, bottom = (
-        boxes.to(device=device, dtype=torch.float32).view(batch, 4, 1).unbind(1)
-    )
-    xs = torch.arange(width, device=device, dtype=torch.float32).view(1, width)
-    ys = torch.arange(height, device=device, dtype=torch.float32).view(1, height)
-    columns = ((xs >= left) & (xs < right)).to(images.dtype).view(batch, 1, 1, width)
-    rows = ((ys >= top) & (ys < bottom)).to(images.dtype).view(batch, 1, height, 1)
-    inside = rows * columns  # [N, 1, H, W], 1 inside the box
-    keep = 1 - inside
+    height, width = images.shape[2:]
+    left, top, right, bottom = (column[:, None] for column in boxes.cpu().numpy().T)
+    xs, ys = np.arange(width), np.arange(height)
+    columns = ((xs >= left) & (xs < right))[:, None, None, :]  # [N, 1, 1, W]
+    rows = ((ys >= top) & (ys < bottom))[:, None, :, None]  # [N, 1, H, 1]
+    inside = torch.from_numpy(rows & columns).to(device=images.device, dtype=images.dtype)
     value = fill if images.is_floating_point() else int(fill)
-    return images.mul_(keep).add_(inside.mul_(value))
+    return images.mul_(1 - inside).add_(inside.mul_(value))
 
 
 def fill_boxes(images: Tensor, boxes: Tensor, fill: float) -> Tensor:

@@ -72,16 +72,20 @@ def gray_mean(gray: Tensor) -> Tensor:
     return total.double().mul_(2.0).add_(count).div_(2.0 * count).floor_().float()
 
 
+def _cpu_numpy(values: Tensor) -> np.ndarray:
+    return values.numpy() if values.device.type == "cpu" else values.detach().cpu().numpy()
+
+
 def _within_unit(factors: Tensor) -> bool:
     """True when every factor is in [0, 1]: the blend is then a convex combination of two
     values in 0..255, and so is its float32 rounding (rounding is monotone and both ends are
     representable), so the clip can be skipped."""
-    values = factors.numpy() if factors.device.type == "cpu" else factors.cpu().numpy()
+    values = _cpu_numpy(factors)
     return bool(values.min() >= 0.0) and bool(values.max() <= 1.0)
 
 
 def _any_nonzero(values: Tensor) -> bool:
-    return bool(np.any(values.numpy() if values.device.type == "cpu" else values.cpu().numpy()))
+    return bool(np.any(_cpu_numpy(values)))
 
 
 def blend(degenerate: Tensor | float, levels: Tensor, factors: Tensor) -> Tensor:
@@ -164,10 +168,10 @@ def invert(levels: Tensor, arguments: Tensor | None = None) -> Tensor:
 
 def posterize_bits(bits: Tensor) -> Tensor:
     """Bits kept, as Fast AutoAugment's ``int(v)``: truncated (in float64), within [1, 8]."""
-    return torch.floor(bits.double()).clamp_(1.0, 8.0)
+    return torch.from_numpy(np.clip(np.floor(_cpu_numpy(bits).astype(np.float64)), 1.0, 8.0))
 
 
 def posterize(levels: Tensor, bits: Tensor) -> Tensor:
     """Keep the ``posterize_bits(bits)`` most significant bits of each value."""
-    step = column(torch.pow(2.0, 8.0 - posterize_bits(bits)), levels)
+    step = column(torch.from_numpy(2.0 ** (8.0 - posterize_bits(bits).numpy())), levels)
     return levels.div_(step).floor_().mul_(step)  # powers of two: exact
