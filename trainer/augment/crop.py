@@ -83,34 +83,24 @@ def _uniform(shape: tuple[int, int], generator: torch.Generator | None) -> np.nd
 def resized_crop_flip(images: Tensor, boxes: Tensor, flips: Tensor) -> Tensor:
     """Resample each box of float ``images`` to full size (bilinear), mirrored where ``flips``."""
     batch, _, height, width = images.shape
-    device = images.device
-    top, left, box_h, box_w = boxes.to(device=device, dtype=torch.float32).unbind(dim=1)
-    mirror = 1.0 - 2.0 * flips.to(device=device, dtype=torch.float32)
-    # Normalised sampling positions (align_corners=False) of the output pixel centres; the
-    # grid is separable, so it is built from one row and one column per sample.
-    unit_x = (
-        torch.arange(width, device=device, dtype=torch.float32)
-        .add_(0.5)
-        .mul_(2.0 / width)
-        .sub_(1.0)
-    )
-    unit_y = (
-        torch.arange(height, device=device, dtype=torch.float32)
-        .add_(0.5)
-        .mul_(2.0 / height)
-        .sub_(1.0)
-    )
-    grid_x = (box_w * mirror / width).view(batch, 1) * unit_x + (
-        (2 * left + box_w) / width - 1
-    ).view(batch, 1)
-    grid_y = (box_h / height).view(batch, 1) * unit_y + ((2 * top + box_h) / height - 1).view(
-        batch, 1
-    )
-    grid = torch.empty(batch, height, width, 2, device=device)
-    grid[..., 0] = grid_x.view(batch, 1, width)
-    grid[..., 1] = grid_y.view(batch, height, 1)
+    top, left, box_h, box_w = boxes.detach().cpu().numpy().astype(np.float32).T
+    mirror = 1.0 - 2.0 * flips.detach().cpu().numpy().astype(np.float32)
+    # Normalised sampling positions (align_corners=False) of the output pixel centres, in
+    # float32; the grid is separable, so it is built from one row and one column per sample
+    # (in numpy: these are a few hundred numbers, and torch calls on them cost more).
+    unit_x = (np.arange(width, dtype=np.float32) + 0.5) * (2.0 / width) - 1.0
+    unit_y = (np.arange(height, dtype=np.float32) + 0.5) * (2.0 / height) - 1.0
+    grid_x = (box_w * mirror / width)[:, None] * unit_x + ((2 * left + box_w) / width - 1)[:, None]
+    grid_y = (box_h / height)[:, None] * unit_y + ((2 * top + box_h) / height - 1)[:, None]
+    grid = np.empty((batch, height, width, 2), dtype=np.float32)
+    grid[..., 0] = grid_x[:, None, :]
+    grid[..., 1] = grid_y[:, :, None]
     return functional.grid_sample(
-        images, grid, mode="bilinear", padding_mode="border", align_corners=False
+        images,
+        torch.from_numpy(grid).to(images.device),
+        mode="bilinear",
+        padding_mode="border",
+        align_corners=False,
     )
 
 
