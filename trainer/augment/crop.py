@@ -87,20 +87,17 @@ def resized_crop_flip(images: Tensor, boxes: Tensor, flips: Tensor) -> Tensor:
     mirror = 1.0 - 2.0 * flips.detach().cpu().numpy().astype(np.float32)
     # Normalised sampling positions (align_corners=False) of the output pixel centres, in
     # float32; the grid is separable, so it is built from one row and one column per sample
-    # (in numpy: these are a few hundred numbers, and torch calls on them cost more).
+    # (in numpy: these are a few hundred numbers, and torch calls on them cost more; only the
+    # grid itself is made on the images' device).
     unit_x = (np.arange(width, dtype=np.float32) + 0.5) * (2.0 / width) - 1.0
     unit_y = (np.arange(height, dtype=np.float32) + 0.5) * (2.0 / height) - 1.0
     grid_x = (box_w * mirror / width)[:, None] * unit_x + ((2 * left + box_w) / width - 1)[:, None]
     grid_y = (box_h / height)[:, None] * unit_y + ((2 * top + box_h) / height - 1)[:, None]
-    grid = np.empty((batch, height, width, 2), dtype=np.float32)
-    grid[..., 0] = grid_x[:, None, :]
-    grid[..., 1] = grid_y[:, :, None]
+    across = torch.from_numpy(grid_x).to(images.device).view(batch, 1, width, 1)
+    down = torch.from_numpy(grid_y).to(images.device).view(batch, height, 1, 1)
+    grid = torch.cat([across.expand(-1, height, -1, -1), down.expand(-1, -1, width, -1)], dim=3)
     return functional.grid_sample(
-        images,
-        torch.from_numpy(grid).to(images.device),
-        mode="bilinear",
-        padding_mode="border",
-        align_corners=False,
+        images, grid, mode="bilinear", padding_mode="border", align_corners=False
     )
 
 
