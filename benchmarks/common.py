@@ -5,7 +5,7 @@
   different times.
 - The load average is recorded at the start and at the end. The machines we share have 2 cores
   and other jobs: a figure measured while the load average exceeded the number of cores
-  understates the speed of whatever uses more than one thread, by up to 20x.
+  understates the speed of whatever uses more than one thread, by up to 50x.
 - Results are printed; they are written (``results/<name>.json`` and ``.md``) only with
   ``--write``, and a file measured on a loaded machine says so in its first line and in its
   ``quiet`` field, so that it is not mistaken for a figure to commit.
