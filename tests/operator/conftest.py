@@ -41,10 +41,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import kmock
 import pytest
 from kmock._internal import enums
-from kmock._internal.k8s import KubernetesObjectConflictError
+from kmock._internal.k8s import KubernetesError, KubernetesObjectConflictError
 
 from selfaugment.operator import names
 from selfaugment.operator.crdgen import pretrain_crd, search_crd
@@ -68,11 +69,22 @@ def _now() -> str:
     )
 
 
+@attrs.frozen
 class StaleResourceVersion(KubernetesObjectConflictError):
     """409 for a patch whose metadata.resourceVersion is not the object's (optimistic lock)."""
 
-    reason = "Conflict"
-    message = "the object has been modified; please apply your changes to the latest version"
+    reason: str = "Conflict"
+    message: str = "the object has been modified; please apply your changes to the latest version"
+
+
+@attrs.frozen
+class FailedPatchTest(KubernetesError):
+    """422 for a JSON patch whose `test` of metadata.resourceVersion fails, as the API server
+    answers (kmock answers 500, which kopf retries for a minute instead of moving on)."""
+
+    status: int = 422
+    reason: str = "Invalid"
+    message: str = "the server rejected our request due to an error in our request (test failed)"
 
 
 def _label_equalities(request: Any) -> dict[str, str] | None:
@@ -128,15 +140,33 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         }
 
     async def _serve_watch(self, request: Any) -> Any:
+        """kmock's watch, filtered by name, and resumed after `resourceVersion` as the API
+        server does: a watch that names the version of its listing gets no ADDED event for
+        objects it has seen (kmock would send every object again on each reconnection)."""
         name = _field_name(request)
+        since = (request.params or {}).get("resourceVersion") or ""
         async for event in super()._serve_watch(request):
-            named = isinstance(event, dict) and event.get("object", {}).get("metadata", {})
-            if name is not None and named and named.get("name") != name:
+            meta = isinstance(event, dict) and event.get("object", {}).get("metadata", {})
+            if name is not None and meta and meta.get("name") != name:
+                continue
+            version = str(meta.get("resourceVersion", "")) if meta else ""
+            resumed = (
+                bool(meta) and event["type"] == "ADDED" and since.isdigit() and version.isdigit()
+            )
+            if resumed and int(version) <= int(since):
                 continue
             yield event
 
     async def _handle(self, request: Any) -> Any:
         data = request.data if isinstance(request.data, dict) else None
+        if request.resource is not None and isinstance(request.data, list):
+            key = (request.resource, request.namespace, request.name)
+            current = self._objects[key] if key in list(self._objects.keys()) else None
+            version = (current or {}).get("metadata", {}).get("resourceVersion")
+            for op in request.data:
+                tested = op.get("op") == "test" and op.get("path") == "/metadata/resourceVersion"
+                if tested and current is not None and op.get("value") != version:
+                    raise FailedPatchTest()
         if request.resource is not None and data is not None:
             if request.action == enums.action.CREATE:
                 meta = data.setdefault("metadata", {})
