@@ -266,30 +266,29 @@ def test_a_rung_killed_mid_training_resumes_and_still_trains_exactly(tmp_path: P
     run = tmp_path / "halving"
     store = open_store(run)
     prepare_run(store, spec)
+    # every training runs in a worker process with the same thread settings, so that both
+    # arms compute alike whatever this test process's torch state is
+    env = dict(os.environ, OMP_NUM_THREADS="1", SELFAUGMENT_THREADS="1")
+    selfaugment = str(Path(sys.executable).parent / "selfaugment")
+
+    def worker(root: Path, task_id: str) -> list[str]:
+        return [selfaugment, "worker", "run", "--store", str(root), "--task", task_id]
+
     for task in all_tasks(spec):
         if task.kind == "base" and task.params["rung"] == 0:
-            run_task(store, task.id)
-    command = [
-        str(Path(sys.executable).parent / "selfaugment"),
-        "worker",
-        "run",
-        "--store",
-        str(run),
-        "--task",
-        "base-r1-s0",
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", SELFAUGMENT_THREADS="1")
-    worker = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
+            subprocess.run(worker(run, task.id), env=env, check=True, capture_output=True)
+    command = worker(run, "base-r1-s0")
+    worker_process = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
     epochs_done = run / "tasks" / "base-r1-s0" / "work" / "pretrain" / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while True:  # one line per epoch, from the checkpoint's 12 on
-        assert worker.poll() is None, "the rung finished before it could be killed"
+        assert worker_process.poll() is None, "the rung finished before it could be killed"
         assert time.monotonic() < deadline
         if epochs_done.exists() and len(epochs_done.read_text().splitlines()) >= 15:
             break
         time.sleep(0.01)
-    worker.send_signal(signal.SIGKILL)
-    worker.wait()
+    worker_process.send_signal(signal.SIGKILL)
+    worker_process.wait()
     assert subprocess.run(command, env=env, capture_output=True).returncode == 0
     survivor = store.read_json("tasks/base-r1-s0/result.json")
     assert len(survivor["loss_history"]) == 24
@@ -306,6 +305,8 @@ def test_a_rung_killed_mid_training_resumes_and_still_trains_exactly(tmp_path: P
     )
     alone_store = open_store(tmp_path / "exhaustive")
     prepare_run(alone_store, exhaustive)
-    alone = run_task(alone_store, f"base-{survivor['transform'].lower()}")
+    alone_id = f"base-{survivor['transform'].lower()}"
+    subprocess.run(worker(tmp_path / "exhaustive", alone_id), env=env, check=True)
+    alone = alone_store.read_json(f"tasks/{alone_id}/result.json")
     assert alone["loss_history"] == survivor["loss_history"]
     assert alone["rotation_accuracy"] == survivor["rotation_accuracy"]
