@@ -102,7 +102,7 @@ class BatchAugmenter:
     ``cpu_threads`` (default 1): torch threads for a batch on the CPU; None keeps the caller's
     setting. One, because augmenting a batch of small images is a hundred short ops, and at
     every op OpenMP threads wait for each other: when another process holds a core, the op
-    waits for the descheduled thread: on a shared 2-core machine two threads ran 2 to 55 times
+    waits for the descheduled thread: on a shared 2-core machine two threads ran 8 to 55 times
     slower than one at load averages of 3 to 7, for 1.3-1.9x faster when it was quiet
     (``benchmarks/bench_augment.py`` measures both). The training step, whose ops are long,
     keeps the caller's threads.
