@@ -56,7 +56,7 @@ def _config(tmp_path: Path, data: Path) -> Path:
         fold_epochs=1,
         folds=2,
         repeats=1,
-        trials=40,
+        trials=80,
         startup_trials=5,
         top_policies=2,
         sub_policies=2,
@@ -128,7 +128,7 @@ def test_a_killed_search_keeps_its_trials_and_names_skipped_images(tmp_path: Pat
     final = _trials(run)
     for task, trials in kept.items():
         assert final[task][: len(trials)] == trials, task
-        assert len(final[task]) == 40
+        assert len(final[task]) == 80
         if task in unfinished:
             worker_log = (run / "logs" / f"{task}.log").read_text()
             assert f"resuming the search from {len(trials)} finished trials" in worker_log

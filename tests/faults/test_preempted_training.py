@@ -8,7 +8,6 @@ SIGKILL mid-training, and the next attempt runs with an empty cache, as a new po
 from __future__ import annotations
 
 import io
-import json
 import os
 import signal
 import subprocess
@@ -27,7 +26,7 @@ from selfaugment.trainer.store.layout import prepare_run
 
 REPO = Path(__file__).resolve().parents[2]
 SELFAUGMENT = Path(sys.executable).parent / "selfaugment"
-EPOCHS = 40
+EPOCHS = 200
 
 
 def _worker(store_uri: str, cache: Path, log: Path) -> subprocess.Popen[bytes]:
@@ -47,7 +46,7 @@ def test_a_preempted_training_task_resumes_from_its_last_epoch(
     s3 = boto3.client("s3", endpoint_url=s3_server)
     s3.create_bucket(Bucket="preempt")
     overrides = [
-        "dataset.limit=240",
+        "dataset.limit=960",
         "model.width=4",
         "moco.queue_size=128",
         "optim.batch_size=64",
@@ -63,16 +62,11 @@ def test_a_preempted_training_task_resumes_from_its_last_epoch(
 
     first = _worker(store.uri, tmp_path / "pod-1", tmp_path / "attempt-1.log")
     deadline = time.monotonic() + 300
-    epoch = 0
-    while epoch < 3:
+    # the checkpoint is mirrored after every epoch: kill once the mirror exists
+    while not s3.list_objects_v2(Bucket="preempt", Prefix=scratch).get("Contents"):
         assert first.poll() is None, (tmp_path / "attempt-1.log").read_text()[-3000:]
-        assert time.monotonic() < deadline, "training never reached epoch 3"
-        try:
-            body = s3.get_object(Bucket="preempt", Key="run/tasks/fold-0/progress.json")["Body"]
-            epoch = int(json.loads(body.read()).get("epoch") or 0)
-        except s3.exceptions.NoSuchKey:
-            pass
-        time.sleep(0.1)
+        assert time.monotonic() < deadline, "training never mirrored a checkpoint"
+        time.sleep(0.02)
     first.send_signal(signal.SIGKILL)  # the pod is gone, and its cache with it
     first.wait()
     stored = s3.get_object(Bucket="preempt", Key=scratch)["Body"].read()
