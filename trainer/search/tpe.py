@@ -76,21 +76,9 @@ def objective_value(
     weights: ObjectiveWeights,
 ) -> float:
     """The objective (lower is better) of one candidate from its losses."""
-    if objective == "min_rotation":
-        return losses["rotation_loss"]
-    if objective == "min_infonce":
-        return losses["infonce"]
-    if objective == "max_infonce":
-        return -losses["infonce"]
-    if objective == "minimax":
-        rotation = losses["rotation_loss"] / max(normalisers.rotation_loss, 1e-12)
-        infonce = losses["infonce"] / max(normalisers.infonce, 1e-12)
-        return weights.rotation * rotation - weights.infonce * infonce
-    if objective == "supervised":
-        if "supervised_loss" not in losses:
-            raise ValueError("objective 'supervised' needs labels: no supervised loss was computed")
-        return losses["supervised_loss"]
-    raise ValueError(f"unknown objective {objective!r}")
+    if objective == "supervised" and "supervised_loss" not in losses:
+        raise ValueError("objective 'supervised' needs labels: no supervised loss was computed")
+    return float(per_image_objective(objective, losses, normalisers, weights))
 
 
 def per_image_objective(
@@ -100,7 +88,8 @@ def per_image_objective(
     weights: ObjectiveWeights,
 ) -> Any:
     """The objective of each image: every objective is a mean over images of a linear
-    combination of per-image losses, so its standard error follows from these values."""
+    combination of per-image losses, so its standard error follows from these values. Given
+    mean losses (floats), it is the candidate's objective (objective_value)."""
     if objective == "min_rotation":
         return per_image["rotation_loss"]
     if objective == "min_infonce":

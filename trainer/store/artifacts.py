@@ -244,18 +244,22 @@ class S3Store(ArtifactStore):
         cause = code or f"{type(error).__name__}: {error}"
         return StoreError(f"{self.url(key)}: cannot {action} at {self.endpoint}: {cause}")
 
-    def read_bytes(self, key: str) -> bytes:
+    def _get(self, key: str) -> tuple[bytes, dict[str, Any]]:
+        """The object's bytes and GET response; ArtifactNotFoundError or one StoreError line."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             response = self.client.get_object(Bucket=self.bucket, Key=self._object_key(key))
-            return bytes(response["Body"].read())
+            return bytes(response["Body"].read()), response
         except ClientError as error:
             if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 raise ArtifactNotFoundError(f"{self.url(key)}: no such artifact") from None
             raise self._fail("read", key, error) from None
         except BotoCoreError as error:
             raise self._fail("read", key, error) from None
+
+    def read_bytes(self, key: str) -> bytes:
+        return self._get(key)[0]
 
     def write_bytes(self, key: str, data: bytes) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -330,17 +334,7 @@ class S3Store(ArtifactStore):
         (Last-Modified against the response's Date), so client clocks do not matter."""
         from email.utils import parsedate_to_datetime
 
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            response = self.client.get_object(Bucket=self.bucket, Key=self._object_key(key))
-            data = bytes(response["Body"].read())
-        except ClientError as error:
-            if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                raise ArtifactNotFoundError(f"{self.url(key)}: no such artifact") from None
-            raise self._fail("read", key, error) from None
-        except BotoCoreError as error:
-            raise self._fail("read", key, error) from None
+        data, response = self._get(key)
         served = response["ResponseMetadata"].get("HTTPHeaders", {}).get("date")
         now = parsedate_to_datetime(served) if served else response["LastModified"]
         age = (now - response["LastModified"]).total_seconds()
