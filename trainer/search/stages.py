@@ -192,12 +192,13 @@ def run_base(ctx: TaskContext) -> BaseResult:
     continue_from: Path | None = None
     source: str | None = None
     if replicate:  # the same candidate as `of`, trained from scratch with another seed
-        transform = str(ctx.results("")[str(params["of"])]["transform"])
+        transform = str(ctx.results("base-")[str(params["of"])]["transform"])
     elif rung == 0:
         transform = str(params["transform"])
     else:
         slot = int(params["slot"])
-        earlier = [ctx.results("")[task_id] for task_id in ctx.task.depends_on]
+        base_results = ctx.results("base-")  # one read of the store, not one per candidate
+        earlier = [base_results[task_id] for task_id in ctx.task.depends_on]
         ranked = base_selection.rank_candidates(earlier)
         transform, source = str(ranked[slot]["transform"]), str(ranked[slot]["task"])
         continue_from = ctx.fetch(source, "checkpoint.pt")
@@ -222,7 +223,7 @@ def run_base(ctx: TaskContext) -> BaseResult:
         "epochs": stop_epoch,
         "continued_from": source,
         "seed": seed,
-        "heldout_images": len(ctx.fold_data(0)[1]),
+        "heldout_images": len(ctx.splits[0][1]),  # the fold's held-out indices: no copy
     }
     if rung + 1 < len(rungs) and not replicate:  # the next rung may go on from it
         ctx.upload(checkpoint, "checkpoint.pt")
