@@ -53,3 +53,25 @@ def test_overrides_and_file_errors(tmp_path: Path) -> None:
     path.write_text("search: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(AugmentSearchSpec, path)
+
+
+def test_dataset_memory_budget_and_storage_size() -> None:
+    spec = parse_config(AugmentSearchSpec, {"dataset": {"memory_budget": "512Mi"}})
+    assert spec.dataset.memory_budget_bytes == 512 * 2**20
+    assert spec.dataset.prepared_size == 256  # max(256, image_size 32)
+    big = parse_config(AugmentSearchSpec, {"dataset": {"image_size": 300, "memory_budget": "2G"}})
+    assert big.dataset.prepared_size == 300 and big.dataset.memory_budget_bytes == 2 * 10**9
+    with pytest.raises(ConfigError, match=r"dataset.memory_budget: '4 GB' is not a quantity"):
+        parse_config(AugmentSearchSpec, {"dataset": {"memory_budget": "4 GB"}})
+    with pytest.raises(ConfigError, match=r"storage_size \(64\) must be at least .*image_size \(96\)"):
+        parse_config(AugmentSearchSpec, {"dataset": {"image_size": 96, "storage_size": 64}})
+
+
+def test_memory_budget_changes_no_result() -> None:
+    from selfaugment.trainer.store.layout import spec_digest
+
+    small = parse_config(AugmentSearchSpec, {"dataset": {"memory_budget": "1Mi"}})
+    default = parse_config(AugmentSearchSpec, {})
+    assert spec_digest(small) == spec_digest(default)
+    other = parse_config(AugmentSearchSpec, {"dataset": {"storage_size": 512}})
+    assert spec_digest(other) != spec_digest(default)

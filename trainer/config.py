@@ -8,6 +8,7 @@ comment on each field says where a number comes from.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -94,6 +95,35 @@ def read_config_text(text: str | bytes, source: str) -> Any:
 DatasetFormat = Literal["auto", "imagefolder", "idx", "npz", "digits", "cifar10", "svhn", "stl10"]
 
 
+_QUANTITY_SUFFIXES = {
+    "": 1,
+    "k": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+}
+_QUANTITY = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kMGT]i?|Ki)?\s*$")
+
+
+def parse_quantity(value: str | int, field: str) -> int:
+    """Bytes of a Kubernetes-style quantity ('4Gi', '500M', '1048576'); ValueError naming `field`."""
+    if isinstance(value, int):
+        return value
+    match = _QUANTITY.match(value)
+    if match is None or (match.group(2) or "") not in _QUANTITY_SUFFIXES:
+        raise ValueError(
+            f"{field}: {value!r} is not a quantity of bytes (for example '4Gi', '512Mi', '2G')"
+        )
+    number = int(float(match.group(1)) * _QUANTITY_SUFFIXES[match.group(2) or ""])
+    if number < 1:
+        raise ValueError(f"{field}: {value!r} must be at least one byte")
+    return number
+
+
 class DatasetConfig(StrictModel):
     """Where the images come from and how they are shaped for the model."""
 
@@ -126,6 +156,43 @@ class DatasetConfig(StrictModel):
         "skip",
         description="What to do with an unreadable image: skip it (reported by file name) or stop.",
     )
+    memory_budget: str = Field(
+        "4Gi",
+        description=(
+            "Decoded images a worker may hold in memory (and on its GPU), as a Kubernetes "
+            "quantity: a dataset whose decoded size (N x C x image_size^2 bytes) is larger is "
+            "streamed from its prepared shards instead of decoded into memory."
+        ),
+    )
+    storage_size: int | None = Field(
+        None,
+        ge=8,
+        le=4096,
+        description=(
+            "Shorter side at which prepared shards store larger images (smaller ones are kept "
+            "as they are); default max(256, image_size). At least image_size."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _check_sizes(self) -> DatasetConfig:
+        parse_quantity(self.memory_budget, "dataset.memory_budget")
+        if self.storage_size is not None and self.storage_size < self.image_size:
+            raise ValueError(
+                f"dataset.storage_size ({self.storage_size}) must be at least "
+                f"dataset.image_size ({self.image_size})"
+            )
+        return self
+
+    @property
+    def memory_budget_bytes(self) -> int:
+        """`memory_budget` in bytes."""
+        return parse_quantity(self.memory_budget, "dataset.memory_budget")
+
+    @property
+    def prepared_size(self) -> int:
+        """The storage size of prepared shards: `storage_size`, or max(256, image_size)."""
+        return self.storage_size if self.storage_size is not None else max(256, self.image_size)
 
 
 class ModelConfig(StrictModel):

@@ -57,16 +57,23 @@ def prefixed_key(prefix: str, name: str) -> str:
     return f"{prefix.strip('/')}/{name}"
 
 
-#: Spec sections and runtime settings that change no result: a run may resume with others.
+#: Spec sections and settings (section, field) that change no result: a run may resume with
+#: others. The memory budget only chooses between two paths that give the same images.
 RESULT_NEUTRAL_SECTIONS = frozenset({"resources", "parallelism", "storage"})
-RESULT_NEUTRAL_RUNTIME = ("progress", "num_workers")
+RESULT_NEUTRAL_SETTINGS = (
+    ("runtime", "progress"),
+    ("runtime", "num_workers"),
+    ("dataset", "memory_budget"),
+    ("evaluation_dataset", "memory_budget"),
+)
 
 
 def digest(spec: AugmentSearchSpec, exclude: Any, **extra: object) -> str:
     """sha256 of the spec without `exclude` and without runtime settings that change no result."""
     data = spec.model_dump(mode="json", exclude=exclude)
-    for setting in RESULT_NEUTRAL_RUNTIME:
-        data["runtime"].pop(setting, None)
+    for section, setting in RESULT_NEUTRAL_SETTINGS:
+        if isinstance(data.get(section), dict):
+            data[section].pop(setting, None)
     data.update(extra)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -97,7 +104,7 @@ def spec_differences(stored: AugmentSearchSpec, given: AugmentSearchSpec) -> lis
         for name, before, after in field_differences(
             stored.model_dump(mode="json", exclude=set(RESULT_NEUTRAL_SECTIONS)),
             given.model_dump(mode="json", exclude=set(RESULT_NEUTRAL_SECTIONS)),
-            ignored={f"runtime.{setting}" for setting in RESULT_NEUTRAL_RUNTIME},
+            ignored={f"{section}.{setting}" for section, setting in RESULT_NEUTRAL_SETTINGS},
         )
     ]
 
