@@ -63,7 +63,9 @@ def test_dataset_memory_budget_and_storage_size() -> None:
     assert big.dataset.prepared_size == 300 and big.dataset.memory_budget_bytes == 2 * 10**9
     with pytest.raises(ConfigError, match=r"dataset.memory_budget: '4 GB' is not a quantity"):
         parse_config(AugmentSearchSpec, {"dataset": {"memory_budget": "4 GB"}})
-    with pytest.raises(ConfigError, match=r"storage_size \(64\) must be at least .*image_size \(96\)"):
+    with pytest.raises(
+        ConfigError, match=r"storage_size \(64\) must be at least .*image_size \(96\)"
+    ):
         parse_config(AugmentSearchSpec, {"dataset": {"image_size": 96, "storage_size": 64}})
 
 
