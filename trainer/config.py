@@ -304,6 +304,15 @@ class RuntimeConfig(StrictModel):
     checkpoint_every: int = Field(
         1, ge=1, description="Write a resumable checkpoint every N epochs."
     )
+    checkpoint_steps: int | None = Field(
+        1000,
+        ge=1,
+        description=(
+            "Also write a resumable checkpoint every N optimizer steps inside an epoch, so a "
+            "stopped run on a large (streamed) dataset resumes from that step; None: only at "
+            "the end of an epoch (checkpoint_every)."
+        ),
+    )
     progress: bool = Field(True, description="Show progress bars.")
 
 
