@@ -68,7 +68,7 @@ def run_search(arm: str, seed: int, work: Path, threads: int) -> dict[str, Any]:
     """One whole search in its own process; the figures the study compares."""
     out = work / f"{arm}-seed{seed}"
     overrides = [*SCALE, *ARMS[arm], f"search.seed={seed}", "runtime.progress=false"]
-    command = [sys.executable, "-m", "selfaugment", "search", "-f", str(CONFIG), "-o", str(out)]
+    command = [sys.executable, "-m", "selfaugment.cli", "search", "-f", str(CONFIG), "-o", str(out)]
     for override in overrides:
         command += ["--set", override]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
