@@ -7,6 +7,7 @@ from selfaugment.trainer.data.memory import (
     decoded_bytes,
     load_prepared,
     open_images,
+    resident,
     select_samples,
 )
 from selfaugment.trainer.data.order import epoch_permutation, step_batches, windowed_order
@@ -14,7 +15,13 @@ from selfaugment.trainer.data.prepare import PrepareSettings, prepare_dataset
 from selfaugment.trainer.data.prepared import PreparedDataset, open_prepared, open_prepared_uri
 from selfaugment.trainer.data.splits import SINGLE_FOLD_HOLDOUT, holdout_split, kfold_splits
 from selfaugment.trainer.data.stream import StreamedImages
-from selfaugment.trainer.data.types import CorruptImageError, DatasetError, ImageSet, LoadReport
+from selfaugment.trainer.data.types import (
+    CorruptImageError,
+    DatasetError,
+    Images,
+    ImageSet,
+    LoadReport,
+)
 
 __all__ = [
     "DEFAULT_MEMORY_BUDGET",
@@ -22,6 +29,7 @@ __all__ = [
     "CorruptImageError",
     "DatasetError",
     "ImageSet",
+    "Images",
     "LoadReport",
     "PrepareSettings",
     "PreparedDataset",
@@ -37,6 +45,7 @@ __all__ = [
     "open_prepared",
     "open_prepared_uri",
     "prepare_dataset",
+    "resident",
     "select_samples",
     "step_batches",
     "windowed_order",

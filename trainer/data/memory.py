@@ -12,6 +12,7 @@ the source's readable items), so a limited run picks the same images on every pa
 
 from __future__ import annotations
 
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,7 +27,9 @@ from selfaugment.trainer.data.folder import decode_workers
 from selfaugment.trainer.data.prepared import PreparedDataset
 from selfaugment.trainer.data.shard_reader import ShardReader
 from selfaugment.trainer.data.stream import StreamedImages
-from selfaugment.trainer.data.types import DatasetError, ImageSet, LoadReport
+from selfaugment.trainer.data.types import DatasetError, Images, ImageSet, LoadReport
+
+logger = logging.getLogger(__name__)
 
 #: Decoded bytes a worker may hold in memory (and on the GPU) before it streams instead: the
 #: datasets the paper trains on fit (CIFAR-10 at 32 px: 0.15 GB; STL-10's 105k at 96 px:
@@ -129,3 +132,29 @@ def open_images(
     return StreamedImages(
         prepared, cfg.image_size, cfg.channels, ids, window, cache_dir, cache_shards
     )
+
+
+def resident(images: Images | StreamedImages, budget: int, seed: int = 0) -> Images:
+    """`images` decoded into memory, for a probe or the scorer that reads them many times: an
+    ImageSet as it is; streamed items all when they fit `budget`, else a seeded sample of as
+    many as fit (at least 2), with a warning that says so."""
+    if not isinstance(images, StreamedImages):
+        return images
+    size = images.image_size
+    if size is None:
+        raise DatasetError(f"{images.source}: images held in memory need an image size")
+    each = decoded_bytes(1, images.channels, size)
+    if each * len(images) <= budget:
+        return images.in_memory()
+    keep = min(len(images), max(2, budget // each))
+    chosen = np.sort(np.random.default_rng(seed).choice(len(images), keep, replace=False))
+    logger.warning(
+        "%s: %d of %d images (a seeded sample) held in memory: all would take %.1f MB, more "
+        "than the %.1f MB of dataset.memory_budget given to them",
+        images.source,
+        keep,
+        len(images),
+        each * len(images) / 1e6,
+        budget / 1e6,
+    )
+    return images.subset(chosen).in_memory()

@@ -287,3 +287,30 @@ def prepare_dataset(
     prepared.report = report
     logger.info("prepared %s in %.1fs", prepared.summary(), report.seconds)
     return prepared
+
+
+def prepared_for_rank(
+    cfg: DatasetConfig,
+    store: ArtifactStore,
+    storage_size: int = 256,
+    *,
+    main: bool = True,
+    poll_seconds: float = 2.0,
+    timeout_seconds: float | None = None,
+) -> PreparedDataset:
+    """For a group of processes training together: the main one prepares (prepare_dataset),
+    the others wait until its index exists in `store` and open it (one store check every
+    `poll_seconds`; a DatasetError after `timeout_seconds`, None: wait as long as it takes,
+    which a Job's deadline bounds)."""
+    if main:
+        return prepare_dataset(cfg, store, storage_size)
+    key = prepared_key(open_source(cfg), prepare_settings(storage_size=storage_size))
+    started = time.monotonic()
+    while not store.exists(index_key(key)):
+        if timeout_seconds is not None and time.monotonic() - started > timeout_seconds:
+            raise DatasetError(
+                f"{store.url(index_key(key))} did not appear within {timeout_seconds:.0f} s: "
+                "the main process did not finish preparing the dataset"
+            )
+        time.sleep(poll_seconds)
+    return open_prepared(store, key)

@@ -14,10 +14,16 @@ from typing import Any
 import torch.distributed as dist
 
 from selfaugment.trainer.config import PretrainConfig
+from selfaugment.trainer.data.stream import StreamedImages
 from selfaugment.trainer.data.types import Images
 from selfaugment.trainer.evaluation.probes import evaluate_tasks
 from selfaugment.trainer.moco.checkpoint import save_checkpoint
-from selfaugment.trainer.moco.pretrain import Augmenter, ProgressCallback, train_moco
+from selfaugment.trainer.moco.pretrain import (
+    Augmenter,
+    CheckpointCallback,
+    ProgressCallback,
+    train_moco,
+)
 from selfaugment.trainer.runtime import barrier, dist_env_from_environ
 
 PRETRAIN_REPORT = "pretrain.json"
@@ -27,18 +33,23 @@ PROBE_HEADS = "probe_heads.pt"
 def run_pretrain(
     cfg: PretrainConfig,
     output_dir: Path,
-    images: Images | None = None,
+    images: Images | StreamedImages | None = None,
     progress_callback: ProgressCallback | None = None,
     augmenter: Augmenter | None = None,
     stop_epoch: int | None = None,
+    on_checkpoint: CheckpointCallback | None = None,
 ) -> dict[str, Any]:
     """Train MoCo v2 per `cfg` (resuming from output_dir/checkpoint.pt), evaluate the frozen
     backbone with `cfg.evaluation`, and return pretrain.json ({} on ranks other than 0).
-    `stop_epoch`: stop after that epoch of cfg's schedule (a successive-halving rung)."""
+    `stop_epoch`: stop after that epoch of cfg's schedule (a successive-halving rung);
+    `on_checkpoint`: called after each checkpoint written inside an epoch (to mirror it).
+    Streamed images are evaluated on what of them fits `dataset.memory_budget`."""
     output_dir = Path(output_dir)
     started_group = dist_env_from_environ().distributed and not dist.is_initialized()
     try:
-        trained = train_moco(cfg, output_dir, images, progress_callback, augmenter, stop_epoch)
+        trained = train_moco(
+            cfg, output_dir, images, progress_callback, augmenter, stop_epoch, on_checkpoint
+        )
         if trained.backbone is None:  # not the main process: wait for its evaluation
             barrier()
             return {}
@@ -50,6 +61,7 @@ def run_pretrain(
             device=trained.device,
             seed=trained.seed,
             bf16=trained.bf16,
+            memory_budget=cfg.dataset.memory_budget_bytes,
         )
         if evaluation:
             heads = {task: result.head_state for task, result in evaluation.items()}

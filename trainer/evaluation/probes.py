@@ -33,6 +33,7 @@ from torch import nn
 from selfaugment import RESULT_SCHEMA_VERSION
 from selfaugment.errors import SelfAugmentError
 from selfaugment.trainer.config import EvalConfig, EvaluationConfig, ProbeConfig
+from selfaugment.trainer.data.stream import StreamedImages
 from selfaugment.trainer.data.types import Images
 from selfaugment.trainer.moco.checkpoint import save_checkpoint
 from selfaugment.trainer.runtime import autocast, resolve_device, use_bf16
@@ -301,22 +302,28 @@ def _check_unchanged(backbone: nn.Module, snapshot: dict[str, torch.Tensor]) -> 
 
 def evaluate_tasks(
     backbone: nn.Module,
-    train: Images,
-    test: Images | None,
+    train: Images | StreamedImages,
+    test: Images | StreamedImages | None,
     evaluation: EvaluationConfig,
     *,
     device: torch.device,
     seed: int = 0,
     bf16: bool = False,
+    memory_budget: int | None = None,
 ) -> dict[str, ProbeResult]:
-    """Run every task of `evaluation`; without `test`, hold out `probe.holdout_fraction` of train."""
+    """Run every task of `evaluation`; without `test`, hold out `probe.holdout_fraction` of train.
+
+    Streamed images are read into memory first, half of `memory_budget` (the default budget
+    when None) for each part: all of a part that fits, else a seeded sample that does."""
     if not evaluation.tasks:
         return {}
-    if test is None:
-        from selfaugment.trainer.data import holdout_split
+    from selfaugment.trainer.data import DEFAULT_MEMORY_BUDGET, holdout_split, resident
 
+    if test is None:
         train_index, test_index = holdout_split(len(train), evaluation.probe.holdout_fraction, seed)
         train, test = train.subset(train_index), train.subset(test_index)
+    share = (DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget) // 2
+    train, test = resident(train, share, seed), resident(test, share, seed)
     results: dict[str, ProbeResult] = {}
     for task in evaluation.tasks:
         results[task] = train_probe(

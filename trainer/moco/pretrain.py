@@ -1,10 +1,15 @@
-"""MoCo v2 pretraining on in-memory images: resumable, seeded, single device or torchrun/DDP.
+"""MoCo v2 pretraining: resumable, seeded, single device or torchrun/DDP.
 
-Batches go to the device as uint8 and both views are made there by the augmenter. The
-augmentation generator is re-seeded from (seed, rank, epoch) at the start of every epoch and
-the data order is a permutation seeded by (seed, epoch), so a resumed run (model, optimizer,
-queue and the global RNG states restored from checkpoint.pt) continues exactly like an
-uninterrupted one, on any number of ranks.
+Images are in memory (an ImageSet: the whole uint8 tensor goes to the device, batches are
+index lookups there) or streamed from a prepared dataset's shards (StreamedImages: each rank's
+DataLoader reads and decodes its slice of every global batch); both visit the same images in
+the same order. Batches go to the device as uint8 and both views are made there by the
+augmenter. The augmentation generator is re-seeded from (seed, rank, epoch) at the start of
+every epoch and the data order is a permutation seeded by (seed, epoch), so a resumed run
+(model, optimizer, queue and the RNG states restored from checkpoint.pt) continues exactly
+like an uninterrupted one, on any number of ranks. Besides the checkpoint at the end of an
+epoch, one is written every `runtime.checkpoint_steps` steps inside it (with every rank's
+augmentation generator and the epoch's running loss), from which a run resumes at that step.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +27,13 @@ from torch import nn
 
 from selfaugment import RESULT_SCHEMA_VERSION
 from selfaugment.errors import SelfAugmentError
-from selfaugment.trainer.config import OptimConfig, PretrainConfig, field_differences
+from selfaugment.trainer.config import (
+    DatasetConfig,
+    OptimConfig,
+    PretrainConfig,
+    field_differences,
+)
+from selfaugment.trainer.data.stream import StreamedImages
 from selfaugment.trainer.data.types import Images
 from selfaugment.trainer.moco.checkpoint import (
     CHECKPOINT_KIND,
@@ -51,6 +62,7 @@ from selfaugment.trainer.runtime import (
 
 Augmenter = Callable[[torch.Tensor, torch.Generator | None], torch.Tensor]
 ProgressCallback = Callable[[dict[str, Any]], None]
+CheckpointCallback = Callable[[], None]
 
 
 def _duration(seconds: float) -> str:
@@ -85,6 +97,7 @@ RESUME_IGNORED = {
     "runtime.progress",
     "runtime.num_workers",
     "runtime.checkpoint_every",
+    "runtime.checkpoint_steps",
     "runtime.device",
     "evaluation",
 }
@@ -105,8 +118,29 @@ def learning_rate(optim: OptimConfig, step: int, steps_per_epoch: int) -> float:
 
 
 def epoch_permutation(count: int, seed: int, epoch: int) -> torch.Tensor:
-    """The data order of `epoch`, identical on every rank."""
-    return torch.randperm(count, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    """The data order of `epoch`, identical on every rank (the streamed path's formula)."""
+    from selfaugment.trainer.data.order import epoch_permutation as order
+
+    return torch.from_numpy(order(count, seed, epoch))
+
+
+def open_training_images(
+    dataset: DatasetConfig, seed: int, datasets: Any = None, *, main: bool = True
+) -> Images | StreamedImages:
+    """`dataset`'s images for training: a built-in source loaded directly; any other prepared
+    once into the datasets store (`datasets`, default: the local cache's; on the main process,
+    while the others wait for it) and opened in memory or streamed by its memory budget."""
+    from selfaugment.trainer.data import load_dataset, open_images
+    from selfaugment.trainer.data.prepare import prepared_for_rank
+    from selfaugment.trainer.search.planner import reads_prepared
+    from selfaugment.trainer.store import open_store
+    from selfaugment.trainer.store.layout import datasets_uri
+
+    if not reads_prepared(dataset):
+        return load_dataset(dataset, seed=seed)
+    store = datasets if datasets is not None else open_store(datasets_uri(""))
+    prepared = prepared_for_rank(dataset, store, dataset.prepared_size, main=main)
+    return open_images(prepared, dataset, seed, memory_budget=dataset.memory_budget_bytes)
 
 
 def config_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -155,7 +189,7 @@ class TrainedMoco:
 
     report: dict[str, Any]
     backbone: ResNetBackbone | None
-    images: Images
+    images: Images | StreamedImages
     device: torch.device
     bf16: bool
     seed: int
@@ -164,40 +198,55 @@ class TrainedMoco:
 def train_moco(
     cfg: PretrainConfig,
     output_dir: Path,
-    images: Images | None = None,
+    images: Images | StreamedImages | None = None,
     progress_callback: ProgressCallback | None = None,
     augmenter: Augmenter | None = None,
     stop_epoch: int | None = None,
+    on_checkpoint: CheckpointCallback | None = None,
 ) -> TrainedMoco:
     """Train MoCo v2 per `cfg`, resuming from output_dir/checkpoint.pt. Evaluation is the
     caller's (selfaugment.trainer.evaluation.pretrained.run_pretrain trains, then probes).
     Under torchrun, every rank calls this; call `finish_distributed` when done.
 
     `stop_epoch` stops after that many epochs of cfg's schedule (learning rate and all), with a
-    checkpoint from which a later call goes on exactly as if it had never stopped."""
+    checkpoint from which a later call goes on exactly as if it had never stopped.
+    `on_checkpoint` is called on the main process after each checkpoint inside an epoch."""
     env = dist_env_from_environ()
     device = resolve_device(cfg.runtime.device, env.local_rank)
     init_distributed(device, env)
     stop = cfg.optim.epochs if stop_epoch is None else min(stop_epoch, cfg.optim.epochs)
-    return _pretrain(cfg, Path(output_dir), images, progress_callback, augmenter, env, device, stop)
+    return _pretrain(
+        cfg,
+        Path(output_dir),
+        images,
+        progress_callback,
+        augmenter,
+        env,
+        device,
+        stop,
+        on_checkpoint,
+    )
 
 
 def _pretrain(
     cfg: PretrainConfig,
     output_dir: Path,
-    images: Images | None,
+    images: Images | StreamedImages | None,
     progress_callback: ProgressCallback | None,
     augmenter: Augmenter | None,
     env: DistEnv,
     device: torch.device,
     stop_epoch: int,
+    on_checkpoint: CheckpointCallback | None = None,
 ) -> TrainedMoco:
     seed = cfg.runtime.seed
     if images is None:
-        from selfaugment.trainer.data import load_dataset
-
-        images = load_dataset(cfg.dataset, seed=seed)
-    count, in_channels = len(images), int(images.images.shape[1])
+        images = open_training_images(cfg.dataset, seed, main=env.is_main)
+    count = len(images)
+    if isinstance(images, StreamedImages):
+        in_channels = images.channels
+    else:
+        in_channels = int(images.images.shape[1])
     global_batch = cfg.optim.batch_size
     if global_batch % env.world_size:
         raise PretrainError(
@@ -230,7 +279,7 @@ def _pretrain(
 
     config_data = cfg.model_dump(mode="json")
     checkpoint_path = output_dir / CHECKPOINT_NAME
-    start_epoch, global_step = 0, 0
+    start_epoch, global_step, resumed_loss = 0, 0, 0.0
     loss_history: list[float] = []
     metrics: list[dict[str, Any]] = []
     if checkpoint_path.exists():
@@ -247,6 +296,15 @@ def _pretrain(
         start_epoch, global_step = int(payload["epoch"]), int(payload["global_step"])
         loss_history, metrics = list(payload["loss_history"]), list(payload["metrics"])
         restore_rng_state(payload["rng"])
+        if global_step > start_epoch * steps_per_epoch:  # written inside an epoch
+            generators = payload.get("generators") or []
+            if len(generators) != env.world_size:
+                raise PretrainError(
+                    f"{checkpoint_path}: written inside an epoch by {len(generators)} "
+                    f"process(es); resume it with as many, or delete it to start over"
+                )
+            generator.set_state(generators[env.rank])
+            resumed_loss = float(payload["epoch_loss_sum"])
     if env.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         lines = "".join(json.dumps(record) + "\n" for record in metrics)
@@ -260,19 +318,42 @@ def _pretrain(
             )
         )
 
-    data = images.images.to(device)  # uint8, N x C x H x W
+    def save(epoch: int, running: torch.Tensor | None) -> None:
+        """The checkpoint after `epoch` finished epochs and `global_step` steps; inside an
+        epoch (`running`: its loss so far) with every rank's augmentation generator."""
+        generators = _generator_states(generator, env) if running is not None else None
+        if not env.is_main:
+            return
+        payload = {
+            "schema_version": CHECKPOINT_SCHEMA_VERSION,
+            "kind": CHECKPOINT_KIND,
+            "config": config_data,
+            "in_channels": in_channels,
+            "epoch": epoch,
+            "global_step": global_step,
+            "model": {k: v.cpu() for k, v in model.state_dict().items()},
+            "optimizer": optimizer.state_dict(),
+            "rng": capture_rng_state(generator),
+            "loss_history": loss_history,
+            "metrics": metrics,
+        }
+        if running is not None:
+            payload.update(generators=generators, epoch_loss_sum=float(running.item()))
+        save_checkpoint(checkpoint_path, payload)
+
+    batches = _BatchSource(images, cfg, env, device, seed, global_batch)
+    every_steps = cfg.runtime.checkpoint_steps
     model.train()
     for epoch in range(start_epoch, stop_epoch):
-        generator.manual_seed(seed * 1_000_003 + env.rank * 10_007 + epoch)
-        order = epoch_permutation(count, seed, epoch).to(device)
-        running = torch.zeros((), device=device)
+        first_step = global_step - epoch * steps_per_epoch
+        if first_step == 0:
+            generator.manual_seed(seed * 1_000_003 + env.rank * 10_007 + epoch)
+        running = torch.full((), resumed_loss if first_step else 0.0, device=device)
         started = time.perf_counter()
-        for step in range(steps_per_epoch):
+        for step, batch in enumerate(batches.epoch(epoch, first_step), start=first_step):
             lr = learning_rate(cfg.optim, global_step, steps_per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            first = step * global_batch + env.rank * local_batch
-            batch = data[order[first : first + local_batch]]
             view_q = augment(batch, generator).contiguous(memory_format=memory_format)
             view_k = augment(batch, generator).contiguous(memory_format=memory_format)
             try:
@@ -289,6 +370,10 @@ def _pretrain(
                 ) from None
             running += loss.detach()
             global_step += 1
+            if every_steps and (step + 1) % every_steps == 0 and step + 1 < steps_per_epoch:
+                save(epoch, running)
+                if env.is_main and on_checkpoint is not None:
+                    on_checkpoint()
         epoch_loss = float(all_reduce_mean(running / steps_per_epoch).item())
         elapsed = time.perf_counter() - started
         if not math.isfinite(epoch_loss):
@@ -298,29 +383,14 @@ def _pretrain(
             "epoch": epoch + 1,
             "loss": epoch_loss,
             "lr": lr,
-            "images_per_second": steps_per_epoch * global_batch / elapsed,
+            "images_per_second": (steps_per_epoch - first_step) * global_batch / elapsed,
             "time": elapsed,
         }
         metrics.append(record)
         last = epoch + 1 == stop_epoch
         if env.is_main:
             if (epoch + 1) % cfg.runtime.checkpoint_every == 0 or last:
-                save_checkpoint(
-                    checkpoint_path,
-                    {
-                        "schema_version": CHECKPOINT_SCHEMA_VERSION,
-                        "kind": CHECKPOINT_KIND,
-                        "config": config_data,
-                        "in_channels": in_channels,
-                        "epoch": epoch + 1,
-                        "global_step": global_step,
-                        "model": {k: v.cpu() for k, v in model.state_dict().items()},
-                        "optimizer": optimizer.state_dict(),
-                        "rng": capture_rng_state(generator),
-                        "loss_history": loss_history,
-                        "metrics": metrics,
-                    },
-                )
+                save(epoch + 1, None)
             with (output_dir / "metrics.jsonl").open("a") as stream:
                 stream.write(json.dumps(record) + "\n")
             if progress_callback is not None:
@@ -340,3 +410,57 @@ def _pretrain(
     }
     backbone = model.backbone if env.is_main else None
     return TrainedMoco(report, backbone, images, device, bf16, seed)
+
+
+def _generator_states(generator: torch.Generator, env: DistEnv) -> list[torch.Tensor]:
+    """Every rank's augmentation generator state, in rank order (a collective under DDP)."""
+    state = generator.get_state()
+    if not env.distributed:
+        return [state]
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * env.world_size
+    dist.all_gather_object(gathered, state)
+    return [torch.as_tensor(item) for item in gathered]
+
+
+@dataclass
+class _BatchSource:
+    """This rank's uint8 batches on the device, step by step from any step of an epoch: index
+    lookups in the images on the device, or a DataLoader reading a prepared dataset."""
+
+    images: Images | StreamedImages
+    cfg: PretrainConfig
+    env: DistEnv
+    device: torch.device
+    seed: int
+    global_batch: int
+
+    def __post_init__(self) -> None:
+        # in memory: the whole uint8 N x C x H x W tensor on the device, once
+        self.data: torch.Tensor | None = None
+        if not isinstance(self.images, StreamedImages):
+            self.data = self.images.images.to(self.device)
+
+    def epoch(self, epoch: int, first_step: int) -> Iterator[torch.Tensor]:
+        steps = len(self.images) // self.global_batch
+        local = self.global_batch // self.env.world_size
+        if isinstance(self.images, StreamedImages):
+            loader = self.images.loader(
+                self.seed,
+                epoch,
+                self.global_batch,
+                rank=self.env.rank,
+                world_size=self.env.world_size,
+                start_step=first_step,
+                num_workers=self.cfg.runtime.num_workers,
+                pin_memory=self.device.type == "cuda",
+            )
+            for batch, _ in loader:
+                yield batch.to(self.device, non_blocking=True)
+            return
+        assert self.data is not None
+        order = epoch_permutation(len(self.images), self.seed, epoch).to(self.device)
+        for step in range(first_step, steps):
+            first = step * self.global_batch + self.env.rank * local
+            yield self.data[order[first : first + local]]

@@ -15,12 +15,22 @@ from typing import Any
 import numpy as np
 
 from selfaugment.errors import SelfAugmentError
-from selfaugment.trainer.data import ImageSet, kfold_splits, load_dataset
-from selfaugment.trainer.search.planner import Task
+from selfaugment.trainer.data import (
+    Images,
+    ImageSet,
+    StreamedImages,
+    kfold_splits,
+    load_dataset,
+    open_images,
+    open_prepared_uri,
+    resident,
+)
+from selfaugment.trainer.search.planner import PREPARE_TASK, Task, reads_prepared
 from selfaugment.trainer.spec import AugmentSearchSpec
-from selfaugment.trainer.store import ArtifactStore
+from selfaugment.trainer.store import ArtifactStore, StoreError
 from selfaugment.trainer.store.layout import (
     read_results,
+    result_key,
     task_key,
 )
 from selfaugment.trainer.store.s3 import cache_root
@@ -86,31 +96,63 @@ class TaskContext:
     workdir: Path
     progress: ProgressWriter
 
-    loaded_data: ImageSet | None = None
+    loaded_data: ImageSet | StreamedImages | None = None
 
     @property
-    def data(self) -> ImageSet:
-        """The search's dataset, decoded on first use."""
+    def data(self) -> ImageSet | StreamedImages:
+        """The search's dataset, opened on first use: from the shards the `prepare` task
+        made (decoded into memory when it fits `dataset.memory_budget`, else streamed), or
+        loaded directly for a built-in source."""
         if self.loaded_data is None:
-            self.loaded_data = load_dataset(self.spec.dataset, seed=self.spec.search.seed)
+            dataset, seed = self.spec.dataset, self.spec.search.seed
+            if reads_prepared(dataset):
+                prepared = open_prepared_uri(self.prepared_uri, endpoint=self._endpoint)
+                self.loaded_data = open_images(
+                    prepared, dataset, seed, memory_budget=dataset.memory_budget_bytes
+                )
+            else:
+                self.loaded_data = load_dataset(dataset, seed=seed)
         return self.loaded_data
+
+    @property
+    def prepared_uri(self) -> str:
+        """The prepared dataset's URI, from the `prepare` task's result."""
+        try:
+            result = self.store.read_json(result_key(PREPARE_TASK))
+            return str(result["prepared"]["uri"])
+        except (StoreError, KeyError, TypeError) as error:
+            raise TaskInputError(
+                f"{self.store.url(result_key(PREPARE_TASK))}: no prepared dataset "
+                f"({type(error).__name__}: {error}); rerun task {PREPARE_TASK}"
+            ) from None
+
+    @property
+    def _endpoint(self) -> str | None:
+        return getattr(self.store, "endpoint", None)
+
+    def resident(self, images: ImageSet | StreamedImages, share: float = 1.0) -> Images:
+        """`images` in memory, for a probe or the scorer that reads them many times: all of
+        them when `share` of the memory budget holds them, else a seeded sample that fits."""
+        budget = int(self.spec.dataset.memory_budget_bytes * share)
+        return resident(images, budget, self.seed)
 
     @cached_property
     def splits(self) -> list[tuple[Any, Any]]:
         folds = self.spec.search.folds if self.spec.search.algorithm == "selfaugment" else 1
         return kfold_splits(len(self.data), folds, self.spec.search.seed)
 
-    def fold_data(self, fold: int) -> tuple[ImageSet, ImageSet]:
+    def fold_data(self, fold: int) -> tuple[Any, Any]:
         train_index, heldout_index = self.splits[fold]
         return self.data.subset(train_index), self.data.subset(heldout_index)
 
-    def scoring_images(self, heldout: ImageSet) -> ImageSet:
-        """The held-out images candidates are scored on (`search.score_images` caps them)."""
+    def scoring_images(self, heldout: ImageSet | StreamedImages) -> Images:
+        """The held-out images candidates are scored on (`search.score_images` caps them),
+        in memory (a seeded sample when they do not fit the memory budget)."""
         limit = self.spec.search.score_images
-        if limit is None or limit >= len(heldout):
-            return heldout
-        chosen = np.random.default_rng(self.seed).choice(len(heldout), limit, replace=False)
-        return heldout.subset(np.sort(chosen))
+        if limit is not None and limit < len(heldout):
+            chosen = np.random.default_rng(self.seed).choice(len(heldout), limit, replace=False)
+            heldout = heldout.subset(np.sort(chosen))
+        return self.resident(heldout)
 
     @property
     def seed(self) -> int:

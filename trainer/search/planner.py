@@ -4,8 +4,12 @@ Every task of a search is known from the spec alone, with a deterministic id, so
 runner and the operator agree on names (the operator turns ids into Job names). A task is
 done when its result exists in the store; the planner never does I/O.
 
-Stages of the SelfAugment algorithm (Algorithm 1 of Reed et al. 2021):
+Stages of the SelfAugment algorithm (Algorithm 1 of Reed et al. 2021), after `prepare`:
 
+    prepare   the dataset prepared once into shards in the shared datasets store (or found
+              there); every other task depends on it and opens the dataset by its URI. Only
+              for sources read from files (an image folder, an s3:// prefix, a local array
+              file); the built-in sources (sklearn:, torchvision:) are loaded directly
     base      one short MoCo run per single transform, rotation-scored (skipped if given);
               with successive halving, in rungs (base_rungs)
     folds     MoCo with the base policy on each fold's training part, rotation head on top
@@ -21,9 +25,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from selfaugment.trainer.config import DatasetConfig
 from selfaugment.trainer.spec import AugmentSearchSpec
 
 BASE_TRANSFORMS = (
@@ -45,6 +50,9 @@ BASE_TRANSFORMS = (
     "Cutout",
 )
 
+PREPARE_TASK = "prepare"
+#: Sources loaded directly by every task (small, read from the machine's own copy).
+BUILTIN_SCHEMES = ("sklearn:", "torchvision:")
 STAGES_SELFAUGMENT = ("base", "folds", "search", "merge", "retrain", "report")
 STAGES_SELFRANDAUGMENT = ("randaugment", "retrain", "report")
 #: Kinds of task whose work needs an accelerator when the spec asks for GPUs.
@@ -88,6 +96,13 @@ class PlanState:
     @property
     def percent(self) -> float:
         return 100.0 * len(self.done) / max(1, len(self.tasks))
+
+
+def reads_prepared(dataset: DatasetConfig) -> bool:
+    """Whether `dataset` is prepared into shards once and read from them (by every task of a
+    search, by a Pretrain): any source but the built-in ones, which are small and cheap to load
+    directly. Both ways give the same images for the same seed."""
+    return not dataset.uri.startswith(BUILTIN_SCHEMES)
 
 
 #: Ops that leave every image of a 1-channel dataset as it is (saturation of a grey image).
@@ -161,6 +176,16 @@ def randaugment_grid(spec: AugmentSearchSpec) -> list[tuple[int, int]]:
 
 def all_tasks(spec: AugmentSearchSpec) -> list[Task]:
     """Every task of the search in execution order, derived from the spec alone."""
+    tasks = _algorithm_tasks(spec)
+    if not reads_prepared(spec.dataset):
+        return tasks
+    prepare = Task(PREPARE_TASK, "prepare", "prepare")
+    return [prepare] + [
+        replace(task, depends_on=(PREPARE_TASK, *task.depends_on)) for task in tasks
+    ]
+
+
+def _algorithm_tasks(spec: AugmentSearchSpec) -> list[Task]:
     search = spec.search
     tasks: list[Task] = []
     if search.algorithm == "selfrandaugment":
@@ -237,9 +262,10 @@ def plan(spec: AugmentSearchSpec, done_ids: Mapping[str, Any] | set[str]) -> Pla
 
 def stages(spec: AugmentSearchSpec) -> tuple[str, ...]:
     """The stages of this search in order."""
+    first = ("prepare",) if reads_prepared(spec.dataset) else ()
     if spec.search.algorithm == "selfrandaugment":
-        return STAGES_SELFRANDAUGMENT
-    return STAGES_SELFAUGMENT
+        return first + STAGES_SELFRANDAUGMENT
+    return first + STAGES_SELFAUGMENT
 
 
 def stages_between(spec: AugmentSearchSpec, before: str | None, after: str) -> list[str]:

@@ -1,4 +1,8 @@
-"""A standalone Pretrain resource's job (`selfaugment worker pretrain --prefix P`)."""
+"""A standalone Pretrain resource's job (`selfaugment worker pretrain --prefix P`).
+
+A dataset read from files is prepared first into the datasets store beside the Pretrain's
+prefix (`s3://<bucket>/datasets/`, shared with searches): by the main process, while the
+other ranks wait for its index; then streamed when it does not fit `dataset.memory_budget`."""
 
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from selfaugment.trainer.store.layout import (
     CONFIG_NAME,
     PROGRESS_NAME,
     RESULT_NAME,
+    datasets_store,
     prefixed_key,
 )
 
@@ -26,6 +31,8 @@ from selfaugment.trainer.store.layout import (
 def run_pretrain_job(store: ArtifactStore, prefix: str) -> dict[str, Any]:
     """A standalone Pretrain: `<prefix>/config.json` in, checkpoint and result.json out."""
     from selfaugment.trainer.evaluation.pretrained import run_pretrain
+    from selfaugment.trainer.moco.pretrain import open_training_images
+    from selfaugment.trainer.runtime import dist_env_from_environ
 
     prefix = prefix.strip("/")
     config_key = prefixed_key(prefix, CONFIG_NAME)
@@ -42,7 +49,16 @@ def run_pretrain_job(store: ArtifactStore, prefix: str) -> dict[str, Any]:
     on_epoch = mirror.wrap(
         epoch_reporter(ProgressWriter(store, prefixed_key(prefix, PROGRESS_NAME)), cfg.optim.epochs)
     )
-    result = run_pretrain(cfg, workdir / "pretrain", progress_callback=on_epoch)
+    images = open_training_images(
+        cfg.dataset, cfg.runtime.seed, datasets_store(store), main=dist_env_from_environ().is_main
+    )
+    result = run_pretrain(
+        cfg,
+        workdir / "pretrain",
+        images=images,
+        progress_callback=on_epoch,
+        on_checkpoint=mirror.upload,
+    )
     if not result:  # not the main process: rank 0 stores the outcome
         return result
     key = prefixed_key(prefix, CHECKPOINT_NAME)

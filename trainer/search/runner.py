@@ -211,6 +211,7 @@ class LocalRunner:
         done = len(state.done)
         self.metrics.search_progress.labels(*labels).set(done / max(1, state.total))
         for stage in (
+            "prepare",
             "base",
             "folds",
             "search",
@@ -236,6 +237,10 @@ class LocalRunner:
                 if figures.get("loss") is not None:
                     self.metrics.train_loss.labels(*labels, task_id).set(figures["loss"])
                 details.append(f"{task_id} epoch {figures['epoch']}/{figures.get('epochs', '?')}")
+            elif "shards_done" in figures:
+                details.append(
+                    f"{task_id} shard {figures['shards_done']}/{figures.get('shards_total', '?')}"
+                )
             elif "trials_done" in figures:
                 details.append(
                     f"{task_id} trial {figures['trials_done']}/{figures.get('trials_total', '?')}"

@@ -50,6 +50,11 @@ class CheckpointMirror:
         if self.active and epoch % self.every == 0 and self.local.exists():
             self.store.upload_file(self.local, self.key)
 
+    def upload(self) -> None:
+        """Upload the checkpoint the trainer has just written (a mid-epoch one, too)."""
+        if self.active and self.local.exists():
+            self.store.upload_file(self.local, self.key)
+
     def discard(self) -> None:
         if self.active:
             self.store.delete(self.key)

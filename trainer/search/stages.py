@@ -21,12 +21,25 @@ from selfaugment.trainer.config import (
     EvaluationConfig,
     PretrainConfig,
 )
-from selfaugment.trainer.data import ImageSet, load_dataset
+from selfaugment.trainer.data import (
+    Images,
+    ImageSet,
+    StreamedImages,
+    load_dataset,
+    open_images,
+    prepare_dataset,
+    resident,
+)
 from selfaugment.trainer.moco.checkpoint import save_checkpoint
 from selfaugment.trainer.policy.views import CROP_TRANSFORM, base_augment
 from selfaugment.trainer.search import base_selection
-from selfaugment.trainer.search.context import ProgressWriter, TaskContext, TaskInputError
-from selfaugment.trainer.search.planner import base_rungs, search_ops
+from selfaugment.trainer.search.context import (
+    ProgressWriter,
+    TaskContext,
+    TaskInputError,
+    skipped_record,
+)
+from selfaugment.trainer.search.planner import base_rungs, reads_prepared, search_ops
 from selfaugment.trainer.search.scratch import SCRATCH_CHECKPOINT, CheckpointMirror
 from selfaugment.trainer.search.tpe import TrialRecord, sample_matches_policy
 from selfaugment.trainer.spec import AugmentSearchSpec
@@ -34,6 +47,7 @@ from selfaugment.trainer.store import ArtifactNotFoundError
 from selfaugment.trainer.store.artifacts import atomic_write
 from selfaugment.trainer.store.layout import (
     POLICY_KEY,
+    datasets_store,
     task_key,
 )
 from selfaugment.trainer.store.records import (
@@ -81,7 +95,7 @@ def stage_pretrain_config(
 def train_moco(
     ctx: TaskContext,
     cfg: PretrainConfig,
-    images: ImageSet,
+    images: ImageSet | StreamedImages,
     *,
     stop_epoch: int | None = None,
     continue_from: Path | None = None,
@@ -109,7 +123,12 @@ def train_moco(
     ctx.progress.update(force=True, epoch=0, epochs=epochs)
     on_epoch = mirror.wrap(epoch_reporter(ctx.progress, epochs))
     result = run_pretrain(
-        cfg, output, images=images, progress_callback=on_epoch, stop_epoch=stop_epoch
+        cfg,
+        output,
+        images=images,
+        progress_callback=on_epoch,
+        stop_epoch=stop_epoch,
+        on_checkpoint=mirror.upload,
     )
     return result, checkpoint
 
@@ -155,8 +174,8 @@ def train_and_probe_rotation(
     probe = train_probe(
         backbone,
         "rotation",
-        train.images,
-        heldout.images,
+        ctx.resident(train, 0.5).images,
+        ctx.resident(heldout, 0.5).images,
         ctx.spec.evaluation,
         device=_device(ctx),
         seed=seed,
@@ -177,6 +196,43 @@ def fold_augment(ctx: TaskContext, base: str, policy: str = "none") -> AugmentCo
 
 
 # -- task kinds --------------------------------------------------------------------------
+def run_prepare(ctx: TaskContext) -> dict[str, Any]:
+    """The dataset prepared into the shared datasets store (found there when another task,
+    search or Pretrain prepared it; a rerun of a killed preparation keeps its shards)."""
+    dataset = ctx.spec.dataset
+
+    def on_shard(done: int, total: int) -> None:
+        ctx.progress.update(force=done == total, shards_done=done, shards_total=total)
+
+    prepared = prepare_dataset(
+        dataset, datasets_store(ctx.store), dataset.prepared_size, progress=on_shard
+    )
+    report = prepared.report
+    result: dict[str, Any] = {
+        "prepared": {
+            "uri": prepared.uri,
+            "key": prepared.key,
+            "count": prepared.count,
+            "source_count": int(prepared.index["source_count"]),
+            "digest": prepared.index["digest"],
+            "storage_size": prepared.storage_size,
+            "shards": len(prepared.index["shards"]),
+            "bytes": sum(int(shard["bytes"]) for shard in prepared.index["shards"]),
+            "reused": bool(report and report.reused),
+            "shards_built": report.shards_built if report else 0,
+        }
+    }
+    if prepared.skipped:
+        result["skipped_images"] = skipped_record(prepared.skipped)
+    log.info(
+        "dataset %s: %d images (%s)",
+        prepared.uri,
+        prepared.count,
+        "reused" if result["prepared"]["reused"] else "prepared",
+    )
+    return result
+
+
 def run_base(ctx: TaskContext) -> BaseResult:
     """A short MoCo run with a single transform (p = 1), scored by held-out rotation.
 
@@ -253,14 +309,15 @@ def run_fold(ctx: TaskContext) -> FoldResult:
             raise TaskInputError(
                 f"search.objective 'supervised' needs labels, but {ctx.spec.dataset.uri} has none"
             )
+        probe_train, probe_test = ctx.resident(train, 0.5), ctx.resident(heldout, 0.5)
         linear = train_probe(
             backbone,
             "linear",
-            train.images,
-            heldout.images,
+            probe_train.images,
+            probe_test.images,
             ctx.spec.evaluation,
-            train_labels=train.labels,
-            test_labels=heldout.labels,
+            train_labels=probe_train.labels,
+            test_labels=probe_test.labels,
             num_classes=train.num_classes,
             device=_device(ctx),
             seed=ctx.seed,
@@ -486,15 +543,21 @@ def run_retrain(ctx: TaskContext) -> RetrainResult:
     )
     pretrain, checkpoint = train_moco(ctx, cfg, ctx.data)
     backbone, _ = load_backbone(checkpoint)
-    test = load_dataset(spec.evaluation_dataset, seed=ctx.seed) if spec.evaluation_dataset else None
-    labelled = ctx.data.has_labels and (test is None or test.has_labels)
+    test = _evaluation_images(ctx)
+    labelled = ctx.data.has_labels and (test is None or test.labels is not None)
     if labelled and (ctx.data.num_classes or 0) < 2:
         log.warning("%s has one class: no linear evaluation", spec.dataset.uri)
         labelled = False
     tasks: list[Any] = ["rotation", "linear"] if labelled else ["rotation"]
     evaluation = EvaluationConfig(tasks=tasks, probe=spec.evaluation)
     probes = evaluate_tasks(
-        backbone, ctx.data, test, evaluation, device=_device(ctx), seed=ctx.seed
+        backbone,
+        ctx.data,
+        test,
+        evaluation,
+        device=_device(ctx),
+        seed=ctx.seed,
+        memory_budget=spec.dataset.memory_budget_bytes,
     )
     result: RetrainResult = {
         "policy": policy_name,
@@ -519,6 +582,7 @@ def run_report(ctx: TaskContext) -> dict[str, Any]:
 
 
 RUNNERS: dict[str, Callable[[TaskContext], Mapping[str, Any]]] = {
+    "prepare": run_prepare,
     "base": run_base,
     "fold": run_fold,
     "search": run_search,
@@ -530,6 +594,19 @@ RUNNERS: dict[str, Callable[[TaskContext], Mapping[str, Any]]] = {
 
 
 # -- helpers -----------------------------------------------------------------------------
+def _evaluation_images(ctx: TaskContext) -> Images | None:
+    """`evaluation_dataset` in memory (prepared first unless built-in; a seeded sample when
+    it does not fit its memory budget), or None."""
+    dataset = ctx.spec.evaluation_dataset
+    if dataset is None:
+        return None
+    if not reads_prepared(dataset):
+        return load_dataset(dataset, seed=ctx.seed)
+    prepared = prepare_dataset(dataset, datasets_store(ctx.store), dataset.prepared_size)
+    images = open_images(prepared, dataset, ctx.seed, memory_budget=dataset.memory_budget_bytes)
+    return resident(images, dataset.memory_budget_bytes, ctx.seed)
+
+
 def _device(ctx: TaskContext) -> torch.device:
     from selfaugment.trainer.runtime import resolve_device
 
@@ -537,7 +614,7 @@ def _device(ctx: TaskContext) -> torch.device:
 
 
 def _scorer(
-    ctx: TaskContext, checkpoint: Path, heads: dict[str, Any], heldout: ImageSet, base: str
+    ctx: TaskContext, checkpoint: Path, heads: dict[str, Any], heldout: Images, base: str
 ) -> Any:
     """A forward-pass scorer whose views are the base augmentation, then the candidate."""
     from selfaugment.trainer.evaluation.scoring import PolicyScorer

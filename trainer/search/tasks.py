@@ -74,8 +74,9 @@ def run_task(store: ArtifactStore, task_id: str) -> dict[str, Any]:
         "seconds": round(time.time() - started, 2),
     }
     result: dict[str, Any] = {**record, **fields}
-    if ctx.loaded_data is not None and ctx.loaded_data.skipped:
-        result["skipped_images"] = skipped_record(ctx.loaded_data.skipped)
+    skipped = getattr(ctx.loaded_data, "skipped", None)  # a prepared dataset: see `prepare`
+    if skipped and "skipped_images" not in result:
+        result["skipped_images"] = skipped_record(skipped)
     store.write_json(result_key(task.id), result)
     log.info("task %s done in %.1f s", task.id, result["seconds"])
     if store.local_path(result_key(task.id)) is None:  # S3: the scratch files are done with

@@ -9,6 +9,11 @@ Layout of a run in the store:
     tasks/<task-id>/...           a task's artifacts (checkpoint.pt, heads.pt, trials.json, ...)
     policy.json                   the found policy (after merge)
     report.json, report.md, plots/*.png   the final report
+
+Prepared datasets live outside every run, in one store shared by all runs on the same storage
+(`datasets_store`): `s3://<bucket>/datasets/<key>/` beside the runs' prefixes, and locally
+`$SELFAUGMENT_CACHE/datasets/<key>/` (~/.cache/selfaugment/datasets). A search or Pretrain on a
+source already prepared there with the same settings reuses it.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from typing import Any
 from selfaugment.errors import SelfAugmentError
 from selfaugment.trainer.config import field_differences, parse_config
 from selfaugment.trainer.spec import AugmentSearchSpec
-from selfaugment.trainer.store.artifacts import ArtifactStore, StoreError
+from selfaugment.trainer.store.artifacts import ArtifactStore, StoreError, open_store
+from selfaugment.trainer.store.s3 import cache_root
 
 SPEC_KEY = "spec.json"
 POLICY_KEY = "policy.json"
@@ -38,6 +44,26 @@ RESULT_NAME = "result.json"
 PROGRESS_NAME = "progress.json"
 CONFIG_NAME = "config.json"
 CHECKPOINT_NAME = "checkpoint.pt"
+
+
+#: The folder (a bucket's top-level prefix, or under the local cache) of prepared datasets.
+DATASETS_PREFIX = "datasets"
+
+
+def datasets_uri(store_uri: str) -> str:
+    """Where prepared datasets go for runs stored at `store_uri`: `s3://<bucket>/datasets` for
+    an S3 store (shared by every prefix in the bucket), else `<cache>/datasets` on this machine."""
+    if store_uri.startswith("s3://"):
+        bucket = store_uri.removeprefix("s3://").split("/", 1)[0]
+        return f"s3://{bucket}/{DATASETS_PREFIX}"
+    return str(cache_root() / DATASETS_PREFIX)
+
+
+def datasets_store(store: ArtifactStore) -> ArtifactStore:
+    """The store of prepared datasets beside `store` (same endpoint), see `datasets_uri`."""
+    uri = datasets_uri(str(getattr(store, "uri", "")))
+    endpoint = getattr(store, "endpoint", None) if uri.startswith("s3://") else None
+    return open_store(uri, endpoint=endpoint)
 
 
 def task_key(task_id: str, name: str) -> str:
@@ -63,6 +89,7 @@ RESULT_NEUTRAL_SECTIONS = frozenset({"resources", "parallelism", "storage"})
 RESULT_NEUTRAL_SETTINGS = (
     ("runtime", "progress"),
     ("runtime", "num_workers"),
+    ("runtime", "checkpoint_steps"),
     ("dataset", "memory_budget"),
     ("evaluation_dataset", "memory_budget"),
 )
