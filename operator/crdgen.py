@@ -44,7 +44,7 @@ PRETRAIN_COLUMNS: list[dict[str, Any]] = [
     {"name": "Epoch", "type": "integer", "jsonPath": ".status.epoch"},
     {"name": "Loss", "type": "number", "jsonPath": ".status.loss"},
     {"name": "RotAcc", "type": "number", "jsonPath": ".status.rotationAccuracy"},
-    {"name": "Search", "type": "string", "jsonPath": ".spec.search_ref", "priority": 1},
+    {"name": "Search", "type": "string", "jsonPath": ".spec.searchRef", "priority": 1},
     _AGE,
 ]
 
@@ -57,7 +57,7 @@ def _crd(
     status_model: type[BaseModel],
     columns: list[dict[str, Any]],
 ) -> dict[str, Any]:
-    spec_schema = structural_schema(spec_model)
+    spec_schema = _require_storage(structural_schema(spec_model))
     status_schema = structural_schema(status_model)
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
@@ -98,6 +98,19 @@ def _crd(
             ],
         },
     }
+
+
+def _require_storage(spec_schema: dict[str, Any]) -> dict[str, Any]:
+    """`spec.storage.uri` required: a cluster run needs a store the workers reach (the local
+    CLI defaults it to the output directory, so the model itself leaves it optional)."""
+    spec_schema["required"] = sorted({*spec_schema.get("required", []), "storage"})
+    storage = spec_schema["properties"]["storage"]
+    storage["required"] = ["uri"]
+    uri = storage["properties"]["uri"]
+    uri.pop("nullable", None)
+    uri["minLength"] = 1
+    uri["description"] = "s3://bucket/prefix of the run's artifact store (required)."
+    return spec_schema
 
 
 def search_crd() -> dict[str, Any]:

@@ -199,7 +199,8 @@ def reconcile_pretrain(body: Mapping[str, Any]) -> None:
         PretrainReconciler(fresh, RUNTIME.deps).run()
 
     _guarded("Pretrain", key, work)
-    search = (raw.get("spec") or {}).get("search_ref")
+    raw_spec = raw.get("spec") or {}
+    search = raw_spec.get("searchRef") or raw_spec.get("search_ref")
     if search:  # the owning search moves on as soon as its retraining changes
         owner = RUNTIME.deps.kube.get(names.API_VERSION, names.SEARCH_PLURAL, key[0], search)
         if owner is not None:

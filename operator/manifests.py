@@ -106,7 +106,7 @@ def owner_reference(body: Mapping[str, Any]) -> dict[str, Any]:
 def worker_env(storage: StorageConfig, settings: OperatorSettings) -> list[dict[str, Any]]:
     """Store endpoint and region as values; credentials as references to the Secret.
 
-    An unset `storage.endpoint` / `storage.secret_ref` falls back to the operator's defaults
+    An unset `storage.endpoint` / `storage.secretRef` falls back to the operator's defaults
     (SELFAUGMENT_S3_ENDPOINT / SELFAUGMENT_S3_SECRET).
     """
     storage = settings.resolve_storage(storage)
@@ -123,7 +123,7 @@ def worker_env(storage: StorageConfig, settings: OperatorSettings) -> list[dict[
 
 
 def container_resources(resources: ResourcesConfig, gpus: int, gpu_resource: str) -> dict[str, Any]:
-    requests: dict[str, Any] = {"cpu": resources.cpu, "memory": resources.memory}
+    requests: dict[str, Any] = {"cpu": str(resources.cpu), "memory": str(resources.memory)}
     limits: dict[str, Any] = {}
     if gpus > 0:  # extended resources: request == limit
         requests[gpu_resource] = str(gpus)
@@ -148,7 +148,7 @@ def pod_volumes(resources: ResourcesConfig) -> tuple[list[dict[str, Any]], list[
     volumes: list[dict[str, Any]] = [{"name": "scratch", "emptyDir": {}}]
     mounts: list[dict[str, Any]] = [{"name": "scratch", "mountPath": SCRATCH_PATH}]
     if resources.shared_memory:
-        memory = {"medium": "Memory", "sizeLimit": resources.shared_memory}
+        memory = {"medium": "Memory", "sizeLimit": str(resources.shared_memory)}
         volumes.append({"name": "dshm", "emptyDir": memory})
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
     volumes += [dict(volume) for volume in resources.volumes]
@@ -292,15 +292,18 @@ def retrain_pretrain(search: Mapping[str, Any], spec: AugmentSearchSpec) -> dict
             "labels": {names.LABEL_MANAGED: names.MANAGER, names.LABEL_SEARCH: label_value(name)},
             "ownerReferences": [owner_reference(search)],
         },
-        "spec": {
-            "search_ref": name,
-            "dataset": spec.dataset.model_dump(mode="json"),
-            "model": spec.model.model_dump(mode="json"),
-            "moco": spec.moco.model_dump(mode="json"),
-            "optim": {**spec.optim.model_dump(mode="json"), "epochs": spec.retrain.epochs},
-            "resources": spec.resources.model_dump(mode="json"),
-            "max_retries": spec.parallelism.max_retries,
-            "storage": spec.storage.model_dump(mode="json"),
+        "spec": {  # by alias: camelCase, as the CRD's schema names the fields
+            "searchRef": name,
+            "dataset": spec.dataset.model_dump(mode="json", by_alias=True),
+            "model": spec.model.model_dump(mode="json", by_alias=True),
+            "moco": spec.moco.model_dump(mode="json", by_alias=True),
+            "optim": {
+                **spec.optim.model_dump(mode="json", by_alias=True),
+                "epochs": spec.retrain.epochs,
+            },
+            "resources": spec.resources.model_dump(mode="json", by_alias=True),
+            "maxRetries": spec.parallelism.max_retries,
+            "storage": spec.storage.model_dump(mode="json", by_alias=True),
         },
     }
 

@@ -134,7 +134,7 @@ class ResourceReconciler:
                 _warn_once("checking that credentials Secrets exist", error)
             else:
                 field = (
-                    "spec.storage.secret_ref"
+                    "spec.storage.secretRef"
                     if storage.secret_ref
                     else "the operator's SELFAUGMENT_S3_SECRET"
                 )

@@ -5,7 +5,8 @@ node, `nullable: true` instead of `anyOf [X, null]`, OpenAPI 3.0 boolean `exclus
 no `properties` beside `additionalProperties`, no `title`/`const`/`prefixItems`. Unions of
 different types (e.g. `list[str] | "all"`) cannot be expressed structurally: such a node keeps
 its description and is marked `x-kubernetes-preserve-unknown-fields`; the operator validates it
-with the pydantic model and reports the field by name.
+with the pydantic model and reports the field by name. The one union Kubernetes has a word for,
+`int | str` (a quantity such as `cpu: 4` or `cpu: 500m`), becomes `x-kubernetes-int-or-string`.
 """
 
 from __future__ import annotations
@@ -115,7 +116,10 @@ def _convert_union(node: dict[str, Any], defs: dict[str, Any], path: str) -> dic
     options = [_resolve(option, defs) for option in node["anyOf"]]
     non_null = [option for option in options if option.get("type") != "null"]
     nullable = len(non_null) < len(options)
-    if len(non_null) == 1:
+    kinds = sorted(str(option.get("type")) for option in non_null)
+    if kinds == ["integer", "string"]:  # a quantity: `cpu: 4` or `cpu: 500m`
+        out = _int_or_string(node, non_null)
+    elif len(non_null) == 1:
         merged = dict(non_null[0])
         merged.update({key: value for key, value in node.items() if key != "anyOf"})
         out = _convert(merged, defs, path)
@@ -127,6 +131,19 @@ def _convert_union(node: dict[str, Any], defs: dict[str, Any], path: str) -> dic
             out["default"] = copy.deepcopy(node["default"])
     if nullable:
         out["nullable"] = True
+    return out
+
+
+def _int_or_string(node: dict[str, Any], options: list[dict[str, Any]]) -> dict[str, Any]:
+    """`x-kubernetes-int-or-string` (as core/v1 resource quantities), with the string's pattern."""
+    out: dict[str, Any] = {"x-kubernetes-int-or-string": True}
+    string = next(option for option in options if option.get("type") == "string")
+    if "pattern" in string:
+        out["pattern"] = string["pattern"]
+    if "description" in node:
+        out["description"] = node["description"]
+    if node.get("default") is not None:
+        out["default"] = copy.deepcopy(node["default"])
     return out
 
 

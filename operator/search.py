@@ -64,8 +64,10 @@ def parse_search_spec(raw: Mapping[str, Any]) -> AugmentSearchSpec:
 
 
 def changed_sections(live: AugmentSearchSpec, started: AugmentSearchSpec) -> list[str]:
-    """Immutable top-level sections whose value differs from the spec the run started with."""
-    now, then = live.model_dump(mode="json"), started.model_dump(mode="json")
+    """Immutable top-level sections (camelCase, as in the manifest) whose value differs from
+    the spec the run started with."""
+    now = live.model_dump(mode="json", by_alias=True)
+    then = started.model_dump(mode="json", by_alias=True)
     return sorted(key for key in now if key not in MUTABLE_SECTIONS and now[key] != then.get(key))
 
 

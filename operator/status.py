@@ -113,7 +113,7 @@ def classify_job_failure(job: Mapping[str, Any]) -> tuple[str, str]:
         deadline = (job.get("spec") or {}).get("activeDeadlineSeconds")
         return "DeadlineExceeded", (
             f"Job {name} ran longer than its deadline of {deadline} s and was stopped "
-            "(spec.resources.active_deadline_seconds, else the operator's default for the stage)"
+            "(spec.resources.activeDeadlineSeconds, else the operator's default for the stage)"
         )
     if failure.exit_code == EXIT_BAD_INPUT:
         return "BadInput", (

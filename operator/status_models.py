@@ -2,8 +2,8 @@
 
 Status fields follow the Kubernetes API conventions (camelCase, `conditions` as metav1.Condition
 in a list-map keyed by `type`, times as RFC 3339 `date-time`, `observedGeneration`), so generic
-tools (kubectl wait --for=condition, kstatus, Argo CD, server-side apply) read them; the spec
-keeps the snake_case names of the config files so one YAML serves CLI and cluster.
+tools (kubectl wait --for=condition, kstatus, Argo CD, server-side apply) read them; the spec is
+camelCase too (trainer/config.py StrictModel).
 
 Terminal conditions: `Finished` turns True when a run ends either way (reason Succeeded or
 Failed), so `kubectl wait --for=condition=Finished` returns on failure too; `Succeeded` and
@@ -113,7 +113,7 @@ class PretrainStatus(_Status):
         0,
         description=(
             "Times the whole Job was started again after a rank failed (multi-node training; "
-            "at most spec.max_retries)."
+            "at most spec.maxRetries)."
         ),
     )
     restartedJobUid: str | None = Field(

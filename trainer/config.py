@@ -11,10 +11,19 @@ from __future__ import annotations
 import re
 from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
 
 from selfaugment.errors import SelfAugmentError
 
@@ -27,19 +36,44 @@ class ConfigError(SelfAugmentError, ValueError):
 
 class StrictModel(BaseModel):
     """Base for all configs: unknown fields are errors, assignment is validated, and a boolean
-    is never read as a number (`trials: true` is an error, not 1)."""
+    is never read as a number (`trials: true` is an error, not 1).
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    Field names are camelCase, as in every Kubernetes API (`baseEpochs`, `secretRef`); the
+    Python (snake_case) spelling of a field is accepted too, so config files written before
+    the rename, `--set` overrides and Python code keep working. Giving one field in both
+    spellings is an error. Dumps are by Python name unless asked `by_alias=True` (the store's
+    spec.json and the digests that name tasks do not depend on the spelling); what is written
+    for Kubernetes is dumped by alias. Keys inside user data (a nodeSelector, volumes,
+    affinity) are never renamed.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+        validate_assignment=True,
+        alias_generator=to_camel,
+        validate_by_name=True,
+        validate_by_alias=True,
+    )
 
     @model_validator(mode="before")
     @classmethod
-    def _no_booleans_for_numbers(cls, data: Any) -> Any:
+    def _check_keys(cls, data: Any) -> Any:
         if isinstance(data, dict):
             for name, field in cls.model_fields.items():
-                value = data.get(name, data.get(field.alias) if field.alias else None)
+                alias = field.alias or name
+                if alias != name and alias in data and name in data:
+                    raise ValueError(f"{alias}: given twice, as {alias} and as {name}")
+                written = alias if alias in data else name
+                value = data.get(written)
                 if isinstance(value, bool) and _is_numeric(field.annotation):
-                    raise ValueError(f"{name}: expected a number, got the boolean {value}")
+                    raise ValueError(f"{written}: expected a number, got the boolean {value}")
         return data
+
+
+def field_alias(model: type[BaseModel], name: str) -> str:
+    """The camelCase name of `model`'s field `name` (as a manifest writes it)."""
+    field = model.model_fields[name]
+    return field.alias or name
 
 
 def _is_numeric(annotation: Any) -> bool:
@@ -112,6 +146,8 @@ _QUANTITY = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kMGT]i?|Ki)?\s*$")
 def parse_quantity(value: str | int, field: str) -> int:
     """Bytes of a Kubernetes-style quantity ('4Gi', '500M', '1048576'); ValueError naming `field`."""
     if isinstance(value, int):
+        if value < 1:
+            raise ValueError(f"{field}: {value} must be at least one byte")
         return value
     match = _QUANTITY.match(value)
     if match is None or (match.group(2) or "") not in _QUANTITY_SUFFIXES:
@@ -122,6 +158,41 @@ def parse_quantity(value: str | int, field: str) -> int:
     if number < 1:
         raise ValueError(f"{field}: {value!r} must be at least one byte")
     return number
+
+
+#: A Kubernetes resource quantity as the API server reads it ('4', '500m', '8Gi', '1.5', '2e3').
+_K8S_QUANTITY = r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)([numkMGTPE]|[KMGTPE]i|[eE][+-]?[0-9]+)?$"
+
+
+def _check_k8s_quantity(value: int | str) -> int | str:
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"{value} must not be negative")
+        return value
+    if not re.match(_K8S_QUANTITY, value):
+        raise ValueError(
+            f"{value!r} is not a Kubernetes quantity (for example 4, '500m', '8Gi', '512Mi')"
+        )
+    return value
+
+
+#: A Kubernetes quantity, as in a pod's resources: a number (`cpu: 4`) or a string (`8Gi`).
+#: The CRD says `x-kubernetes-int-or-string` with the quantity pattern.
+Quantity = Annotated[
+    int | str,
+    AfterValidator(_check_k8s_quantity),
+    WithJsonSchema(
+        {"anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "pattern": _K8S_QUANTITY}]}
+    ),
+]
+
+
+#: A number of bytes as a Kubernetes quantity (`4Gi`, `512Mi`, or a plain number of bytes);
+#: checked by parse_quantity in the model that holds it (naming the field).
+ByteQuantity = Annotated[
+    int | str,
+    WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 1}, {"type": "string"}]}),
+]
 
 
 class DatasetConfig(StrictModel):
@@ -156,11 +227,11 @@ class DatasetConfig(StrictModel):
         "skip",
         description="What to do with an unreadable image: skip it (reported by file name) or stop.",
     )
-    memory_budget: str = Field(
+    memory_budget: ByteQuantity = Field(
         "4Gi",
         description=(
             "Decoded images a worker may hold in memory (and on its GPU), as a Kubernetes "
-            "quantity: a dataset whose decoded size (N x C x image_size^2 bytes) is larger is "
+            "quantity: a dataset whose decoded size (N x C x imageSize^2 bytes) is larger is "
             "streamed from its prepared shards instead of decoded into memory."
         ),
     )
@@ -176,22 +247,22 @@ class DatasetConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check_sizes(self) -> DatasetConfig:
-        parse_quantity(self.memory_budget, "dataset.memory_budget")
+        parse_quantity(self.memory_budget, "dataset.memoryBudget")
         if self.storage_size is not None and self.storage_size < self.image_size:
             raise ValueError(
-                f"dataset.storage_size ({self.storage_size}) must be at least "
-                f"dataset.image_size ({self.image_size})"
+                f"dataset.storageSize ({self.storage_size}) must be at least "
+                f"dataset.imageSize ({self.image_size})"
             )
         return self
 
     @property
     def memory_budget_bytes(self) -> int:
-        """`memory_budget` in bytes."""
-        return parse_quantity(self.memory_budget, "dataset.memory_budget")
+        """`memoryBudget` in bytes."""
+        return parse_quantity(self.memory_budget, "dataset.memoryBudget")
 
     @property
     def prepared_size(self) -> int:
-        """The storage size of prepared shards: `storage_size`, or max(256, image_size)."""
+        """The storage size of prepared shards: `storageSize`, or max(256, image_size)."""
         return self.storage_size if self.storage_size is not None else max(256, self.image_size)
 
 
@@ -283,7 +354,7 @@ class AugmentConfig(StrictModel):
     def _check_scale(self) -> AugmentConfig:
         low, high = self.crop_scale
         if not 0.0 < low <= high <= 1.0:
-            raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
+            raise ValueError(f"cropScale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
         return self
 
 
@@ -372,7 +443,7 @@ class EvalConfig(StrictModel):
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
     test_dataset: DatasetConfig | None = Field(
         None,
-        description="Held-out split; without it `probe.holdout_fraction` of `dataset` is used.",
+        description="Held-out split; without it `probe.holdoutFraction` of `dataset` is used.",
     )
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
@@ -432,38 +503,110 @@ def parse_config(model: type[ModelT], data: dict[str, Any], source: str = "confi
         raise ConfigError(format_validation_error(error, source)) from None
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Return a copy of `data` with `a.b.c=value` overrides applied (values parsed as YAML)."""
+def _known_key(node: dict[str, Any], model: type[BaseModel] | None, part: str) -> tuple[str, Any]:
+    """(key to use in `node`, model of its value) for the override path component `part`:
+    a field of `model` given in either spelling takes the spelling `node` already has (else
+    the one given); keys of user data (a nodeSelector, volumes) are used as given."""
+    if model is None:
+        return part, None
+    for name, field in model.model_fields.items():
+        alias = field.alias or name
+        if part in (name, alias):
+            key = alias if alias in node else name if name in node else part
+            return key, _model_of(field.annotation)
+    return part, None
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model a field holds (alone or in an Optional), else None."""
+    for option in (annotation, *getattr(annotation, "__args__", ())):
+        if isinstance(option, type) and issubclass(option, BaseModel):
+            return option
+    return None
+
+
+def apply_overrides(
+    data: dict[str, Any], overrides: list[str], model: type[BaseModel] | None = None
+) -> dict[str, Any]:
+    """Return a copy of `data` with `a.b.c=value` overrides applied (values parsed as YAML).
+
+    With `model`, a field may be named in either spelling (`search.baseEpochs` or
+    `search.baseEpochs`) and replaces the value whichever spelling the file used."""
     result: dict[str, Any] = yaml.safe_load(yaml.safe_dump(data)) or {}
     for override in overrides:
         if "=" not in override:
             raise ConfigError(f"override {override!r}: expected key.path=value")
         key, raw_value = override.split("=", 1)
-        node = result
+        node, current = result, model
         parts = key.strip().split(".")
         for part in parts[:-1]:
+            part, current = _known_key(node, current, part)
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
                 raise ConfigError(f"override {override!r}: {part!r} is not a mapping")
             node = child
-        node[parts[-1]] = yaml.safe_load(raw_value)
+        last, _ = _known_key(node, current, parts[-1])
+        node[last] = yaml.safe_load(raw_value)
     return result
 
 
+#: API group of the custom resources whose manifests the CLI reads (operator/names.py GROUP).
+MANIFEST_GROUP = "selfaugment.io"
+
+
+def read_config_file(path: str | Path | None) -> tuple[Any, str]:
+    """(parsed YAML/JSON document, its name for messages); an empty mapping without a path."""
+    if path is None:
+        return {}, "config"
+    source = str(path)
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as error:
+        raise ConfigError(f"{source}: cannot read config file: {error.strerror}") from None
+    loaded = read_config_text(raw, source)
+    return (loaded if loaded is not None else {}), source
+
+
+def is_manifest(data: Any) -> bool:
+    """A whole Kubernetes manifest (apiVersion/kind/metadata/spec) rather than a bare spec."""
+    return isinstance(data, dict) and ("apiVersion" in data or "kind" in data)
+
+
+def manifest_spec(data: dict[str, Any], kind: str, source: str) -> dict[str, Any]:
+    """The `spec` of a manifest of `kind` (selfaugment.io); ConfigError naming what is wrong."""
+    api_version = data.get("apiVersion")
+    if not isinstance(api_version, str) or api_version.split("/")[0] != MANIFEST_GROUP:
+        raise ConfigError(
+            f"{source}: apiVersion: {api_version!r} is not {MANIFEST_GROUP}/<version> "
+            f"(expected an {kind} manifest or its bare spec)"
+        )
+    if data.get("kind") != kind:
+        raise ConfigError(
+            f"{source}: kind: {data.get('kind')!r} is not {kind} (this command reads an "
+            f"{kind} manifest or its bare spec)"
+        )
+    unknown = sorted(set(data) - {"apiVersion", "kind", "metadata", "spec", "status"})
+    if unknown:
+        raise ConfigError(f"{source}: {unknown[0]}: unknown field of an {kind} manifest")
+    spec = data.get("spec")
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{source}: spec: required (a mapping) in an {kind} manifest")
+    return spec
+
+
 def load_config(
-    model: type[ModelT], path: str | Path | None, overrides: list[str] | None = None
+    model: type[ModelT],
+    path: str | Path | None,
+    overrides: list[str] | None = None,
+    kind: str | None = None,
 ) -> ModelT:
-    """Read a YAML/JSON file (or nothing, for all defaults) into a validated config."""
-    data: dict[str, Any] = {}
-    source = "config"
-    if path is not None:
-        source = str(path)
-        try:
-            raw = Path(path).read_bytes()
-        except OSError as error:
-            raise ConfigError(f"{source}: cannot read config file: {error.strerror}") from None
-        loaded = read_config_text(raw, source)
-        data = loaded if loaded is not None else {}
-    if overrides:
-        data = apply_overrides(data, overrides)
+    """Read a YAML/JSON file (or nothing, for all defaults) into a validated config.
+
+    With `kind` (AugmentSearch, Pretrain), the file may also be that resource's whole manifest:
+    its `spec` is the config (metadata is not read), and overrides apply to the spec."""
+    data, source = read_config_file(path)
+    if kind is not None and is_manifest(data):
+        data, source = manifest_spec(data, kind, source), f"{source}: spec"
+    if overrides and isinstance(data, dict):
+        data = apply_overrides(data, overrides, model)
     return parse_config(model, data, source)

@@ -1,16 +1,28 @@
 """Spec of the Pretrain custom resource: one MoCo training run as a Kubernetes workload.
 
 A Pretrain is either standalone (its training settings are a PretrainConfig: dataset, model,
-policy, hierarchical `init_from`/`trainable`, ...) or the retrain stage of an AugmentSearch
-(`search_ref` set by the operator): then the worker runs the search's `retrain` task and the
+policy, hierarchical `initFrom`/`trainable`, ...) or the retrain stage of an AugmentSearch
+(`searchRef` set by the operator): then the worker runs the search's `retrain` task and the
 training settings come from the search's spec in the store.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field, model_validator
 
-from selfaugment.trainer.config import PretrainConfig, StrictModel
+from selfaugment.trainer.config import (
+    ConfigError,
+    PretrainConfig,
+    StrictModel,
+    apply_overrides,
+    is_manifest,
+    load_config,
+    manifest_spec,
+    parse_config,
+    read_config_file,
+)
 from selfaugment.trainer.spec import ResourcesConfig, StorageConfig
 
 
@@ -66,3 +78,22 @@ class PretrainSpec(PretrainConfig):
     def gpus_per_node(self) -> int:
         """Worker processes per node."""
         return self.distributed.gpus_per_node or max(1, self.resources.gpus)
+
+
+def load_pretrain_config(path: str | Path | None, overrides: list[str] | None) -> PretrainConfig:
+    """`selfaugment pretrain -f`: a PretrainConfig file, or a whole Pretrain manifest whose
+    spec's training settings are used (its resources, distributed, storage and prefix are the
+    operator's and are only validated here)."""
+    data, source = read_config_file(path)
+    if not is_manifest(data):
+        return load_config(PretrainConfig, path, overrides)
+    spec = manifest_spec(data, "Pretrain", source)
+    if overrides:
+        spec = apply_overrides(spec, overrides, PretrainSpec)
+    parsed = parse_config(PretrainSpec, spec, f"{source}: spec")
+    if parsed.search_ref:
+        raise ConfigError(
+            f"{source}: spec.searchRef: the retrain stage of AugmentSearch {parsed.search_ref} "
+            "takes its settings from the search; it does not run alone"
+        )
+    return parsed.to_config()

@@ -20,6 +20,7 @@ from selfaugment.trainer.config import (
     ModelConfig,
     OptimConfig,
     ProbeConfig,
+    Quantity,
     RuntimeConfig,
     StrictModel,
 )
@@ -55,13 +56,13 @@ class RandAugmentGrid(StrictModel):
 
 
 class BaseSelection(StrictModel):
-    """How the base transform is chosen among the candidates (when `base_policy` is 'auto').
+    """How the base transform is chosen among the candidates (when `basePolicy` is 'auto').
 
-    `exhaustive` trains every candidate for `base_epochs` (the paper's setting).
+    `exhaustive` trains every candidate for `baseEpochs` (the paper's setting).
     `successive_halving` trains every candidate for a short first rung, keeps the best 1/eta
     by held-out rotation accuracy (the paper's criterion), continues those from their own
-    checkpoints to the next rung, and so on to `base_epochs` (as ASHA/Hyperband do). The
-    learning-rate schedule is that of `base_epochs`, so a candidate that survives every rung
+    checkpoints to the next rung, and so on to `baseEpochs` (as ASHA/Hyperband do). The
+    learning-rate schedule is that of `baseEpochs`, so a candidate that survives every rung
     trains exactly as it would in the exhaustive stage.
     """
 
@@ -90,7 +91,7 @@ class BaseSelection(StrictModel):
 class RacingConfig(StrictModel):
     """Racing the TPE candidates: each is scored on a growing share of the held-out images and
     stopped as soon as its objective, minus `z` standard errors over the images seen, is worse
-    than the current P-th best (P = top_policies; those are always scored in full). TPE gets
+    than the current P-th best (P = topPolicies; those are always scored in full). TPE gets
     the estimate. Off by default until its effect on the found policies is measured."""
 
     enabled: bool = Field(False, description="Race the candidates (see above).")
@@ -174,12 +175,12 @@ class SearchConfig(StrictModel):
     def _check(self) -> SearchConfig:
         if self.base_selection.min_epochs > self.base_epochs:
             raise ValueError(
-                f"base_selection.min_epochs ({self.base_selection.min_epochs}) cannot exceed "
-                f"base_epochs ({self.base_epochs})"
+                f"baseSelection.minEpochs ({self.base_selection.min_epochs}) cannot exceed "
+                f"baseEpochs ({self.base_epochs})"
             )
         if self.top_policies > self.trials:
             raise ValueError(
-                f"top_policies ({self.top_policies}) cannot exceed trials ({self.trials})"
+                f"topPolicies ({self.top_policies}) cannot exceed trials ({self.trials})"
             )
         return self
 
@@ -233,8 +234,12 @@ class ResourcesConfig(StrictModel):
 
     gpus: int = Field(0, ge=0, le=16, description="GPUs per worker.")
     gpu_resource: str = Field("nvidia.com/gpu", description="Extended resource name of a GPU.")
-    cpu: str = Field("2", description="CPU request per worker (Kubernetes quantity).")
-    memory: str = Field("8Gi", description="Memory request per worker (Kubernetes quantity).")
+    cpu: Quantity = Field(
+        "2", description="CPU request per worker (Kubernetes quantity: 4, '4', '500m')."
+    )
+    memory: Quantity = Field(
+        "8Gi", description="Memory request per worker (Kubernetes quantity: '8Gi', '512Mi')."
+    )
     image: str | None = Field(None, description="Worker image; the operator default when unset.")
     node_selector: dict[str, str] = Field(default_factory=dict, description="Worker nodeSelector.")
     tolerations: list[Toleration] = Field(default_factory=list, description="Worker tolerations.")
@@ -247,13 +252,13 @@ class ResourcesConfig(StrictModel):
         default_factory=list,
         description=(
             "Extra pod volumes (core/v1 Volume objects, e.g. a PersistentVolumeClaim holding the "
-            "dataset); mount them with `volume_mounts`."
+            "dataset); mount them with `volumeMounts`."
         ),
     )
     volume_mounts: list[VolumeMount] = Field(
         default_factory=list, description="Where `volumes` appear in the worker container."
     )
-    shared_memory: str | None = Field(
+    shared_memory: Quantity | None = Field(
         "1Gi",
         description=(
             "Size of the in-memory /dev/shm of worker pods (data loader workers and NCCL need "
@@ -292,13 +297,13 @@ class ResourcesConfig(StrictModel):
             if mount.name not in declared:
                 allowed = ", ".join(declared) or "none declared"
                 raise ValueError(
-                    f"volume_mounts[{index}].name: {mount.name!r} is not in volumes "
+                    f"volumeMounts[{index}].name: {mount.name!r} is not in volumes "
                     f"(declared: {allowed})"
                 )
             path = mount.mount_path.rstrip("/") or "/"
             if path in RESERVED_MOUNT_PATHS or path == "/":
                 raise ValueError(
-                    f"volume_mounts[{index}].mount_path: {mount.mount_path!r} is used by the "
+                    f"volumeMounts[{index}].mountPath: {mount.mount_path!r} is used by the "
                     f"worker pod (reserved: /, {', '.join(RESERVED_MOUNT_PATHS)})"
                 )
         return self
@@ -353,7 +358,7 @@ class AugmentSearchSpec(StrictModel):
         None,
         description=(
             "Held-out images on which the final model's probes are measured (e.g. a test split); "
-            "without it, `evaluation.holdout_fraction` of the training images is held out."
+            "without it, `evaluation.holdoutFraction` of the training images is held out."
         ),
     )
     search: SearchConfig = Field(default_factory=SearchConfig)
@@ -368,7 +373,7 @@ class AugmentSearchSpec(StrictModel):
         chosen = self.search.base_candidates
         if self.dataset.channels == 1 and chosen != BASE_CANDIDATES_ALL and "Color" in chosen:
             raise ValueError(
-                "search.base_candidates: Color is the identity on 1-channel images "
+                "search.baseCandidates: Color is the identity on 1-channel images "
                 "(dataset.channels: 1), so it cannot be a base policy; leave it out"
             )
         return self

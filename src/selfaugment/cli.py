@@ -52,7 +52,11 @@ class UsageError(SelfAugmentError):
 
 def _add_config_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument(
-        "-f", "--config", type=Path, required=required, help="YAML or JSON config file"
+        "-f",
+        "--config",
+        type=Path,
+        required=required,
+        help="YAML or JSON config file (search, pretrain: or the whole manifest of the resource)",
     )
     parser.add_argument(
         "--set",
@@ -77,7 +81,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from selfaugment.trainer.search.cli import run_search
     from selfaugment.trainer.spec import AugmentSearchSpec
 
-    spec = load_config(AugmentSearchSpec, args.config, args.overrides)
+    spec = load_config(AugmentSearchSpec, args.config, args.overrides, kind="AugmentSearch")
     return run_search(
         spec,
         output=args.output,
@@ -96,12 +100,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from selfaugment.trainer.config import PretrainConfig, load_config
     from selfaugment.trainer.evaluation.pretrained import run_pretrain
     from selfaugment.trainer.moco.pretrain import epoch_logger
+    from selfaugment.trainer.pretrain_spec import load_pretrain_config
 
     _threads_from_env()
-    config = load_config(PretrainConfig, args.config, args.overrides)
+    config = load_pretrain_config(args.config, args.overrides)
     on_epoch = None
     if config.runtime.progress:
         on_epoch = epoch_logger(config.optim.epochs, lambda line: print(line, file=sys.stderr))

@@ -43,8 +43,8 @@ CASES = {
     "seed beyond 2**32": (("search", "seed", 2**64), "search.seed"),
     "empty dataset uri": (("dataset", "uri", ""), "dataset.uri"),
     "missing dataset path": (("dataset", "uri", "/nonexistent/images"), "/nonexistent/images"),
-    "batch larger than a fold": (("optim", "batch_size", 512), "optim.batch_size=512"),
-    "huge queue": (("moco", "queue_size", 2**40), "moco.queue_size"),
+    "batch larger than a fold": (("optim", "batchSize", 512), "optim.batch_size=512"),
+    "huge queue": (("moco", "queueSize", 2**40), "moco.queueSize"),
 }
 
 

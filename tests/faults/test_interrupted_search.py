@@ -47,19 +47,19 @@ def _config(tmp_path: Path, data: Path) -> Path:
     raw = yaml.safe_load((REPO / "examples" / "search-smoke.yaml").read_text())
     raw["dataset"] = {"uri": str(data), "image_size": 16, "channels": 1}
     raw["model"]["width"] = 4
-    raw["moco"]["queue_size"] = 128
-    raw["optim"]["batch_size"] = 64
+    raw["moco"]["queueSize"] = 128
+    raw["optim"]["batchSize"] = 64
     raw["evaluation"]["epochs"] = 2
     raw["search"].update(
-        base_candidates=["RandomResizedCrop", "Rotate"],
-        base_epochs=1,
-        fold_epochs=1,
+        baseCandidates=["RandomResizedCrop", "Rotate"],
+        baseEpochs=1,
+        foldEpochs=1,
         folds=2,
         repeats=1,
         trials=80,
-        startup_trials=5,
-        top_policies=2,
-        sub_policies=2,
+        startupTrials=5,
+        topPolicies=2,
+        subPolicies=2,
     )
     raw.setdefault("retrain", {})["epochs"] = 1
     path = tmp_path / "tiny.yaml"

@@ -139,7 +139,7 @@ def test_a_missing_secret_is_named_and_the_run_starts_once_it_exists(
     pretrain = lambda: cluster.pretrain("no-secret-pt")  # noqa: E731
     for read, name in ((search, "no-secret"), (pretrain, "no-secret-pt")):
         condition = wait_condition(cluster, read, "StorageReady", "False", reason="SecretNotFound")
-        assert f"Secret {SECRET} (spec.storage.secret_ref) not found" in condition["message"]
+        assert f"Secret {SECRET} (spec.storage.secretRef) not found" in condition["message"]
         assert "namespace default" in condition["message"]
         warnings = wait_events(cluster, name, "SecretNotFound")
         assert f"Secret {SECRET}" in warnings[0]["message"]

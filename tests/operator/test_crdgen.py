@@ -41,7 +41,8 @@ def _walk(node: Any, path: str, found: list[str]) -> None:
     for bad in ("$ref", "anyOf", "oneOf", "allOf", "title", "const", "prefixItems", "$defs"):
         if bad in node:
             found.append(f"{path}: {bad}")
-    if "type" not in node and not node.get("x-kubernetes-preserve-unknown-fields"):
+    untyped = ("x-kubernetes-preserve-unknown-fields", "x-kubernetes-int-or-string")
+    if "type" not in node and not any(node.get(key) for key in untyped):
         found.append(f"{path}: no type")
     if "properties" in node and "additionalProperties" in node:
         found.append(f"{path}: properties and additionalProperties")
@@ -95,7 +96,7 @@ def test_conversion_keeps_constraints_and_nullable() -> None:
     assert limit["nullable"] is True and limit["type"] == "integer" and limit["minimum"] == 1
     assert schema["search"]["properties"]["objective"]["enum"][0] == "minimax"
     assert schema["resources"]["properties"]["affinity"]["x-kubernetes-preserve-unknown-fields"]
-    crop = schema["augment"]["properties"]["crop_scale"]
+    crop = schema["augment"]["properties"]["cropScale"]
     assert crop["items"] == {"type": "number"} and crop["minItems"] == crop["maxItems"] == 2
 
 
@@ -113,11 +114,14 @@ def _json_schema(node: Any) -> Any:
         return node
     out = {key: _json_schema(value) for key, value in node.items()}
     out.pop("x-kubernetes-preserve-unknown-fields", None)
+    if out.pop("x-kubernetes-int-or-string", False):
+        out["type"] = ["integer", "string"]
     for bound, flag in (("minimum", "exclusiveMinimum"), ("maximum", "exclusiveMaximum")):
         if out.pop(flag, False) is True:
             out[flag] = out.pop(bound)
     if out.pop("nullable", False):
-        out["type"] = [out["type"], "null"]
+        kinds = out["type"] if isinstance(out["type"], list) else [out["type"]]
+        out["type"] = [*kinds, "null"]
         if "enum" in out:
             out["enum"] = [*out["enum"], None]
     if "properties" in out:
@@ -170,8 +174,9 @@ def test_bad_examples_are_rejected_naming_the_field(path: Path) -> None:
 def test_reference_docs_cover_every_field() -> None:
     text = (REPO / "docs" / "reference" / "augmentsearch.md").read_text()
     for section in ("search", "resources", "storage", "parallelism"):
-        for field in AugmentSearchSpec.model_fields[section].annotation.model_fields:  # type: ignore[union-attr]
-            assert f"`spec.{section}.{field}`" in text
+        model = AugmentSearchSpec.model_fields[section].annotation
+        for name, field in model.model_fields.items():  # type: ignore[union-attr]
+            assert f"`spec.{section}.{field.alias or name}`" in text
     for field in (
         "phase",
         "stage",
@@ -181,3 +186,48 @@ def test_reference_docs_cover_every_field() -> None:
         "observedGeneration",
     ):
         assert f"`status.{field}`" in text
+
+
+def _snake_case_properties(node: dict[str, Any], path: str, found: list[str]) -> None:
+    for name, child in node.get("properties", {}).items():
+        if "_" in name:
+            found.append(f"{path}.{name}")
+        _snake_case_properties(child, f"{path}.{name}", found)
+    if "items" in node:
+        _snake_case_properties(node["items"], f"{path}[]", found)
+
+
+def test_spec_fields_are_camel_case_and_storage_uri_is_required() -> None:
+    for kind, crd in CRDS.items():
+        spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+        found: list[str] = []
+        _snake_case_properties(spec, kind, found)
+        assert found == []
+        assert "storage" in spec["required"]
+        storage = spec["properties"]["storage"]
+        assert storage["required"] == ["uri"] and storage["properties"]["uri"]["minLength"] == 1
+    columns = CRDS["Pretrain"]["spec"]["versions"][0]["additionalPrinterColumns"]
+    assert {"name": "Search", "type": "string", "jsonPath": ".spec.searchRef", "priority": 1} in (
+        columns
+    )
+
+
+def _search(spec: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "selfaugment.io/v1alpha1",
+        "kind": "AugmentSearch",
+        "metadata": {"name": "q"},
+        "spec": {"storage": {"uri": "s3://b/q"}, **spec},
+    }
+
+
+def test_quantities_are_int_or_string_in_the_schema() -> None:
+    resources = structural_schema(AugmentSearchSpec)["properties"]["resources"]["properties"]
+    assert resources["cpu"]["x-kubernetes-int-or-string"] is True and "type" not in resources["cpu"]
+    assert resources["sharedMemory"]["nullable"] is True
+    assert schema_errors(_search({"resources": {"cpu": 4, "memory": "16Gi"}})) == []
+    assert schema_errors(_search({"resources": {"cpu": "500m", "sharedMemory": None}})) == []
+    assert schema_errors(_search({"dataset": {"memoryBudget": 2**32}})) == []
+    assert schema_errors(_search({"resources": {"cpu": "4 cores"}})) != []
+    assert schema_errors(_search({"resources": {"cpu": 1.5}})) != []
+    assert schema_errors({**_search({}), "spec": {"search": {"folds": 2}}}) != []

@@ -240,7 +240,7 @@ def test_worker_image_runs_a_search_task_against_a_local_store(
 
     raw = yaml.safe_load((REPO / "examples" / "search-smoke.yaml").read_text())
     raw["dataset"]["limit"] = 256
-    raw["search"].update(base_epochs=1)
+    raw["search"].update(baseEpochs=1)
     raw["evaluation"]["epochs"] = 1
     raw["runtime"]["device"] = "cpu"
     spec = AugmentSearchSpec.model_validate(raw)

@@ -26,8 +26,8 @@ def search_spec(**resources: Any) -> AugmentSearchSpec:
     return AugmentSearchSpec.model_validate(
         {
             "resources": {"gpus": 2, **resources},
-            "parallelism": {"max_retries": 3},
-            "storage": {"uri": "s3://b/p", "endpoint": "http://minio:9000", "secret_ref": "creds"},
+            "parallelism": {"maxRetries": 3},
+            "storage": {"uri": "s3://b/p", "endpoint": "http://minio:9000", "secretRef": "creds"},
         }
     )
 
@@ -174,7 +174,7 @@ def test_multi_node_pretrain_is_an_indexed_job_with_a_headless_service() -> None
         {
             "resources": {"gpus": 4},
             "distributed": {"nodes": 3, "port": 29400},
-            "init_from": "s3://b/ckpt.pt",
+            "initFrom": "s3://b/ckpt.pt",
             "trainable": "batchnorm",
             "storage": {"uri": "s3://b"},
         }
@@ -260,8 +260,8 @@ def test_spec_volumes_are_mounted_in_task_and_retrain_pods() -> None:
     ("resources", "message"),
     [
         (
-            {"volume_mounts": [{"name": "data", "mount_path": "/data"}]},
-            "volume_mounts[0].name: 'data' is not in volumes (declared: none declared)",
+            {"volumeMounts": [{"name": "data", "mountPath": "/data"}]},
+            "volumeMounts[0].name: 'data' is not in volumes (declared: none declared)",
         ),
         ({"volumes": [{"emptyDir": {}}]}, "volumes[0].name: required"),
         ({"volumes": [{"name": "scratch", "emptyDir": {}}]}, "'scratch' is reserved"),
@@ -269,16 +269,16 @@ def test_spec_volumes_are_mounted_in_task_and_retrain_pods() -> None:
         (
             {
                 "volumes": [DATA_VOLUME],
-                "volume_mounts": [{"name": "datasets", "mount_path": "/tmp/"}],
+                "volumeMounts": [{"name": "datasets", "mountPath": "/tmp/"}],
             },
-            "volume_mounts[0].mount_path: '/tmp/' is used by the worker pod",
+            "volumeMounts[0].mountPath: '/tmp/' is used by the worker pod",
         ),
         (
             {
                 "volumes": [DATA_VOLUME],
-                "volume_mounts": [{"name": "datasets", "mount_path": "data"}],
+                "volumeMounts": [{"name": "datasets", "mountPath": "data"}],
             },
-            "resources.volume_mounts.0.mount_path",
+            "resources.volumeMounts.0.mountPath",
         ),
     ],
 )
@@ -364,8 +364,28 @@ def test_deadlines_per_stage_from_the_spec_over_the_operator_defaults() -> None:
 def test_deadline_stages_are_checked_by_the_spec() -> None:
     with pytest.raises(ValueError, match="active_deadline_seconds"):
         search_spec(active_deadline_seconds={"fold": 60})
-    with pytest.raises(ValueError, match="active_deadline_seconds"):
-        search_spec(active_deadline_seconds={"folds": 0})
+    with pytest.raises(ValueError, match="activeDeadlineSeconds"):
+        search_spec(activeDeadlineSeconds={"folds": 0})
+
+
+def test_quantities_reach_the_job_as_strings() -> None:
+    spec = search_spec(cpu=4, memory="16Gi", sharedMemory=2**30)
+    job = manifests.task_job(SEARCH, spec, task_by_id(spec, "fold-0"), SETTINGS)
+    pod = job["spec"]["template"]["spec"]
+    requests = pod["containers"][0]["resources"]["requests"]
+    assert (requests["cpu"], requests["memory"]) == ("4", "16Gi")
+    dshm = next(volume for volume in pod["volumes"] if volume["name"] == "dshm")
+    assert dshm["emptyDir"]["sizeLimit"] == str(2**30)
+
+
+def test_the_retraining_pretrain_spec_is_camel_case() -> None:
+    spec = search_spec(nodeSelector={"pool_name": "gpu"}, priorityClass="batch")
+    pretrain = manifests.retrain_pretrain(SEARCH, spec)["spec"]
+    assert pretrain["searchRef"] == SEARCH["metadata"]["name"] and "maxRetries" in pretrain
+    assert pretrain["resources"]["nodeSelector"] == {"pool_name": "gpu"}  # user data as is
+    assert pretrain["resources"]["priorityClass"] == "batch"
+    assert "batchSize" in pretrain["optim"] and "imageSize" in pretrain["dataset"]
+    assert PretrainSpec.model_validate(pretrain).search_ref == SEARCH["metadata"]["name"]
 
 
 def test_jobs_pods_and_services_carry_the_recommended_labels_and_no_token() -> None:

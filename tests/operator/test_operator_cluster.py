@@ -358,22 +358,22 @@ def smoke_manifest(name: str, endpoint: str) -> dict[str, Any]:
     spec = yaml.safe_load((REPO / "examples" / "search-smoke.yaml").read_text())
     spec["dataset"]["limit"] = 256
     spec["search"].update(
-        base_candidates=["RandomResizedCrop", "Rotate"],
-        base_epochs=1,
-        fold_epochs=1,
+        baseCandidates=["RandomResizedCrop", "Rotate"],
+        baseEpochs=1,
+        foldEpochs=1,
         trials=4,
-        startup_trials=2,
-        top_policies=2,
+        startupTrials=2,
+        topPolicies=2,
     )
     spec["evaluation"]["epochs"] = 2
     spec["retrain"]["epochs"] = 1
     spec["runtime"] = {**spec.get("runtime", {}), "device": "cpu", "progress": False}
-    spec["parallelism"] = {"max_workers": 2, "max_retries": 0}
+    spec["parallelism"] = {"maxWorkers": 2, "maxRetries": 0}
     spec["storage"] = {
         "uri": f"s3://selfaugment/runs/{name}",
         "endpoint": endpoint,
         "region": "us-east-1",
-        "secret_ref": "store-credentials",
+        "secretRef": "store-credentials",
     }
     return {
         "apiVersion": names.API_VERSION,

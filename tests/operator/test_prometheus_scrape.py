@@ -164,12 +164,12 @@ def example_search(endpoint: str) -> dict[str, Any]:
     """examples/augmentsearch.yaml with a test-sized search and the local S3 endpoint."""
     body = yaml.safe_load((REPO / "examples" / "augmentsearch.yaml").read_text())
     body["spec"]["search"].update(
-        base_policy="RandomResizedCrop",
+        basePolicy="RandomResizedCrop",
         folds=2,
         repeats=1,
         trials=2,
-        top_policies=1,
-        startup_trials=1,
+        topPolicies=1,
+        startupTrials=1,
     )
     body["spec"]["storage"]["endpoint"] = endpoint
     return body
@@ -203,7 +203,7 @@ def test_prometheus_scrapes_the_operator_during_a_search(
     cluster, operator_process, kubelet_fake, s3_endpoint, prometheus, tmp_path
 ):
     search = example_search(s3_endpoint)
-    cluster.create_secret(search["spec"]["storage"]["secret_ref"], {
+    cluster.create_secret(search["spec"]["storage"]["secretRef"], {
         "AWS_ACCESS_KEY_ID": "worker-key", "AWS_SECRET_ACCESS_KEY": "worker-secret",
     })  # fmt: skip
     kubelet_fake.extra_env["FAKE_SLEEP"] = "2"  # long enough to scrape running tasks' epochs

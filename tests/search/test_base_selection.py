@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
+from pydantic.alias_generators import to_camel
 
 from selfaugment.trainer.config import ConfigError, load_config, parse_config
 from selfaugment.trainer.search.base_selection import (
@@ -33,7 +34,7 @@ ALL16 = "all"
 
 def _spec(**search: Any) -> AugmentSearchSpec:
     raw = yaml.safe_load((REPO / "examples" / "search-smoke.yaml").read_text())
-    raw["search"].update(search)
+    raw["search"].update({to_camel(name): value for name, value in search.items()})
     return parse_config(AugmentSearchSpec, raw, source="test")
 
 
@@ -67,11 +68,11 @@ def test_rungs_halve_the_candidates_and_end_at_the_full_budget() -> None:
 
 
 def test_bad_base_selection_is_refused_naming_the_field() -> None:
-    with pytest.raises(ConfigError, match="min_epochs"):
+    with pytest.raises(ConfigError, match="minEpochs"):
         _spec(base_epochs=4, base_selection={"method": "successive_halving", "min_epochs": 5})
-    with pytest.raises(ConfigError, match="base_selection.eta"):
+    with pytest.raises(ConfigError, match="baseSelection.eta"):
         _spec(base_selection={"method": "successive_halving", "eta": 1})
-    with pytest.raises(ConfigError, match="base_selection.method"):
+    with pytest.raises(ConfigError, match="baseSelection.method"):
         _spec(base_selection={"method": "hyperband"})
     with pytest.raises(ConfigError, match="Color is the identity on 1-channel images"):
         _spec(base_candidates=["Rotate", "Color"])

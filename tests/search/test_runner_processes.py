@@ -20,8 +20,8 @@ SELFAUGMENT = Path(sys.executable).parent / "selfaugment"
 def _spec(path: Path) -> Path:
     raw = yaml.safe_load((REPO / "examples" / "search-smoke.yaml").read_text())
     raw["dataset"]["limit"] = 512
-    raw["search"].update(base_epochs=200, folds=2)  # base workers run for minutes
-    raw["parallelism"]["max_workers"] = 2
+    raw["search"].update(baseEpochs=200, folds=2)  # base workers run for minutes
+    raw["parallelism"]["maxWorkers"] = 2
     path.write_text(yaml.safe_dump(raw))
     return path
 
