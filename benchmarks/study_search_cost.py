@@ -20,8 +20,8 @@ rewritten from whatever runs exist.
     .venv/bin/python benchmarks/study_search_cost.py --seeds 0 1 2 \
         --out docs/results/search-cost-fmnist
 
-The config is examples/search-fashion-mnist.yaml, reduced by SCALE (see below) so that a pair
-of searches fits in well under an hour of one CPU core.
+The config is examples/search-fashion-mnist.yaml as it is (`--scale example`) or reduced
+(`--scale reduced`, the default of --out docs/results/search-cost-fmnist-reduced): see SCALES.
 """
 
 from __future__ import annotations
@@ -40,19 +40,23 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "examples" / "search-fashion-mnist.yaml"
 
-#: The study's scale: Fashion-MNIST at 16 px as in the example, on 2,000 training images
-#: (the example: 8,000), base candidates trained 4 epochs (so that successive halving has three
-#: rungs, 1, 2 and 4 epochs, as at the paper's scale it has several), 2 folds of 4 epochs,
-#: 20 TPE trials per fold, and a final retraining of 8 epochs, evaluated on 2,000 test images.
-SCALE = [
-    "dataset.limit=2000",
-    "search.base_epochs=4",
-    "search.folds=2",
-    "search.fold_epochs=4",
-    "search.trials=20",
-    "search.startup_trials=8",
-    "retrain.epochs=8",
-]
+#: The study's scales. `example`: examples/search-fashion-mnist.yaml unchanged (8,000 training
+#: images at 16 px, 2 base epochs, 3 folds of 6 epochs, 30 TPE trials per fold, 12 retraining
+#: epochs, evaluated on 2,000 test images). `reduced`: 2,000 training images, base candidates
+#: trained 4 epochs (so that successive halving has three rungs, 1, 2 and 4 epochs, as at the
+#: paper's scale it has several), 2 folds of 4 epochs, 20 TPE trials per fold, 8 retraining epochs.
+SCALES: dict[str, list[str]] = {
+    "example": [],
+    "reduced": [
+        "dataset.limit=2000",
+        "search.base_epochs=4",
+        "search.folds=2",
+        "search.fold_epochs=4",
+        "search.trials=20",
+        "search.startup_trials=8",
+        "retrain.epochs=8",
+    ],
+}
 ARMS: dict[str, list[str]] = {
     "paper": ["search.base_selection.method=exhaustive", "search.racing.enabled=false"],
     "cheap": [
@@ -64,10 +68,10 @@ ARMS: dict[str, list[str]] = {
 STAGES = ("base", "fold", "search", "merge", "retrain")
 
 
-def run_search(arm: str, seed: int, work: Path, threads: int) -> dict[str, Any]:
+def run_search(arm: str, seed: int, work: Path, threads: int, scale: str) -> dict[str, Any]:
     """One whole search in its own process; the figures the study compares."""
-    out = work / f"{arm}-seed{seed}"
-    overrides = [*SCALE, *ARMS[arm], f"search.seed={seed}", "runtime.progress=false"]
+    out = work / f"{scale}-{arm}-seed{seed}"
+    overrides = [*SCALES[scale], *ARMS[arm], f"search.seed={seed}", "runtime.progress=false"]
     command = [sys.executable, "-m", "selfaugment.cli", "search", "-f", str(CONFIG), "-o", str(out)]
     for override in overrides:
         command += ["--set", override]
@@ -91,6 +95,8 @@ def run_search(arm: str, seed: int, work: Path, threads: int) -> dict[str, Any]:
         "arm": arm,
         "seed": seed,
         "command": " ".join(command[1:]),
+        "code": _commit(),
+        "scale": scale,
         "base_policy": report["base_policy"],
         "linear_accuracy": report["final"]["linear_accuracy"],
         "rotation_accuracy": report["final"]["rotation_accuracy"],
@@ -107,6 +113,14 @@ def run_search(arm: str, seed: int, work: Path, threads: int) -> dict[str, Any]:
         "threads": threads,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
     }
+
+
+def _commit() -> str:
+    """The git commit of the code that ran (the study may run from a snapshot checkout)."""
+    done = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+    )
+    return done.stdout.strip() or "unknown"
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -139,14 +153,19 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def render(runs: list[dict[str, Any]], summary: dict[str, Any], seeds_asked: list[int]) -> str:
+def render(
+    runs: list[dict[str, Any]], summary: dict[str, Any], seeds_asked: list[int], scale: str
+) -> str:
+    overrides = " ".join(SCALES[scale]) or "nothing changed"
     lines = [
-        "# The paper's search against successive halving + racing (Fashion-MNIST, reduced scale)",
+        f"# The paper's search against successive halving + racing (Fashion-MNIST, {scale} scale)",
         "",
-        "Command: `.venv/bin/python benchmarks/study_search_cost.py --seeds "
+        "Command: `.venv/bin/python benchmarks/study_search_cost.py --scale "
+        + scale
+        + " --seeds "
         + " ".join(str(s) for s in seeds_asked)
-        + " --out docs/results/search-cost-fmnist`  ",
-        f"Config: `examples/search-fashion-mnist.yaml` with `{' '.join(SCALE)}`; arms: "
+        + f" --out docs/results/search-cost-fmnist-{scale}`  ",
+        f"Config: `examples/search-fashion-mnist.yaml` with `{overrides}`; arms: "
         + "; ".join(f"`{arm}`: `{' '.join(overrides)}`" for arm, overrides in ARMS.items())
         + ".",
         "",
@@ -197,11 +216,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
-    parser.add_argument("--out", type=Path, default=REPO / "docs/results/search-cost-fmnist")
+    parser.add_argument("--scale", choices=list(SCALES), default="reduced")
+    parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--work", type=Path, default=REPO / "runs/study-search-cost")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--summary-only", action="store_true", help="Only rewrite the summary.")
     args = parser.parse_args()
+    args.out = args.out or REPO / f"docs/results/search-cost-fmnist-{args.scale}"
     (args.out / "runs").mkdir(parents=True, exist_ok=True)
     if not args.summary_only:
         for seed in args.seeds:
@@ -210,7 +231,7 @@ def main() -> int:
                 if target.exists():
                     print(f"{target}: done already, skipped", flush=True)
                     continue
-                run = run_search(arm, seed, args.work, args.threads)
+                run = run_search(arm, seed, args.work, args.threads, args.scale)
                 target.write_text(json.dumps(run, indent=1) + "\n")
                 print(f"{target}: {run['base_policy']}, {run['linear_accuracy']:.4f}", flush=True)
     runs = [json.loads(path.read_text()) for path in sorted((args.out / "runs").glob("*.json"))]
@@ -220,7 +241,9 @@ def main() -> int:
     notes = ""
     if readme.exists() and "## What we read from it" in readme.read_text():
         notes = readme.read_text()[readme.read_text().index("## What we read from it") :]
-    readme.write_text(render(runs, summary, args.seeds) + ("\n" + notes if notes else ""))
+    readme.write_text(
+        render(runs, summary, args.seeds, args.scale) + ("\n" + notes if notes else "")
+    )
     return 0
 
 
