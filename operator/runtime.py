@@ -69,39 +69,27 @@ def check_store(store: ArtifactStore) -> None:
     """
     if not isinstance(store, S3Store):
         return
-    from botocore.exceptions import (
-        BotoCoreError,
-        ClientError,
-        ConnectionClosedError,
-        ConnectTimeoutError,
-        EndpointConnectionError,
-        ReadTimeoutError,
-    )
+    from selfaugment.trainer.store.s3 import MissingCredentialsError, describe, is_unreachable
 
     bucket, endpoint = store.bucket, store.endpoint
     try:
-        store.client.head_bucket(Bucket=bucket)
-    except ClientError as error:
-        code = str(error.response.get("Error", {}).get("Code") or "")
-        if code in ("404", "NoSuchBucket", "NotFound"):
-            raise StoreUnavailable(
-                f"bucket {bucket} does not exist at {endpoint} (storage.uri {store.uri}); "
-                "the operator retries until it exists",
-                "BucketNotFound",
-            ) from None
-    except (
-        EndpointConnectionError,
-        ConnectTimeoutError,
-        ReadTimeoutError,
-        ConnectionClosedError,
-    ) as error:
-        raise StoreUnavailable(
-            f"S3 endpoint {endpoint} is unreachable ({type(error).__name__}), so bucket "
-            f"{bucket} cannot be read; the operator retries until it answers",
-            "EndpointUnreachable",
-        ) from None
-    except BotoCoreError:  # e.g. no credentials: the reads that follow name it
+        found = store.client.bucket_exists(bucket)
+    except MissingCredentialsError:  # the reads that follow name it
         return
+    except store.errors as error:
+        if is_unreachable(error):
+            raise StoreUnavailable(
+                f"S3 endpoint {endpoint} is unreachable ({describe(error)}), so bucket "
+                f"{bucket} cannot be read; the operator retries until it answers",
+                "EndpointUnreachable",
+            ) from None
+        return  # e.g. AccessDenied on the bucket: the reads that follow name the object
+    if not found:
+        raise StoreUnavailable(
+            f"bucket {bucket} does not exist at {endpoint} (storage.uri {store.uri}); "
+            "the operator retries until it exists",
+            "BucketNotFound",
+        )
 
 
 def read_optional(store: ArtifactStore, key: str) -> Any:

@@ -12,6 +12,7 @@ torch.set_num_threads(1)
 
 import socket  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
+from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -46,3 +47,100 @@ def s3_server(
         yield endpoint
     finally:
         server.stop()
+
+
+class S3Tenants:
+    """A moto S3 server in its own process that checks every request's signature and the
+    signer's IAM policy, as MinIO and AWS do (moto's in-process server checks neither).
+
+    `admin` may do anything; `tenant(name)` makes an IAM user allowed only on bucket `name`
+    (which it creates) and returns its Credentials.
+    """
+
+    def __init__(self, endpoint: str) -> None:
+        import boto3
+
+        from selfaugment.trainer.store.s3 import Credentials
+
+        self.endpoint = endpoint
+        self._client_args = {"endpoint_url": endpoint, "region_name": "us-east-1"}
+        iam = boto3.client("iam", aws_access_key_id="setup", aws_secret_access_key="setup",
+                           **self._client_args)  # fmt: skip
+        iam.create_user(UserName="admin")
+        iam.put_user_policy(UserName="admin", PolicyName="all", PolicyDocument=_policy("*", "*"))
+        key = iam.create_access_key(UserName="admin")["AccessKey"]
+        self.admin = Credentials(key["AccessKeyId"], key["SecretAccessKey"])
+        _post(f"{endpoint}/moto-api/reset-auth", b"0")  # from now on every request is checked
+
+    def client(self, service: str, credentials: Any = None) -> Any:
+        import boto3
+
+        credentials = credentials or self.admin
+        return boto3.client(
+            service,
+            aws_access_key_id=credentials.access_key,
+            aws_secret_access_key=credentials.secret_key,
+            **self._client_args,
+        )
+
+    def tenant(self, bucket: str) -> Any:
+        from selfaugment.trainer.store.s3 import Credentials
+
+        self.client("s3").create_bucket(Bucket=bucket)
+        iam = self.client("iam")
+        iam.create_user(UserName=bucket)
+        resources = [f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"]
+        iam.put_user_policy(
+            UserName=bucket, PolicyName="own", PolicyDocument=_policy("s3:*", resources)
+        )
+        key = iam.create_access_key(UserName=bucket)["AccessKey"]
+        return Credentials(key["AccessKeyId"], key["SecretAccessKey"])
+
+    def keys(self, bucket: str) -> list[str]:
+        listed = self.client("s3").list_objects_v2(Bucket=bucket)
+        return [item["Key"] for item in listed.get("Contents", [])]
+
+
+def _policy(action: str, resource: Any) -> str:
+    import json
+
+    statement = {"Effect": "Allow", "Action": action, "Resource": resource}
+    return json.dumps({"Version": "2012-10-17", "Statement": [statement]})
+
+
+def _post(url: str, data: bytes) -> None:
+    import urllib.request
+
+    request = urllib.request.Request(
+        url, data=data, method="POST", headers={"Content-Type": "text/plain"}
+    )
+    with urllib.request.urlopen(request, timeout=30):
+        pass
+
+
+@pytest.fixture()
+def s3_tenants() -> Iterator[S3Tenants]:
+    """A moto S3 server (own process) that enforces credentials and IAM policies."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                with urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=5):
+                    break
+            except OSError:
+                time.sleep(0.1)
+        yield S3Tenants(endpoint)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -95,7 +95,7 @@ def test_policy_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 
 def test_verbose_logging_never_shows_credentials(s3_server: str) -> None:
     """`selfaugment -v status` on a run in S3 (moto): our debug logs, but no access key ID,
-    secret or request signature (botocore logs signed request headers at DEBUG)."""
+    secret or request signature (HTTP client libraries may log request headers at DEBUG)."""
     import boto3
 
     from selfaugment.trainer.spec import AugmentSearchSpec

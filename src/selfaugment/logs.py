@@ -6,7 +6,7 @@ import logging
 
 #: Libraries that log request headers (signed Authorization, access key IDs, bearer tokens) or
 #: bodies at DEBUG: never below INFO, whatever -v says, so credentials never reach a log.
-CLIENT_LIBRARIES = ("botocore", "boto3", "s3transfer", "urllib3", "kubernetes", "aiohttp")
+CLIENT_LIBRARIES = ("minio", "urllib3", "kubernetes", "aiohttp")
 
 
 def quiet_client_libraries() -> None:

@@ -1,4 +1,4 @@
-"""Reading s3:// dataset inputs into a local cache (boto3; works with AWS, MinIO, moto).
+"""Reading s3:// dataset inputs into a local cache (the minio SDK; AWS, MinIO, moto).
 
 The client and the cache directory are the store's (selfaugment.trainer.store.s3): the same
 endpoint variables and credentials as the artifact store, never logged.
@@ -9,11 +9,19 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from selfaugment.trainer.data.types import DatasetError
-from selfaugment.trainer.store.s3 import cache_root, s3_client
+from selfaugment.trainer.store.s3 import (
+    MissingCredentialsError,
+    cache_root,
+    describe,
+    error_code,
+    request_errors,
+    s3_client,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +59,16 @@ def _download(client: Any, bucket: str, key: str, size: int, etag: str, target: 
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.part-{os.getpid()}")
     logger.info("downloading s3://%s/%s (%d bytes) to %s", bucket, key, size, target)
-    client.download_file(bucket, key, str(partial))
+    response = client.get_object(bucket, key)
+    try:
+        with open(partial, "wb") as file:
+            shutil.copyfileobj(response, file, 2**20)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    finally:
+        response.close()
+        response.release_conn()
     os.replace(partial, target)
     marker.write_text(etag)
 
@@ -65,21 +82,16 @@ def _prune(folder: Path, present: set[Path]) -> None:
             path.with_name(f".{path.name}.etag").unlink(missing_ok=True)
 
 
-def _error_code(error: Exception) -> str:
-    response = getattr(error, "response", None) or {}
-    return str(response.get("Error", {}).get("Code", ""))
-
-
-def _head(client: Any, bucket: str, key: str) -> dict[str, Any] | None:
-    from botocore.exceptions import ClientError
+def _head(client: Any, bucket: str, key: str) -> Any:
+    """The object's stat (size, etag), or None when no object has this key."""
+    from minio.error import S3Error
 
     try:
-        head: dict[str, Any] = client.head_object(Bucket=bucket, Key=key)
-    except ClientError as error:
-        if _error_code(error) in ("404", "NoSuchKey", "NotFound"):
+        return client.stat_object(bucket, key)
+    except S3Error as error:
+        if error.code in ("NoSuchKey", "NoSuchObject"):
             return None
         raise
-    return head
 
 
 def _fetch(client: Any, uri: str, cache: Path) -> Path:
@@ -89,21 +101,20 @@ def _fetch(client: Any, uri: str, cache: Path) -> Path:
         head = _head(client, bucket, key)
         if head is not None:
             target = base / _safe_relative(uri, key)
-            _download(client, bucket, key, int(head["ContentLength"]), head["ETag"], target)
+            _download(client, bucket, key, int(head.size), str(head.etag), target)
             return target
         key += "/"
     target_dir = base / _safe_relative(uri, key) if key else base
     count = 0
     present: set[Path] = set()
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
-        for item in page.get("Contents", []):
-            relative = item["Key"][len(key) :]
-            if not relative or relative.endswith("/"):
-                continue  # folder markers
-            target = target_dir / _safe_relative(uri, relative)
-            _download(client, bucket, item["Key"], int(item["Size"]), item["ETag"], target)
-            present.add(target)
-            count += 1
+    for item in client.list_objects(bucket, prefix=key, recursive=True):
+        relative = item.object_name[len(key) :]
+        if not relative or relative.endswith("/"):
+            continue  # folder markers
+        target = target_dir / _safe_relative(uri, relative)
+        _download(client, bucket, item.object_name, int(item.size), str(item.etag), target)
+        present.add(target)
+        count += 1
     if count == 0:
         raise DatasetError(f"{uri}: no S3 object with this key and none under this prefix")
     _prune(target_dir, present)
@@ -113,21 +124,19 @@ def _fetch(client: Any, uri: str, cache: Path) -> Path:
 
 def fetch_s3(uri: str, cache: Path | None = None, client: Any = None) -> Path:
     """Download an object (returns the file) or every object under a prefix (the folder)."""
-    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+    from minio.error import S3Error
 
     client = client if client is not None else s3_client()
     try:
         return _fetch(client, uri, cache if cache is not None else cache_root())
-    except NoCredentialsError:
-        raise DatasetError(
-            f"{uri}: no S3 credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-            "or an AWS credentials file"
-        ) from None
-    except ClientError as error:
-        code = _error_code(error) or "error"
-        message = (getattr(error, "response", None) or {}).get("Error", {}).get("Message", "")
-        raise DatasetError(f"{uri}: S3 request failed ({code}) {message}".rstrip()) from None
-    except BotoCoreError as error:
-        raise DatasetError(f"{uri}: S3 request failed: {error}") from None
-    except OSError as error:
-        raise DatasetError(f"{uri}: cannot write the cached copy: {error}") from None
+    except MissingCredentialsError as error:
+        raise DatasetError(f"{uri}: {error}") from None
+    except S3Error as error:
+        message = f" {error.message}" if error.message else ""
+        raise DatasetError(f"{uri}: S3 request failed ({error_code(error)}){message}") from None
+    except (OSError, ValueError) as error:
+        if isinstance(error, OSError) and not isinstance(error, ConnectionError):
+            raise DatasetError(f"{uri}: cannot write the cached copy: {error}") from None
+        raise DatasetError(f"{uri}: S3 request failed: {describe(error)}") from None
+    except request_errors() as error:
+        raise DatasetError(f"{uri}: S3 request failed: {describe(error)}") from None

@@ -9,7 +9,7 @@ machine share; each download is atomic and checked against the index's SHA-256. 
 `cache_shards` set, a process deletes the oldest shards it downloaded beyond that many.
 
 The reader can be pickled into DataLoader workers: each process opens its own store client
-and file descriptors (a boto3 client or a descriptor is never shared across a fork).
+and file descriptors (an S3 client or a descriptor is never shared across a fork).
 """
 
 from __future__ import annotations

@@ -4,9 +4,11 @@ The store is the truth of a run: a task is done when its result object exists. W
 atomic (a local write goes to a temporary file and is renamed; an S3 PUT is atomic by nature),
 so a crash never leaves half a result behind. Keys are '/'-separated relative paths.
 
-S3 credentials come from the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or an
-AWS credentials file, as boto3 reads them); the endpoint from `endpoint`, AWS_ENDPOINT_URL or
-S3_ENDPOINT_URL. Credentials are never logged, stored or put in error messages.
+S3 access goes through the one client factory, selfaugment.trainer.store.s3 (the `minio` SDK):
+credentials given for one store (the operator's, from a run's Secret) or else the environment's
+(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, an AWS credentials file or role); the endpoint from
+`endpoint`, AWS_ENDPOINT_URL or S3_ENDPOINT_URL. Credentials are never logged, stored or put in
+error messages.
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from selfaugment.errors import SelfAugmentError
+
+if TYPE_CHECKING:
+    from selfaugment.trainer.store.s3 import Credentials
 
 
 class StoreError(SelfAugmentError):
@@ -219,141 +224,208 @@ class LocalStore(ArtifactStore):
 
 
 class S3Store(ArtifactStore):
-    """An S3 bucket and prefix (AWS S3, MinIO, or any S3-compatible server)."""
+    """An S3 bucket and prefix (AWS S3, MinIO, or any S3-compatible server), through the
+    client of selfaugment.trainer.store.s3 (`credentials` None: the environment's)."""
 
-    def __init__(self, uri: str, endpoint: str | None = None, region: str | None = None) -> None:
+    def __init__(
+        self,
+        uri: str,
+        endpoint: str | None = None,
+        region: str | None = None,
+        credentials: Credentials | None = None,
+    ) -> None:
         bucket, _, prefix = uri.removeprefix("s3://").partition("/")
         if not uri.startswith("s3://") or not bucket:
             raise StoreError(f"invalid S3 URI {uri!r}: expected s3://bucket/prefix")
-        from selfaugment.trainer.store.s3 import s3_client
+        from selfaugment.trainer.store import s3
 
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
-        self.client = s3_client(endpoint, region)
-        self.endpoint = self.client.meta.endpoint_url
+        try:
+            self.client = s3.s3_client(endpoint, region, credentials)
+        except s3.EndpointError as error:
+            raise StoreError(f"{self.uri}: {error}") from None
+        self.endpoint = s3.endpoint_name(endpoint)
+        self.errors = s3.request_errors()
 
     def _object_key(self, key: str) -> str:
         _check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
-    def _fail(self, action: str, key: str, error: Exception) -> StoreError:
+    def _fail(self, action: str, key: str, error: BaseException) -> StoreError:
         """One line naming the object, the endpoint and the cause (never credentials)."""
-        response = getattr(error, "response", None) or {}  # None for timeouts and refusals
-        code = response.get("Error", {}).get("Code")
-        cause = code or f"{type(error).__name__}: {error}"
-        return StoreError(f"{self.url(key)}: cannot {action} at {self.endpoint}: {cause}")
+        from selfaugment.trainer.store.s3 import describe
 
-    def _get(self, key: str) -> tuple[bytes, dict[str, Any]]:
-        """The object's bytes and GET response; ArtifactNotFoundError or one StoreError line."""
-        from botocore.exceptions import BotoCoreError, ClientError
+        return StoreError(f"{self.url(key)}: cannot {action} at {self.endpoint}: {describe(error)}")
 
+    def _code(self, error: BaseException) -> str | None:
+        from selfaugment.trainer.store.s3 import error_code
+
+        return error_code(error)
+
+    def _open(self, key: str) -> Any:
+        """The GET response of the object (close it); ArtifactNotFoundError or a StoreError."""
         try:
-            response = self.client.get_object(Bucket=self.bucket, Key=self._object_key(key))
-            return bytes(response["Body"].read()), response
-        except ClientError as error:
-            if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            return self.client.get_object(self.bucket, self._object_key(key))
+        except self.errors as error:
+            if self._code(error) == "NoSuchKey":
                 raise ArtifactNotFoundError(f"{self.url(key)}: no such artifact") from None
             raise self._fail("read", key, error) from None
-        except BotoCoreError as error:
+
+    def _get(self, key: str) -> tuple[bytes, Any]:
+        """The object's bytes and GET response headers; ArtifactNotFoundError or a StoreError."""
+        response = self._open(key)
+        try:
+            return bytes(response.read()), response.headers
+        except self.errors as error:
             raise self._fail("read", key, error) from None
+        finally:
+            response.close()
+            response.release_conn()
 
     def read_bytes(self, key: str) -> bytes:
         return self._get(key)[0]
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
+        import io
+
+        from selfaugment.trainer.store.s3 import part_size
 
         try:
-            self.client.put_object(Bucket=self.bucket, Key=self._object_key(key), Body=data)
-        except (ClientError, BotoCoreError) as error:
+            self.client.put_object(
+                self.bucket,
+                self._object_key(key),
+                io.BytesIO(data),
+                len(data),
+                part_size=part_size(len(data)),
+            )
+        except self.errors as error:
             raise self._fail("write", key, error) from None
 
-    def exists(self, key: str) -> bool:
-        from botocore.exceptions import BotoCoreError, ClientError
+    def upload_file(self, local_path: Path, key: str) -> None:
+        """Stream the file up; one that is larger than a part goes in parts (multipart)."""
+        from selfaugment.trainer.store.s3 import part_size
 
+        local_path = Path(local_path)
         try:
-            self.client.head_object(Bucket=self.bucket, Key=self._object_key(key))
+            size = local_path.stat().st_size
+            self.client.fput_object(
+                self.bucket, self._object_key(key), str(local_path), part_size=part_size(size)
+            )
+        except self.errors as error:
+            raise self._fail("write", key, error) from None
+
+    def download_file(self, key: str, local_path: Path) -> Path:
+        """Stream the object into `local_path` (written whole or not at all)."""
+        local_path = Path(local_path)
+        response = self._open(key)
+        try:
+            atomic_write(local_path, lambda file: shutil.copyfileobj(response, file, 2**20))
+        except DiskFullError:
+            raise
+        except self.errors as error:
+            raise self._fail("read", key, error) from None
+        finally:
+            response.close()
+            response.release_conn()
+        return local_path
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.client.stat_object(self.bucket, self._object_key(key))
             return True
-        except ClientError as error:
-            if error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+        except self.errors as error:
+            if self._code(error) in ("NoSuchKey", "NoSuchObject"):
                 return False
-            raise self._fail("stat", key, error) from None
-        except BotoCoreError as error:
             raise self._fail("stat", key, error) from None
 
     def list(self, prefix: str = "") -> list[str]:
-        from botocore.exceptions import BotoCoreError, ClientError
-
         full_prefix = f"{self.prefix}/{prefix}" if self.prefix else prefix
         strip = len(self.prefix) + 1 if self.prefix else 0
-        keys: list[str] = []
         try:
-            paginator = self.client.get_paginator("list_objects_v2")
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=full_prefix):
-                keys.extend(item["Key"][strip:] for item in page.get("Contents", []))
-        except (ClientError, BotoCoreError) as error:
+            listed = self.client.list_objects(self.bucket, prefix=full_prefix, recursive=True)
+            keys = [item.object_name[strip:] for item in listed if item.object_name]
+        except self.errors as error:
             raise self._fail("list", prefix or "<root>", error) from None
         return sorted(keys)
 
     def delete(self, key: str, *, if_match: str | None = None) -> None:
         """Remove the object; with `if_match`, only while its ETag is still that one."""
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        condition = {"IfMatch": if_match} if if_match else {}
         try:
-            self.client.delete_object(Bucket=self.bucket, Key=self._object_key(key), **condition)
-        except ClientError as error:
-            if if_match and _precondition_failed(error):
+            if if_match:  # the SDK has no conditional delete: its signed request, one header more
+                self._request("DELETE", key, headers={"If-Match": if_match})
+            else:
+                self.client.remove_object(self.bucket, self._object_key(key))
+        except self.errors as error:
+            if if_match and _precondition_failed(self._code(error)):
                 return
-            raise self._fail("delete", key, error) from None
-        except BotoCoreError as error:
             raise self._fail("delete", key, error) from None
 
     def write_if(self, key: str, data: bytes, *, etag: str | None = None) -> str | None:
         """A conditional write: create the object only if it is absent (`etag` None), or
         replace it only while its ETag is `etag`. Returns the new ETag, or None when the
         condition did not hold (someone else wrote first)."""
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
+        condition = {"If-Match": etag} if etag else {"If-None-Match": "*"}
         try:
-            response = self.client.put_object(
-                Bucket=self.bucket, Key=self._object_key(key), Body=data, **condition
+            response = self._request(
+                "PUT",
+                key,
+                body=data,
+                headers={**condition, "Content-Type": "application/octet-stream"},
             )
-        except ClientError as error:
-            if _precondition_failed(error):
+        except self.errors as error:
+            if _precondition_failed(self._code(error)):
                 return None
             raise self._fail("write", key, error) from None
-        except BotoCoreError as error:
-            raise self._fail("write", key, error) from None
-        return str(response["ETag"])
+        return str(response.headers["ETag"])
+
+    def _request(
+        self,
+        method: str,
+        key: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Any:
+        """One signed request through the SDK (its retries, region and credentials), for the
+        conditional headers its public methods do not pass (If-None-Match, If-Match)."""
+        return self.client._execute(  # the SDK's own request path
+            method, self.bucket, self._object_key(key), body=body, headers=dict(headers or {})
+        )
 
     def read_with_age(self, key: str) -> tuple[bytes, str, float]:
         """The object's bytes, its ETag, and its age in seconds by the server's own clock
         (Last-Modified against the response's Date), so client clocks do not matter."""
         from email.utils import parsedate_to_datetime
 
-        data, response = self._get(key)
-        served = response["ResponseMetadata"].get("HTTPHeaders", {}).get("date")
-        now = parsedate_to_datetime(served) if served else response["LastModified"]
-        age = (now - response["LastModified"]).total_seconds()
-        return data, str(response["ETag"]), max(0.0, age)
+        data, headers = self._get(key)
+        try:
+            modified = parsedate_to_datetime(headers["Last-Modified"])
+            served = headers.get("Date")
+            now = parsedate_to_datetime(served) if served else modified
+        except (KeyError, TypeError, ValueError):
+            raise StoreError(
+                f"{self.url(key)}: the server at {self.endpoint} sent no valid Last-Modified"
+            ) from None
+        age = (now - modified).total_seconds()
+        return data, str(headers["ETag"]), max(0.0, age)
 
 
-def _precondition_failed(error: Exception) -> bool:
+def _precondition_failed(code: str | None) -> bool:
     """A conditional request lost: the object changed (412) or a concurrent write won (409)."""
-    code = getattr(error, "response", {}).get("Error", {}).get("Code")
-    return code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
+    return code in ("PreconditionFailed", "ConditionalRequestConflict", "HTTP 412", "HTTP 409")
 
 
 def open_store(
-    uri: str | Path, endpoint: str | None = None, region: str | None = None
+    uri: str | Path,
+    endpoint: str | None = None,
+    region: str | None = None,
+    credentials: Credentials | None = None,
 ) -> ArtifactStore:
-    """A store for a local path or an s3:// URI."""
+    """A store for a local path or an s3:// URI (`credentials`: see S3Store)."""
     text = str(uri)
     if text.startswith("s3://"):
-        return S3Store(text, endpoint=endpoint, region=region)
+        return S3Store(text, endpoint=endpoint, region=region, credentials=credentials)
     if "://" in text and not text.startswith("file://"):
         raise StoreError(f"unsupported store URI {text!r}: use a local path or s3://bucket/prefix")
     return LocalStore(text.removeprefix("file://"))
