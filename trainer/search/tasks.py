@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from selfaugment import RESULT_SCHEMA_VERSION
+from selfaugment.trainer.data import StreamedImages
 from selfaugment.trainer.search.context import (
     ProgressWriter,
     TaskContext,
@@ -74,6 +75,11 @@ def run_task(store: ArtifactStore, task_id: str) -> dict[str, Any]:
         "seconds": round(time.time() - started, 2),
     }
     result: dict[str, Any] = {**record, **fields}
+    if ctx.loaded_data is not None:  # how this task held its dataset (memory_budget decides)
+        result["data"] = {
+            "images": len(ctx.loaded_data),
+            "path": "streamed" if isinstance(ctx.loaded_data, StreamedImages) else "in memory",
+        }
     skipped = getattr(ctx.loaded_data, "skipped", None)  # a prepared dataset: see `prepare`
     if skipped and "skipped_images" not in result:
         result["skipped_images"] = skipped_record(skipped)
