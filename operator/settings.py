@@ -31,6 +31,7 @@ _HOUR = 3600
 #: neither the spec nor SELFAUGMENT_ACTIVE_DEADLINES sets one. Generous caps, far above a
 #: paper-scale run on one GPU, so that a hung worker cannot hold its GPUs forever.
 DEFAULT_DEADLINES: dict[str, int] = {
+    "prepare": 48 * _HOUR,  # reading and sharding the dataset once
     "base": 72 * _HOUR,
     "folds": 72 * _HOUR,
     "randaugment": 72 * _HOUR,
