@@ -76,8 +76,11 @@ class Kube:
                 _request_timeout=30,
             )
         except ApiException as error:
+            detail = _status_message(error.body)
             raise KubeError(
-                f"{method} {path}: {error.status} {error.reason}", error.status
+                f"{method} {path}: {error.status} {error.reason}"
+                + (f": {detail}" if detail else ""),
+                error.status,
             ) from None
         except Exception as error:  # connection errors: urllib3 raises many kinds
             raise KubeError(f"{method} {path}: {type(error).__name__}: {error}") from None
@@ -168,6 +171,17 @@ class Kube:
         except KubeError as error:
             if error.status != 404:
                 raise
+
+
+def _status_message(body: Any) -> str:
+    """The message of the API server's Status object in an error response (a 422 says which
+    field of the object is invalid), or ''."""
+    try:
+        status = json.loads(body) if isinstance(body, str | bytes) else None
+    except ValueError:
+        return ""
+    message = status.get("message") if isinstance(status, dict) else None
+    return " ".join(str(message).split())[:1000] if message else ""
 
 
 _PLURALS = {

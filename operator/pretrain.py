@@ -18,7 +18,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from selfaugment.operator import manifests, names
-from selfaugment.operator.reconciler import ResourceReconciler
+from selfaugment.operator.kube import KubeError
+from selfaugment.operator.reconciler import INVALID_OBJECT, ResourceReconciler, refused
 from selfaugment.operator.runtime import Deps, StoreUnavailable, read_optional
 from selfaugment.operator.status import (
     JOB_ACTIVE,
@@ -149,15 +150,27 @@ class PretrainReconciler(ResourceReconciler):
             {names.LABEL_PRETRAIN: manifests.label_value(self.name)}, state == JOB_ACTIVE
         )
         if result is None and job is None and startable:
-            if spec.distributed.nodes > 1:
-                kube.create(manifests.pretrain_service(self.body, spec))
-            if kube.create(manifests.pretrain_job(self.body, spec, settings)):
-                self.deps.post_event(self.body, "Normal", "JobCreated", f"created Job {job_name}")
+            try:
+                if spec.distributed.nodes > 1:
+                    kube.create(manifests.pretrain_service(self.body, spec))
+                created = manifests.pretrain_job(self.body, spec, settings)
+                if kube.create(created):
+                    message = f"created Job {job_name}"
+                    self.deps.post_event(self.body, "Normal", "JobCreated", message)
+                if job_state(created) == JOB_SUSPENDED:  # created suspended, for Kueue
+                    state = JOB_SUSPENDED
+            except KubeError as error:
+                if not refused(error):
+                    raise
+                self._fail(INVALID_OBJECT, f"the API server refused Job {job_name}: {error}")
+                return
         progress = read_optional(store, prefixed_key(prefix, PROGRESS_NAME))
         epoch, epochs = number(progress, "epoch"), number(progress, "epochs")
         self.status["epoch"] = int(epoch) if epoch is not None else None
         self.status["epochs"] = int(epochs) if epochs is not None else spec.optim.epochs
         self.status["loss"] = number(progress, "loss")
+        waiting = result is None and state == JOB_SUSPENDED
+        self._queued([job_name] if waiting else [], spec.resources.queue)
         if result is not None:
             self.status["phase"] = "Succeeded"
             self.status["loss"] = number(result, "loss", "final_loss") or self.status["loss"]

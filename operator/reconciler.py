@@ -27,12 +27,23 @@ from selfaugment.operator.status import reported_faults, set_condition, stuck_po
 from selfaugment.trainer.spec import StorageConfig
 from selfaugment.trainer.store import ArtifactStore, StoreError
 
+#: HTTP statuses of an object the API server refuses as invalid (422 Invalid: a field fails
+#: validation; 400 BadRequest: it cannot be decoded): creating it again would fail the same way.
+REFUSED_STATUSES = frozenset({400, 422})
+#: Condition reason of a run whose Job (or retraining Pretrain) the API server refused.
+INVALID_OBJECT = "InvalidJob"
+QUEUED = "Queued"
 STORAGE_READY = "StorageReady"
 WORKERS_HEALTHY = "WorkersHealthy"
 #: Stuck pods named in a WorkersHealthy condition (and given an Event each); the rest are counted.
 MAX_STUCK_LISTED = 5
 _log = logging.getLogger("selfaugment.operator")
 _warned: set[tuple[str, int]] = set()
+
+
+def refused(error: KubeError) -> bool:
+    """The API server refused the object itself (fix the spec), not a passing failure."""
+    return error.status in REFUSED_STATUSES
 
 
 def _warn_once(what: str, error: KubeError) -> None:
@@ -86,6 +97,27 @@ class ResourceReconciler:
         self._condition("Finished", ended, phase if ended else "InProgress", message)
         self._condition("Succeeded", phase == "Succeeded", reason, message)
 
+    def _queued(self, suspended: list[str], queue: str | None) -> None:
+        """`Queued` from the resource's suspended Jobs: True while any waits (for Kueue to
+        admit it, with `resources.queue`), False once none does; a Normal Event when a wait
+        starts."""
+        if not suspended:
+            reason = "Admitted" if queue else "NotQueued"
+            self._condition(QUEUED, False, reason, "no Job waits for admission")
+            return
+        listed = ", ".join(suspended[:MAX_STUCK_LISTED])
+        if len(suspended) > MAX_STUCK_LISTED:
+            listed += f" and {len(suspended) - MAX_STUCK_LISTED} more"
+        if queue:
+            reason = "WaitingForAdmission"
+            message = f"Jobs {listed} are suspended until Kueue admits them (LocalQueue {queue})"
+        else:
+            reason, message = "Suspended", f"Jobs {listed} are suspended"
+        was = self._was(QUEUED)
+        self._condition(QUEUED, True, reason, message)
+        if was is None or was.get("status") != "True":
+            self._event("Normal", QUEUED, message)
+
     def blocked(self) -> tuple[str, str] | None:
         """(reason, message) of the first False StorageReady or WorkersHealthy condition set."""
         for kind in (STORAGE_READY, WORKERS_HEALTHY):
@@ -97,8 +129,9 @@ class ResourceReconciler:
     # -- the store and the credentials Secret ---------------------------------------------
 
     def _open_store(self, storage: StorageConfig) -> ArtifactStore:
-        """The run's store, once its bucket answered; StoreUnavailable (with a reason) if not."""
-        store = open_run_store(storage, self.deps.settings)
+        """The run's store (opened with the run's own credentials Secret), once its bucket
+        answered; StoreUnavailable (with a reason) if not."""
+        store = open_run_store(storage, self.deps.settings, self.deps.kube, self.namespace)
         check_store(store)
         return store
 

@@ -17,8 +17,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from selfaugment.operator import manifests, names
+from selfaugment.operator.kube import KubeError
 from selfaugment.operator.observe import SearchObservation
-from selfaugment.operator.reconciler import ResourceReconciler
+from selfaugment.operator.reconciler import INVALID_OBJECT, ResourceReconciler, refused
 from selfaugment.operator.runtime import Deps, StoreUnavailable, read_optional
 from selfaugment.operator.status import (
     JOB_ACTIVE,
@@ -300,7 +301,17 @@ class SearchReconciler(ResourceReconciler):
                     task.kind == "retrain" and self._retrain_pretrain() is not None
                 ):
                     continue
-                self._start(task, spec)
+                try:
+                    created = self._start(task, spec)
+                except KubeError as error:
+                    if not refused(error):
+                        raise
+                    # The same spec makes the same object: failed until the spec changes (or
+                    # a retry), instead of retried every few seconds for ever.
+                    failure = (task, INVALID_OBJECT, f"the API server refused its object: {error}")
+                    break
+                if created["kind"] == "Job":  # as created (suspended for Kueue, say)
+                    jobs[created["metadata"]["name"]] = created
                 running += 1
         active = any(job_state(job) == JOB_ACTIVE for job in jobs.values())
         self._check_workers({names.LABEL_SEARCH: manifests.label_value(self.name)}, active)
@@ -373,7 +384,8 @@ class SearchReconciler(ResourceReconciler):
             f"start again; the {len(state.done)} finished tasks are kept",
         )
 
-    def _start(self, task: Task, spec: AugmentSearchSpec) -> None:
+    def _start(self, task: Task, spec: AugmentSearchSpec) -> dict[str, Any]:
+        """Create the task's Job (or the retraining Pretrain); the object as sent."""
         kube, settings = self.deps.kube, self.deps.settings
         if task.kind == "retrain":
             manifest = manifests.retrain_pretrain(self.body, spec)
@@ -385,6 +397,7 @@ class SearchReconciler(ResourceReconciler):
             self._event("Normal", "TaskStarted", f"task {task.id} ({task.stage}): created {what}")
         if not self.status.get("startTime") and not self.old.get("startTime"):
             self.status["startTime"] = now_iso()
+        return manifest
 
     def _write_progress(
         self,
@@ -420,12 +433,23 @@ class SearchReconciler(ResourceReconciler):
         status.update(_policies(spec, store, state))
         if "retrain" in {task.id for task in state.ready} or "retrain" in state.done:
             status["pretrainRef"] = names.pretrain_name(self.name)
+        waiting = [
+            name
+            for task in state.tasks
+            if task.id not in state.done
+            and (job := jobs.get(name := task_job_name(self.name, task))) is not None
+            and name not in self.deleted
+            and job_state(job) == JOB_SUSPENDED
+        ]
+        self._queued(sorted(waiting), spec.resources.queue)
         if failure is not None:
             task, reason, detail = failure
             status["failedTask"] = task.id
             self._fail(reason, f"task {task.id} ({task.stage}) failed: {detail}")
             return
         self._condition("Failed", False, "NoFailure", "")
+        if self.old.get("failedTask"):  # a fixed spec (or a retry) runs it again
+            status["failedTask"] = None
         if state.finished:
             status["phase"] = "Succeeded"
             self._condition(

@@ -36,8 +36,8 @@ class Condition(_Status):
     type: str = Field(
         ...,
         description=(
-            "Finished, Succeeded, Failed, Ready, Progressing, SpecValid, SpecImmutable, "
-            "StorageReady or WorkersHealthy."
+            "Finished, Succeeded, Failed, Ready, Progressing, Queued (Jobs suspended until "
+            "Kueue admits them), SpecValid, SpecImmutable, StorageReady or WorkersHealthy."
         ),
     )
     status: Literal["True", "False", "Unknown"] = Field(..., description="True, False or Unknown.")

@@ -5,7 +5,8 @@
   generation bump on spec changes, a new resourceVersion on every write and the
   resourceVersion precondition of a patch (409 on a stale one, as leader election needs),
   lists with `kind`, equality label selectors and the `metadata.name` field selector (as
-  `kubectl wait` needs), and owner-reference garbage collection.
+  `kubectl wait` needs), owner-reference garbage collection, and the API server's 422 for a
+  Job whose volume names are not RFC 1123 labels.
 - `Kubelet`: plays kubelet and Job controller: runs each pod of a Job (one, or `completions`
   of an Indexed Job, with JOB_COMPLETION_INDEX) as a local process with the Job's environment
   (Secret references and `$(VAR)` in the command resolved as a kubelet would; `torchrun
@@ -85,6 +86,24 @@ class FailedPatchTest(KubernetesError):
     status: int = 422
     reason: str = "Invalid"
     message: str = "the server rejected our request due to an error in our request (test failed)"
+
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+def _job_errors(job: dict[str, Any]) -> list[str]:
+    """What the API server's validation of a Job says about fields the operator copies from a
+    spec without checking them all (volume names must be RFC 1123 labels): the 422 cases."""
+    pod = ((job.get("spec") or {}).get("template") or {}).get("spec") or {}
+    errors = []
+    for index, volume in enumerate(pod.get("volumes") or []):
+        name = str(volume.get("name", ""))
+        if len(name) > 63 or not _DNS_LABEL.match(name):
+            errors.append(
+                f'spec.template.spec.volumes[{index}].name: Invalid value: "{name}": a lowercase '
+                "RFC 1123 label must consist of lower case alphanumeric characters or '-'"
+            )
+    return errors
 
 
 def _label_equalities(request: Any) -> dict[str, str] | None:
@@ -169,6 +188,10 @@ class ClusterEmulator(kmock.KubernetesEmulator):
                     raise FailedPatchTest()
         if request.resource is not None and data is not None:
             if request.action == enums.action.CREATE:
+                if request.resource.plural == "jobs" and (errors := _job_errors(data)):
+                    name = (data.get("metadata") or {}).get("name")
+                    message = f'Job.batch "{name}" is invalid: ' + ", ".join(errors)
+                    raise KubernetesError(status=422, reason="Invalid", message=message)
                 meta = data.setdefault("metadata", {})
                 if not meta.get("name") and meta.get("generateName"):
                     meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]

@@ -738,3 +738,70 @@ def test_a_search_fails_when_its_retraining_fails_and_passes_a_retry_on(tmp_path
     assert pretrain["metadata"]["annotations"][names.RETRY_ANNOTATION] == "7"
     assert reconcile(kube, deps)["phase"] == "Running"  # the Pretrain has not acted on it yet
     assert [reason for reason, _ in events].count("DeadlineExceeded") == 1
+
+
+def test_jobs_held_by_kueue_show_as_queued_until_admitted(tmp_path: Path) -> None:
+    kube, deps, events, _ = make(tmp_path, resources={"queue": "team-a"})
+    held = reconcile(kube, deps)
+    queued = conditions_of(held)["Queued"]
+    assert queued["status"] == "True" and queued["reason"] == "WaitingForAdmission"
+    assert "s-fold-0, s-fold-1" in queued["message"] and "team-a" in queued["message"]
+    assert held["phase"] == "Pending"
+    reconcile(kube, deps)
+    assert [reason for reason, _ in events].count("Queued") == 1  # once, not per reconcile
+    for name in ("s-fold-0", "s-fold-1"):  # Kueue admits the Jobs: spec.suspend false
+        kube.objects[("jobs", "default", name)]["spec"]["suspend"] = False
+    admitted = reconcile(kube, deps)
+    assert conditions_of(admitted)["Queued"]["status"] == "False"
+    assert conditions_of(admitted)["Queued"]["reason"] == "Admitted"
+    plain_kube, plain_deps, _, _ = make(tmp_path / "plain")
+    plain = reconcile(plain_kube, plain_deps)
+    assert conditions_of(plain)["Queued"] == {**conditions_of(plain)["Queued"], "status": "False"}
+
+
+def test_a_pretrain_job_held_by_kueue_is_queued(tmp_path: Path) -> None:
+    kube, deps, _ = pretrain_deps(tmp_path, resources={"queue": "team-a"})
+    held = run_pretrain(kube, deps)
+    assert conditions_of(held)["Queued"]["status"] == "True"
+    kube.objects[("jobs", "default", names.pretrain_job_name("p"))]["spec"]["suspend"] = False
+    assert conditions_of(run_pretrain(kube, deps))["Queued"]["status"] == "False"
+
+
+class RefusingKube(MemoryKube):
+    """The API server refuses Jobs as invalid (422), as for a field it does not accept."""
+
+    def create(self, body: dict[str, Any]) -> bool:
+        from selfaugment.operator.kube import KubeError
+
+        if body["kind"] == "Job":
+            raise KubeError(
+                "POST /apis/batch/v1/namespaces/default/jobs: 422 Unprocessable Entity: Job.batch "
+                '"x" is invalid: spec.template.spec.volumes[2].name: Invalid value: "Data"',
+                422,
+            )
+        return super().create(body)
+
+
+def test_an_invalid_job_fails_the_search_with_a_condition_not_retries(tmp_path: Path) -> None:
+    kube, deps, events, _ = make(tmp_path)
+    refusing = RefusingKube()
+    refusing.objects = kube.objects
+    deps = Deps(refusing, deps.settings, deps.metrics, deps.post_event)  # type: ignore[arg-type]
+    failed = reconcile(refusing, deps)
+    assert failed["phase"] == "Failed" and failed["failedTask"] == "fold-0"
+    condition = conditions_of(failed)["Failed"]
+    assert condition["reason"] == "InvalidJob" and "volumes[2].name" in condition["message"]
+    assert conditions_of(failed)["Finished"]["status"] == "True"
+    assert ("InvalidJob", condition["message"]) in events
+    reconcile(refusing, deps)  # same generation: nothing is tried again
+    assert [reason for reason, _ in events].count("InvalidJob") == 1
+
+
+def test_an_invalid_pretrain_job_fails_the_pretrain(tmp_path: Path) -> None:
+    kube, deps, _ = pretrain_deps(tmp_path)
+    refusing = RefusingKube()
+    refusing.objects = kube.objects
+    deps = Deps(refusing, deps.settings, deps.metrics, deps.post_event)  # type: ignore[arg-type]
+    failed = run_pretrain(refusing, deps)
+    assert failed["phase"] == "Failed"
+    assert conditions_of(failed)["Failed"]["reason"] == "InvalidJob"
