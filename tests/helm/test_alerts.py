@@ -217,7 +217,7 @@ def test_operator_down_fires_when_scrapes_fail_or_vanish(rules, rules_file):
             {
                 "eval_time": "25m",
                 "alertname": down_alert,
-                "exp_alerts": [expected(rules, down_alert, instance="10.0.0.5:8080", **target)],
+                "exp_alerts": [expected(rules, down_alert, **target)],
             },
         ],
     }
@@ -234,6 +234,90 @@ def test_operator_down_fires_when_scrapes_fail_or_vanish(rules, rules_file):
     }
     result = promtool_test(rules_file, [scraped_then_down, never_scraped])
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_operator_down_with_two_replicas_fires_only_when_both_are_down(rules, rules_file):
+    """replicaCount 2 with leader election: one replica down (its pod crash-looping, or
+    drained) leaves the other to take the lease, so no page; both down pages once, per
+    (job, namespace), not per replica."""
+    down_alert = "SelfAugmentOperatorDown"
+    target = {"job": JOB, "namespace": NAMESPACE}
+    one_of_two_down = {
+        "interval": "1m",
+        "input_series": [
+            series("up", "1x5 0x40", instance="10.0.0.5:8080", pod="op-a", **target),
+            series("up", "1x45", instance="10.0.0.6:8080", pod="op-b", **target),
+        ],
+        "alert_rule_test": [
+            {"eval_time": "30m", "alertname": down_alert, "exp_alerts": []},
+        ],
+    }
+    both_down = {
+        "interval": "1m",
+        "input_series": [
+            series("up", "1x5 0x40", instance="10.0.0.5:8080", pod="op-a", **target),
+            series("up", "1x20 0x25", instance="10.0.0.6:8080", pod="op-b", **target),
+        ],
+        "alert_rule_test": [
+            # the second replica went down at 21m: not yet for 5m
+            {"eval_time": "24m", "alertname": down_alert, "exp_alerts": []},
+            {
+                "eval_time": "30m",
+                "alertname": down_alert,
+                "exp_alerts": [expected(rules, down_alert, **target)],
+            },
+        ],
+    }
+    back_up = {
+        "interval": "1m",
+        "input_series": [
+            series("up", "0x45", instance="10.0.0.5:8080", pod="op-a", **target),
+            series("up", "0x20 1x25", instance="10.0.0.6:8080", pod="op-b", **target),
+        ],
+        "alert_rule_test": [
+            {
+                "eval_time": "15m",
+                "alertname": down_alert,
+                "exp_alerts": [expected(rules, down_alert, **target)],
+            },
+            {"eval_time": "30m", "alertname": down_alert, "exp_alerts": []},
+        ],
+    }
+    result = promtool_test(rules_file, [one_of_two_down, both_down, back_up])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_old_per_target_rule_would_page_for_one_replica(rules, rules_file):
+    """The test above can fail: a per-target rule (`up == 0`, as before leader election)
+    fires for one of two replicas, and promtool says so."""
+    rule = alert(rules, "SelfAugmentOperatorDown")
+    per_target = {**rules}
+    per_target["groups"] = [
+        {
+            **group,
+            "rules": [
+                {**r, "expr": r["expr"].replace("max by (job, namespace) (", "(")}
+                if r is rule
+                else r
+                for r in group["rules"]
+            ],
+        }
+        for group in rules["groups"]
+    ]
+    rules_file.write_text(yaml.safe_dump(per_target, sort_keys=False))
+    target = {"job": JOB, "namespace": NAMESPACE}
+    test = {
+        "interval": "1m",
+        "input_series": [
+            series("up", "1x5 0x40", instance="10.0.0.5:8080", pod="op-a", **target),
+            series("up", "1x45", instance="10.0.0.6:8080", pod="op-b", **target),
+        ],
+        "alert_rule_test": [
+            {"eval_time": "30m", "alertname": "SelfAugmentOperatorDown", "exp_alerts": []}
+        ],
+    }
+    result = promtool_test(rules_file, [test])
+    assert result.returncode != 0 and "SelfAugmentOperatorDown" in result.stdout + result.stderr
 
 
 def test_a_wrong_expectation_fails_promtool(rules, rules_file):
