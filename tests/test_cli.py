@@ -72,6 +72,44 @@ def test_bad_config_names_the_field(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "Traceback" not in error
 
 
+def test_pretrain_and_search_read_a_whole_manifest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`-f` takes the resource's manifest as well as a bare spec: a camelCase Pretrain runs
+    locally (its operator-only fields are validated, not used); a manifest of the other kind,
+    or with a bad field, is one clear error naming it."""
+    manifest = {
+        "apiVersion": "selfaugment.io/v1alpha1",
+        "kind": "Pretrain",
+        "metadata": {"name": "tiny"},
+        "spec": {
+            "dataset": {"imageSize": 16, "channels": 1, "limit": 128},
+            "model": {"width": 4},
+            "moco": {"dim": 16, "queueSize": 64},
+            "optim": {"epochs": 1, "batchSize": 64},
+            "evaluation": {"probe": {"epochs": 1}},
+            "runtime": {"progress": False},
+            "resources": {"cpu": 4, "memory": "2Gi"},
+            "storage": {"uri": "s3://selfaugment/pretrains/tiny"},
+        },
+    }
+    config = tmp_path / "pretrain.yaml"
+    config.write_text(yaml.safe_dump(manifest))
+    out = tmp_path / "out"
+    assert (
+        main(["pretrain", "-f", str(config), "-o", str(out), "--set", "model.cifarStem=true"]) == 0
+    )
+    assert (out / "checkpoint.pt").exists()
+    assert main(["search", "-f", str(config), "-o", str(tmp_path / "s")]) == 2
+    error = capsys.readouterr().err
+    assert "kind: 'Pretrain' is not AugmentSearch" in error and "Traceback" not in error
+    search = yaml.safe_load((EXAMPLES / "augmentsearch.yaml").read_text())
+    search["spec"]["search"]["trails"] = 10
+    config.write_text(yaml.safe_dump(search))
+    assert main(["search", "-f", str(config), "-o", str(tmp_path / "s")]) == 2
+    assert f"{config}: spec: search.trails: unknown field" in capsys.readouterr().err
+
+
 def test_policy_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     policies = sorted(EXAMPLES.glob("*policy*.json"))
     assert policies

@@ -182,3 +182,25 @@ def test_a_whole_manifest_or_its_spec(tmp_path: Path) -> None:
     path.write_text(MANIFEST.format(kind="AugmentSearch").replace("    folds: 3", "    fodls: 3"))
     with pytest.raises(ConfigError, match=r"search.yaml: spec: search.fodls: unknown field"):
         load_config(AugmentSearchSpec, path, kind="AugmentSearch")
+
+
+def test_a_pretrain_manifest_gives_its_training_settings(tmp_path: Path) -> None:
+    from selfaugment.trainer.pretrain_spec import load_pretrain_config
+
+    path = tmp_path / "pretrain.yaml"
+    path.write_text(
+        "apiVersion: selfaugment.io/v1alpha1\nkind: Pretrain\nmetadata: {name: p}\n"
+        "spec:\n  initFrom: s3://b/ckpt.pt\n  optim: {batchSize: 32}\n"
+        "  storage: {uri: s3://b/p}\n"
+    )
+    config = load_pretrain_config(path, ["optim.epochs=3"])
+    assert (config.init_from, config.optim.batch_size, config.optim.epochs) == (
+        "s3://b/ckpt.pt",
+        32,
+        3,
+    )
+    path.write_text(path.read_text() + "  searchRef: cifar\n")
+    with pytest.raises(ConfigError, match="spec.searchRef: the retrain stage"):
+        load_pretrain_config(path, None)
+    path.write_text("optim:\n  batch_size: 16\n")  # a bare PretrainConfig, snake_case
+    assert load_pretrain_config(path, None).optim.batch_size == 16
