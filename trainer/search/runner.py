@@ -25,12 +25,17 @@ from typing import IO, Any
 
 from selfaugment.errors import EXIT_BAD_INPUT, SelfAugmentError
 from selfaugment.trainer.metrics import SearchMetrics, create_metrics
-from selfaugment.trainer.search.planner import GPU_KINDS, PlanState, Task, plan
-from selfaugment.trainer.search.status import summarise
+from selfaugment.trainer.search.planner import GPU_KINDS, PREPARE_TASK, PlanState, Task, plan
+from selfaugment.trainer.search.status import describe_skipped, summarise
 from selfaugment.trainer.spec import AugmentSearchSpec
 from selfaugment.trainer.store import ArtifactStore
 from selfaugment.trainer.store.artifacts import remove_temporary_files
-from selfaugment.trainer.store.layout import done_task_ids, prepare_run, read_progress
+from selfaugment.trainer.store.layout import (
+    done_task_ids,
+    prepare_run,
+    read_progress,
+    result_key,
+)
 from selfaugment.trainer.store.lock import LOCK_NAME, RunLock, hold_run_lock
 
 
@@ -166,6 +171,8 @@ class LocalRunner:
             del self.running[task_id]
             if code == 0:
                 self.task_seconds.append(time.monotonic() - running.started)
+                if task_id == PREPARE_TASK:
+                    self._announce_skipped()
                 continue
             self.metrics.task_failures.labels("local", self.run_name).inc()
             if code == EXIT_BAD_INPUT:  # the same input fails the same way: no retry
@@ -200,6 +207,13 @@ class LocalRunner:
         self.running.clear()
 
     # -- progress and metrics --------------------------------------------------------------
+    def _announce_skipped(self) -> None:
+        """Name the unreadable images the `prepare` task left out (once, as it finishes)."""
+        result = self.store.read_json(result_key(PREPARE_TASK))
+        skipped = result.get("skipped_images")
+        if skipped:
+            self._write(f"dataset {self.spec.dataset.uri}: skipped {describe_skipped(skipped)}")
+
     def _write(self, message: str) -> None:
         if self._bars is not None:
             self._bars.write(message)
