@@ -197,8 +197,8 @@ def test_operator_reads_the_settings_the_chart_sets(tmp_path, monkeypatch):
     assert settings.active_deadlines["merge"] == OperatorSettings().active_deadlines["merge"]
     assert settings.leader_election is True
     assert settings.lease_name == FULLNAME and settings.lease_duration == 30
-    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # by reference, never by value
-        assert env[key] == {"secretKeyRef": {"name": "minio-credentials", "key": key}}
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # no credentials of its own
+        assert key not in env, key
 
 
 def test_default_values_give_the_operator_defaults(tmp_path, monkeypatch):
@@ -372,11 +372,34 @@ def test_two_replicas_need_leader_election(tmp_path):
     assert result.returncode != 0 and "leaderElection.enabled" in result.stderr
 
 
-def test_the_secret_existence_check_is_opt_in_and_get_only(tmp_path):
-    """rbac.checkSecrets grants `get` on Secrets (the operator reads metadata only), never list."""
-    docs = render(tmp_path, {"rbac": {"checkSecrets": True}})
-    rights = granted(one(docs, "ClusterRole", FULLNAME)["rules"])
-    assert rights[("", "secrets")] == {"get"} and rights[("", "pods")] == {"list"}
+@pytest.mark.parametrize("scope", ["cluster", "namespaced"])
+def test_secrets_are_readable_only_by_name_and_only_with_get(tmp_path, scope):
+    """The operator reads runs' credentials Secrets: `get` (never list or watch) on the names
+    storage.credentialsSecret and rbac.secretNames only; every name only with rbac.allSecrets."""
+    kind = "ClusterRole" if scope == "cluster" else "Role"
+
+    def secret_rules(values: dict[str, Any]) -> list[dict[str, Any]]:
+        docs = render(tmp_path, {"watch": {"scope": scope}, **values})
+        rules = one(docs, kind, FULLNAME)["rules"]
+        return [rule for rule in rules if "secrets" in rule["resources"]]
+
+    named = secret_rules(
+        {"storage": {"credentialsSecret": "minio-credentials"}, "rbac": {"secretNames": ["team"]}}
+    )
+    assert named == [
+        {
+            "apiGroups": [""],
+            "resources": ["secrets"],
+            "resourceNames": ["team", "minio-credentials"],
+            "verbs": ["get"],
+        }
+    ]
+    assert secret_rules({"storage": {"credentialsSecret": "minio-credentials"}})[0][
+        "resourceNames"
+    ] == ["minio-credentials"]
+    assert secret_rules({}) == []  # no name: no right on Secrets at all (never every name)
+    every = secret_rules({"rbac": {"allSecrets": True}})
+    assert every == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]
 
 
 def test_editor_and_viewer_roles_for_users(tmp_path):
@@ -483,19 +506,24 @@ def test_cluster_quickstart_helm_install_renders_and_uses_the_examples(tmp_path,
     assert "examples/augmentsearch.yaml" in applied and "examples/pretrain.yaml" in applied
     search = yaml.safe_load((REPO / "examples" / "augmentsearch.yaml").read_text())
     storage = search["spec"]["storage"]
+    secret = storage.get("secretRef") or storage["secret_ref"]
     # The operator's defaults (endpoint, Secret) are the ones the example search uses.
     assert env["AWS_ENDPOINT_URL"] == storage["endpoint"]
-    assert env["SELFAUGMENT_S3_SECRET"] == storage["secret_ref"]
-    # The store Secret exists where the operator runs and where the example search runs.
+    assert env["SELFAUGMENT_S3_SECRET"] == secret
+    # The store Secret exists where the example search runs, and only there: the operator
+    # has no store credentials of its own (it reads a run's store with the run's Secret).
     secret_namespaces = {
         c[c.index("-n") + 1]
         for c in commands
-        if c[:3] == ["kubectl", "create", "secret"] and storage["secret_ref"] in c and "-n" in c
+        if c[:3] == ["kubectl", "create", "secret"] and secret in c and "-n" in c
     }
     release_namespace = next(
         install[i + 1] for i, arg in enumerate(install) if arg in ("-n", "--namespace")
     )
-    assert {release_namespace, search["metadata"]["namespace"]} <= secret_namespaces
+    assert secret_namespaces == {search["metadata"]["namespace"]} != {release_namespace}
+    rules = one(docs, "ClusterRole", f"{install[2]}-selfaugment-operator")["rules"]
+    secret_rules = [rule for rule in rules if "secrets" in rule["resources"]]
+    assert [rule.get("resourceNames") for rule in secret_rules] == [[secret]]
     gets = [c for c in commands if c[:2] == ["kubectl", "get"]]
     assert any(names.SEARCH_PLURAL in c for c in gets)
 
