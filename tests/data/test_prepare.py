@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+import threading
 from pathlib import Path
 
 import boto3
@@ -21,6 +22,7 @@ from selfaugment.trainer.data import (
     prepare_dataset,
 )
 from selfaugment.trainer.data import prepare as prepare_module
+from selfaugment.trainer.data.prepare import prepared_for_rank
 from selfaugment.trainer.data.prepared import index_key, shard_table_key, shard_tar_key
 from selfaugment.trainer.data.sources import folder_layout
 from selfaugment.trainer.store import LocalStore, open_store
@@ -231,3 +233,21 @@ def test_prepare_a_local_folder_into_s3(
 def test_a_missing_index_names_the_dataset(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="no prepared dataset here"):
         open_prepared(LocalStore(tmp_path), "nothing-0123")
+
+
+def test_other_ranks_wait_for_the_main_rank_to_prepare(tmp_path: Path, image_folder: Path) -> None:
+    store, cfg = LocalStore(tmp_path / "store"), config(image_folder)
+    with pytest.raises(DatasetError, match="did not appear within"):  # nobody prepares it
+        prepared_for_rank(cfg, store, 32, main=False, poll_seconds=0.01, timeout_seconds=0.05)
+    waited: list[PreparedDataset] = []
+    waiting = threading.Thread(
+        target=lambda: waited.append(
+            prepared_for_rank(cfg, store, 32, main=False, poll_seconds=0.01, timeout_seconds=60)
+        )
+    )
+    waiting.start()
+    main = prepared_for_rank(cfg, store, 32, main=True)
+    waiting.join(60)
+    assert main.report is not None and not main.report.reused  # the main rank built it
+    assert [other.key for other in waited] == [main.key]
+    assert waited[0].index["digest"] == main.index["digest"]
