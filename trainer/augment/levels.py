@@ -23,6 +23,7 @@ AutoContrast, Equalize and Solarize, which are look-up tables per channel, are i
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import cast
 
 import numpy as np
@@ -88,18 +89,46 @@ def _any_nonzero(values: Tensor) -> bool:
     return bool(np.any(_cpu_numpy(values)))
 
 
+_CHUNK_VALUES = 1 << 17
+"""Values per chunk of a multi-pass op (512 KiB of float32): a chunk stays in the core's L2
+cache from its first pass to its last, where a whole batch of 256 x 3 x 32 x 32 (3 MiB) went
+to memory and back on every pass (the blend's five passes ran 1.3-1.4x faster in chunks)."""
+
+
+def chunks(levels: Tensor, *per_sample: Tensor) -> Iterator[tuple[Tensor, ...]]:
+    """``levels`` and each per-sample tensor (first dimension B, or 1 to broadcast) split into
+    matching chunks of whole samples (views: in-place ops on them write into ``levels``)."""
+    per_item = max(1, levels[0].numel())
+    step = max(1, _CHUNK_VALUES // per_item)
+    for first in range(0, levels.shape[0], step):
+        end = first + step
+        parts = (other if other.shape[0] == 1 else other[first:end] for other in per_sample)
+        yield (levels[first:end], *parts)
+
+
 def blend(degenerate: Tensor | float, levels: Tensor, factors: Tensor) -> Tensor:
     """PIL ``Image.blend(degenerate, image, factor)``: ``degenerate + factor * (image -
     degenerate)`` in float32, truncated and clipped to 0..255 (``levels`` is overwritten).
 
     ``degenerate`` is an image [B, 1 or C, H, W], a value per sample [B, 1, 1, 1], or 0.0.
+    Each step is its own pass (a fused multiply-add would round once where PIL rounds twice),
+    run chunk by chunk (``chunks``) so that the passes after the first read from the cache.
     """
     factor = column(factors, levels)
+    clip = not _within_unit(factors)
     if isinstance(degenerate, float) and degenerate == 0.0:  # Brightness: 0 + t is exact
-        levels.mul_(factor).floor_()
-    else:
-        levels.sub_(degenerate).mul_(factor).add_(degenerate).floor_()
-    return levels if _within_unit(factors) else levels.clamp_(0.0, MAX_LEVEL)
+        for part, part_factor in chunks(levels, factor):
+            part.mul_(part_factor).floor_()
+            if clip:
+                part.clamp_(0.0, MAX_LEVEL)
+        return levels
+    if isinstance(degenerate, float):
+        degenerate = torch.full((1, 1, 1, 1), degenerate, device=levels.device)
+    for part, part_factor, part_degenerate in chunks(levels, factor, degenerate):
+        part.sub_(part_degenerate).mul_(part_factor).add_(part_degenerate).floor_()
+        if clip:
+            part.clamp_(0.0, MAX_LEVEL)
+    return levels
 
 
 def blend_with_gray(
