@@ -122,10 +122,9 @@ def test_a_missing_secret_is_named_and_the_run_starts_once_it_exists(
 ):
     """`storage.secret_ref` names a Secret that does not exist (of a search and of a standalone
     Pretrain): StorageReady=False, reason SecretNotFound, and one Warning Event name the Secret;
-    no Job is created (its pods would sit in CreateContainerConfigError). (The emulator does not
-    enforce RBAC: this is the chart's opt-in rbac.checkSecrets=true; by default the missing
-    Secret shows through the stuck pods, as in the pod test below.) Once the Secret is
-    created, the next reconciliation clears the condition and the runs start."""
+    no Job is created and the store is not touched (the operator reads a run's store only with
+    the run's own Secret). Once the Secret is created, the next reconciliation clears the
+    condition and the runs start."""
     cluster.apply(search_manifest("no-secret", s3_endpoint))
     cluster.apply(
         {
