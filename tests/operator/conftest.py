@@ -47,6 +47,7 @@ import kmock
 import pytest
 from kmock._internal import enums
 from kmock._internal.k8s import KubernetesError, KubernetesObjectConflictError
+from pydantic.alias_generators import to_camel
 
 from selfaugment.operator import names
 from selfaugment.operator.crdgen import pretrain_crd, search_crd
@@ -370,34 +371,37 @@ class Cluster:
 
 
 def fake_search(name: str, endpoint: str, **overrides: Any) -> dict[str, Any]:
+    """A tiny AugmentSearch (camelCase, as the CRD names its fields); `overrides` replace
+    fields per section, named in either spelling (`parallelism={"max_retries": 0}`)."""
     spec: dict[str, Any] = {
-        "dataset": {"uri": "sklearn:digits", "image_size": 16, "limit": 64},
+        "dataset": {"uri": "sklearn:digits", "imageSize": 16, "limit": 64},
         "model": {"width": 8},
-        "moco": {"dim": 16, "queue_size": 64},
-        "optim": {"batch_size": 32},
-        "evaluation": {"epochs": 1, "batch_size": 32},
+        "moco": {"dim": 16, "queueSize": 64},
+        "optim": {"batchSize": 32},
+        "evaluation": {"epochs": 1, "batchSize": 32},
         "search": {
-            "base_policy": "RandomResizedCrop",
-            "fold_epochs": 1,
+            "basePolicy": "RandomResizedCrop",
+            "foldEpochs": 1,
             "folds": 2,
             "repeats": 1,
             "trials": 2,
-            "top_policies": 1,
-            "startup_trials": 1,
-            "score_batch_size": 32,
+            "topPolicies": 1,
+            "startupTrials": 1,
+            "scoreBatchSize": 32,
         },
         "retrain": {"epochs": 1},
         "runtime": {"device": "cpu", "progress": False},
-        "parallelism": {"max_workers": 2, "max_retries": 1},
+        "parallelism": {"maxWorkers": 2, "maxRetries": 1},
         "storage": {
             "uri": f"s3://selfaugment/runs/{name}",
             "endpoint": endpoint,
             "region": "us-east-1",
-            "secret_ref": "store-credentials",
+            "secretRef": "store-credentials",
         },
     }
     for section, values in overrides.items():
-        spec[section] = {**spec.get(section, {}), **values}
+        camel = {to_camel(key): value for key, value in values.items()}
+        spec[to_camel(section)] = {**spec.get(to_camel(section), {}), **camel}
     return {
         "apiVersion": names.API_VERSION,
         "kind": names.SEARCH_KIND,

@@ -221,7 +221,7 @@ def test_operator_defaults_reach_the_store_and_the_workers(
     operator_process.start()
     cluster.create_secret("default-credentials", SECRET_VALUES)
     manifest = search_manifest("defaults", s3_endpoint, resources={"gpus": 1})
-    del manifest["spec"]["storage"]["endpoint"], manifest["spec"]["storage"]["secret_ref"]
+    del manifest["spec"]["storage"]["endpoint"], manifest["spec"]["storage"]["secretRef"]
     cluster.apply(manifest)
     # fold-0 finished and the search went on: the operator read its result at the default.
     cluster.wait_for(

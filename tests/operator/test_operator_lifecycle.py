@@ -117,7 +117,7 @@ def test_a_deadline_fails_the_search_and_a_retry_resumes_from_the_store(
         "augs/late",
         "--type=merge",
         "-p",
-        json.dumps({"spec": {"resources": {"active_deadline_seconds": {"search": 600}}}}),
+        json.dumps({"spec": {"resources": {"activeDeadlineSeconds": {"search": 600}}}}),
     )
     assert patched.returncode == 0, patched.stderr
     annotated = kubectl("annotate", "augs/late", f"{names.RETRY_ANNOTATION}=1", "--overwrite")
