@@ -143,12 +143,12 @@ def pretrain_manifest(name: str, endpoint: str, **spec: Any) -> dict[str, Any]:
         "kind": names.PRETRAIN_KIND,
         "metadata": {"name": name, "namespace": "default"},
         "spec": {
-            "dataset": {"uri": "sklearn:digits", "image_size": 16},
+            "dataset": {"uri": "sklearn:digits", "imageSize": 16},
             "storage": {
                 "uri": f"s3://selfaugment/runs/{name}",
                 "endpoint": endpoint,
                 "region": "us-east-1",
-                "secret_ref": "store-credentials",
+                "secretRef": "store-credentials",
             },
             **spec,
         },
@@ -169,7 +169,7 @@ def test_a_failed_rank_restarts_all_ranks_of_a_multi_node_pretrain(
         FAKE_SLEEP="3",
         FAKE_STATE_DIR=str(tmp_path),
     )
-    cluster.apply(pretrain_manifest("ranks", s3_endpoint, distributed={"nodes": 2}, max_retries=1))
+    cluster.apply(pretrain_manifest("ranks", s3_endpoint, distributed={"nodes": 2}, maxRetries=1))
     waited = kubectl("wait", "pretrain/ranks", "--for=condition=Finished", "--timeout=120s")
     assert waited.returncode == 0, waited.stderr
     body = cluster.pretrain("ranks")
