@@ -10,6 +10,9 @@ Two conditions report those checks (see docs/operator.md):
 - `WorkersHealthy`: False while a pod of the resource's Jobs cannot start; the reason is the
   kubelet's (`CreateContainerConfigError`, `ImagePullBackOff`, ...), the message names each pod.
 
+A third, `Queued`, is True while Jobs of the resource are suspended (Kueue has not admitted
+them: `resources.queue`), with the Jobs and the LocalQueue; it does not block progress.
+
 A Warning Event is posted when such a condition turns False or names a new cause, not on every
 reconciliation; the condition clears on the first reconciliation after the cause is gone.
 """
