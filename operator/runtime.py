@@ -30,8 +30,9 @@ class StoreUnavailable(RuntimeError):
     """The artifact store could not be read; the reconciliation is retried later.
 
     `reason` (CamelCase) becomes the reason of the resource's StorageReady=False condition and
-    of its Warning Event: BucketNotFound, EndpointUnreachable or, for any other failure,
-    StoreUnavailable. The message names the bucket or object and the endpoint, never
+    of its Warning Event: NoCredentials, SecretNotFound, SecretForbidden, SecretInvalid (the
+    run's credentials Secret), BucketNotFound, EndpointUnreachable or, for any other failure,
+    StoreUnavailable. The message names the Secret, bucket or object and the endpoint, never
     credentials.
     """
 

@@ -196,12 +196,21 @@ def test_retrain_pretrain_job_gets_the_defaults_too() -> None:
     assert env_of(pod)["AWS_ENDPOINT_URL"] == SETTINGS.s3_endpoint
 
 
+class _Secret:
+    """The run's credentials Secret, as the API server returns it (values base64)."""
+
+    def get(self, *_: str) -> dict[str, Any]:
+        values = {"AWS_ACCESS_KEY_ID": "a2V5", "AWS_SECRET_ACCESS_KEY": "c2VjcmV0"}
+        return {"data": values}
+
+
 def test_operator_store_uses_the_default_endpoint(tmp_path: Path) -> None:
-    store = open_run_store(StorageConfig(uri="s3://bucket/run"), SETTINGS)
+    kube: Any = _Secret()
+    store = open_run_store(StorageConfig(uri="s3://bucket/run"), SETTINGS, kube, "team")
     assert isinstance(store, S3Store)
-    assert store.client.meta.endpoint_url == "http://minio.minio.svc:9000"
+    assert store.endpoint == "http://minio.minio.svc:9000"
     own = open_run_store(
-        StorageConfig(uri="s3://bucket/run", endpoint="http://other:9000"), SETTINGS
+        StorageConfig(uri="s3://bucket/run", endpoint="http://other:9000"), SETTINGS, kube, "team"
     )
-    assert isinstance(own, S3Store) and own.client.meta.endpoint_url == "http://other:9000"
+    assert isinstance(own, S3Store) and own.endpoint == "http://other:9000"
     assert isinstance(open_run_store(StorageConfig(uri=str(tmp_path)), SETTINGS), LocalStore)
