@@ -7,12 +7,16 @@ settings (conftest: one thread), so they run the same float operations.
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 from PIL import Image
 
 from selfaugment.trainer.config import (
@@ -24,7 +28,13 @@ from selfaugment.trainer.config import (
     PretrainConfig,
     RuntimeConfig,
 )
-from selfaugment.trainer.data import ImageSet, StreamedImages, open_images, prepare_dataset
+from selfaugment.trainer.data import (
+    ImageSet,
+    StreamedImages,
+    open_images,
+    open_prepared_uri,
+    prepare_dataset,
+)
 from selfaugment.trainer.evaluation.pretrained import run_pretrain
 from selfaugment.trainer.moco.checkpoint import load_checkpoint
 from selfaugment.trainer.store import LocalStore
@@ -68,6 +78,12 @@ def dataset(tmp_path: Path) -> tuple[DatasetConfig, object]:
     return cfg, prepared
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def _models_equal(first: Path, second: Path) -> None:
     a, b = load_checkpoint(first)["model"], load_checkpoint(second)["model"]
     assert a.keys() == b.keys()
@@ -109,7 +125,7 @@ def test_a_streamed_run_resumes_mid_epoch_as_if_never_stopped(
         run_pretrain(cfg, tmp_path / "resumed", images, on_checkpoint=crash_in_the_second_epoch)
     stopped = load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")
     assert (stopped["epoch"], stopped["global_step"]) == (1, 7)
-    assert len(stopped["generators"]) == 1 and len(stopped["loss_history"]) == 1
+    assert len(stopped["rank_state"]) == 1 and len(stopped["loss_history"]) == 1
     torch.manual_seed(1234)  # a new process would start from other RNG states
     np.random.seed(1234)
     random.seed(1234)
@@ -120,3 +136,43 @@ def test_a_streamed_run_resumes_mid_epoch_as_if_never_stopped(
     assert epochs_seen == [2]
     assert resumed["loss_history"] == straight["loss_history"]
     _models_equal(tmp_path / "straight" / "checkpoint.pt", tmp_path / "resumed" / "checkpoint.pt")
+
+
+def _ddp_worker(rank: int, port: int, uri: str, image_size: int, output: str, copy: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE="2",
+        LOCAL_RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+    cfg_data = DatasetConfig(uri="prepared", image_size=image_size)
+    images = open_images(open_prepared_uri(uri), cfg_data, 0, path="stream")
+    cfg = _config(cfg_data, epochs=1)  # 5 steps, checkpoints inside the epoch after 2 and 4
+
+    def keep_the_first() -> None:  # the main rank, after the checkpoint at global step 2
+        target = Path(copy) / "checkpoint.pt"
+        if copy and not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(output) / "checkpoint.pt", target)
+
+    run_pretrain(cfg, Path(output), images, on_checkpoint=keep_the_first)
+
+
+def test_two_ranks_resume_mid_epoch_with_each_ranks_generator(
+    tmp_path: Path, dataset: tuple, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2]))
+    _, prepared = dataset
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    args = (prepared.uri, SIZE)
+    mp.spawn(_ddp_worker, args=(_free_port(), *args, str(straight), str(resumed)), nprocs=2)
+    stopped = load_checkpoint(resumed / "checkpoint.pt")
+    assert (stopped["epoch"], stopped["global_step"]) == (0, 2)
+    first, second = (ranks["generator"] for ranks in stopped["rank_state"])
+    assert not torch.equal(first, second)  # each rank's own augmentation stream
+    mp.spawn(_ddp_worker, args=(_free_port(), *args, str(resumed), ""), nprocs=2)
+    _models_equal(straight / "checkpoint.pt", resumed / "checkpoint.pt")
+    losses = [load_checkpoint(run / "checkpoint.pt")["loss_history"] for run in (straight, resumed)]
+    assert losses[0] == losses[1]  # each rank's part of the epoch's loss was kept

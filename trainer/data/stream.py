@@ -232,12 +232,16 @@ class StreamedImages:
         `start_step`; workers decode. Images of different sizes come as a list."""
         order = self.epoch_order(seed, epoch)
         steps = RankSteps(len(order), global_batch, rank, world_size, start_step, drop_last)
+        # DataLoader draws its workers' base seed from `generator`, else from torch's global
+        # RNG: its own generator keeps the global stream (which training uses) untouched, so
+        # where an epoch starts or resumes changes no later random number.
         return DataLoader(
             self.dataset(transform),
             batch_sampler=_StepSampler(self.sample_ids[order], steps, seed, epoch),
             num_workers=num_workers,
             collate_fn=collate,
             pin_memory=pin_memory,
+            generator=torch.Generator().manual_seed(sample_seed(seed, epoch, start_step)),
         )
 
     def stream(

@@ -9,7 +9,8 @@ every epoch and the data order is a permutation seeded by (seed, epoch), so a re
 (model, optimizer, queue and the RNG states restored from checkpoint.pt) continues exactly
 like an uninterrupted one, on any number of ranks. Besides the checkpoint at the end of an
 epoch, one is written every `runtime.checkpoint_steps` steps inside it (with every rank's
-augmentation generator and the epoch's running loss), from which a run resumes at that step.
+RNG states, its augmentation generator among them, and its loss so far in the epoch), from
+which a run resumes at that step.
 """
 
 from __future__ import annotations
@@ -297,14 +298,14 @@ def _pretrain(
         loss_history, metrics = list(payload["loss_history"]), list(payload["metrics"])
         restore_rng_state(payload["rng"])
         if global_step > start_epoch * steps_per_epoch:  # written inside an epoch
-            generators = payload.get("generators") or []
-            if len(generators) != env.world_size:
+            ranks = payload.get("rank_state") or []
+            if len(ranks) != env.world_size:
                 raise PretrainError(
-                    f"{checkpoint_path}: written inside an epoch by {len(generators)} "
+                    f"{checkpoint_path}: written inside an epoch by {len(ranks)} "
                     f"process(es); resume it with as many, or delete it to start over"
                 )
-            generator.set_state(generators[env.rank])
-            resumed_loss = float(payload["epoch_loss_sum"])
+            restore_rng_state(ranks[env.rank], generator)  # this rank's own streams
+            resumed_loss = float(ranks[env.rank]["epoch_loss_sum"])
     if env.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         lines = "".join(json.dumps(record) + "\n" for record in metrics)
@@ -321,7 +322,7 @@ def _pretrain(
     def save(epoch: int, running: torch.Tensor | None) -> None:
         """The checkpoint after `epoch` finished epochs and `global_step` steps; inside an
         epoch (`running`: its loss so far) with every rank's augmentation generator."""
-        generators = _generator_states(generator, env) if running is not None else None
+        ranks = _rank_states(generator, running, env) if running is not None else None
         if not env.is_main:
             return
         payload = {
@@ -338,7 +339,7 @@ def _pretrain(
             "metrics": metrics,
         }
         if running is not None:
-            payload.update(generators=generators, epoch_loss_sum=float(running.item()))
+            payload["rank_state"] = ranks
         save_checkpoint(checkpoint_path, payload)
 
     batches = _BatchSource(images, cfg, env, device, seed, global_batch)
@@ -412,16 +413,20 @@ def _pretrain(
     return TrainedMoco(report, backbone, images, device, bf16, seed)
 
 
-def _generator_states(generator: torch.Generator, env: DistEnv) -> list[torch.Tensor]:
-    """Every rank's augmentation generator state, in rank order (a collective under DDP)."""
-    state = generator.get_state()
+def _rank_states(
+    generator: torch.Generator, running: torch.Tensor, env: DistEnv
+) -> list[dict[str, Any]]:
+    """Every rank's RNG states (its augmentation generator, torch, CUDA, numpy, python) and
+    its epoch loss so far, in rank order: a collective under DDP. Inside an epoch they differ
+    from rank to rank."""
+    state = dict(capture_rng_state(generator), epoch_loss_sum=float(running.item()))
     if not env.distributed:
         return [state]
     import torch.distributed as dist
 
     gathered: list[Any] = [None] * env.world_size
     dist.all_gather_object(gathered, state)
-    return [torch.as_tensor(item) for item in gathered]
+    return gathered
 
 
 @dataclass
