@@ -6,6 +6,7 @@ from selfaugment.trainer.search.planner import (
     BASE_TRANSFORMS,
     all_tasks,
     plan,
+    stages,
     stages_between,
     task_by_id,
 )
@@ -94,3 +95,20 @@ def test_stages_between_lists_stages_passed_unobserved() -> None:
     assert stages_between(spec, None, "folds") == []
     rand = _spec(algorithm="selfrandaugment")
     assert stages_between(rand, "randaugment", "report") == ["retrain"]
+
+
+def test_a_source_read_from_files_is_prepared_first() -> None:
+    folder = AugmentSearchSpec.model_validate(
+        {"dataset": {"uri": "s3://data/pets"}, "search": {"base_policy": "Rotate", "folds": 2}}
+    )
+    tasks = all_tasks(folder)
+    assert (tasks[0].id, tasks[0].kind, tasks[0].depends_on) == ("prepare", "prepare", ())
+    assert all("prepare" in task.depends_on for task in tasks[1:])
+    state = plan(folder, set())
+    assert state.stage == "prepare" and [task.id for task in state.ready] == ["prepare"]
+    state = plan(folder, {"prepare"})
+    assert state.stage == "folds" and [task.id for task in state.ready] == ["fold-0", "fold-1"]
+    assert stages(folder)[:2] == ("prepare", "base") and stages(AugmentSearchSpec())[0] == "base"
+    builtin = AugmentSearchSpec.model_validate({"search": {"base_policy": "Rotate", "folds": 2}})
+    assert builtin.dataset.uri.startswith("sklearn:")  # loaded directly: nothing to prepare
+    assert [task.id for task in all_tasks(builtin)] == [task.id for task in tasks[1:]]
