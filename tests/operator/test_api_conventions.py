@@ -79,7 +79,8 @@ def test_a_camel_case_manifest_is_queued_while_kueue_holds_its_jobs(
     `Queued` turns False; with every later Job admitted too, the search succeeds."""
     search = example("queued", s3_endpoint, queue="team-a", cpu=4)
     cluster.create_secret(search["spec"]["storage"]["secretRef"], SECRET)
-    kubelet_fake.extra_env["FAKE_SLEEP"] = "3"  # admitted Jobs run long enough to be seen
+    # The first admitted Jobs run long enough for Queued=False to be seen on a loaded machine.
+    kubelet_fake.extra_env["FAKE_SLEEP"] = "10"
     manifest = tmp_path / "search.yaml"
     manifest.write_text(yaml.safe_dump(search))
     applied = kubectl("apply", "--validate=false", "-f", str(manifest))
@@ -109,6 +110,7 @@ def test_a_camel_case_manifest_is_queued_while_kueue_holds_its_jobs(
     queued_events = [e for e in cluster.events() if e.get("reason") == "Queued"]
     assert queued_events and all(e["type"] == "Normal" for e in queued_events)
 
+    kubelet_fake.extra_env.pop("FAKE_SLEEP")  # later tasks: the fake worker's default
     kueue = Kueue(cluster)
     try:
         waited = kubectl("wait", "augs/queued", "--for=condition=Succeeded", "--timeout=240s")
