@@ -144,7 +144,7 @@ def render_crd(crd: dict[str, Any]) -> str:
 def _type_of(node: dict[str, Any]) -> str:
     kind = node.get("type")
     if kind is None:
-        kind = "any"
+        kind = "int-or-string" if node.get("x-kubernetes-int-or-string") else "any"
     elif kind == "array":
         kind = f"[]{_type_of(node.get('items', {}))}"
     elif kind == "object" and "additionalProperties" in node:
