@@ -1,7 +1,7 @@
 """Throughput of the per-image PIL path vs BatchAugmenter, on the same policies and images.
 
     .venv/bin/python benchmarks/bench_augment.py [--images 2048] [--batch-size 256]
-        [--repeats 5] [--threads 2] [--write] [--out benchmarks/results]
+        [--repeats 5] [--threads 2] [--write] [--out benchmarks/results] [--profile]
 
 Per policy (the built-in mocov2, and random 5x2 policies), these take turns within each repeat
 (benchmarks/common.py):
@@ -15,6 +15,9 @@ Per policy (the built-in mocov2, and random 5x2 policies), these take turns with
 - ``batched, CUDA``: when a CUDA device is present.
 
 Images per second are medians over the repeats; speed-ups are against ``pil`` of the same run.
+``--profile`` measures nothing: it prints, per policy, where ``batched, 1 thread`` spends its
+time (``torch.profiler``, the ops with the most CPU time), the workload that speed work starts
+from.
 """
 
 from __future__ import annotations
@@ -141,6 +144,19 @@ def bench_policy(
     }
 
 
+def profile_policy(policy: AnyPolicy, images: torch.Tensor, args: argparse.Namespace) -> str:
+    """The torch ops of ``batched, 1 thread`` on ``policy``, by self CPU time (a table)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    augmenter = BatchAugmenter(policy)
+    generator = torch.Generator().manual_seed(args.seed)
+    batched_pass(images, augmenter, args.batch_size, generator, 1)  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        batched_pass(images, augmenter, args.batch_size, generator, 1)
+    table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+    return f"## {policy.name}: {len(images)} images, batches of {args.batch_size}\n{table}"
+
+
 def markdown(report: dict[str, Any], load: common.Load) -> str:
     names = [name for name in report["results"][0]["images_per_second"] if name != "pil"]
     lines = [
@@ -184,12 +200,19 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=2, help="the multi-thread setting (default 2)"
     )
+    parser.add_argument(
+        "--profile", action="store_true", help="print where the 1-thread batched path spends"
+    )
     common.add_output_arguments(parser)
     args = parser.parse_args()
     load = common.Load()
     images = make_images(args.images, args.seed)
     policies: list[AnyPolicy] = [load_policy(ROOT / "examples/mocov2-policy.json")]
     policies += [random_policy(args.seed + index) for index in range(args.random_policies)]
+    if args.profile:
+        for policy in policies:
+            print(profile_policy(policy, images, args))
+        return
     report: dict[str, Any] = {
         "command": common.command(),
         "machine": common.machine(),
