@@ -110,6 +110,12 @@ def test_a_deadline_fails_the_search_and_a_retry_resumes_from_the_store(
     assert conditions(body)["Finished"]["reason"] == "Failed"
     warnings = [e for e in cluster.events() if e.get("reason") == "DeadlineExceeded"]
     assert len(warnings) == 1 and warnings[0]["type"] == "Warning"
+    # Jobs that finished before the failure (on a busy machine search-f1-r0 may itself have run
+    # past the 2 s deadline, so the set is read, not assumed; the folds have no deadline).
+    finished_before = {
+        j["metadata"]["name"] for j in cluster.jobs() if j.get("status", {}).get("succeeded")
+    }
+    assert {names.job_name("late", t) for t in ("fold-0", "fold-1")} <= finished_before
 
     kubelet_fake.extra_env["FAKE_FAIL_TASKS"] = ""
     patched = kubectl(
@@ -128,8 +134,8 @@ def test_a_deadline_fails_the_search_and_a_retry_resumes_from_the_store(
     assert body["status"]["phase"] == "Succeeded" and body["status"]["retryToken"] == "1"
     created = job_creations(cluster)
     assert created[names.job_name("late", "search-f0-r0")] == 2  # stopped, then again
-    for task in ("fold-0", "fold-1", "search-f1-r0"):  # finished before: never again
-        assert created[names.job_name("late", task)] == 1, (task, created)
+    for job_name in finished_before:  # finished before: never again
+        assert created[job_name] == 1, (job_name, created)
     again = next(
         j for j in cluster.jobs() if j["metadata"]["name"] == names.job_name("late", "search-f0-r0")
     )
