@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import io
 import logging
 import multiprocessing
 import os
@@ -51,10 +52,10 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-import boto3
 import common
 
 from selfaugment.operator import names
+from selfaugment.trainer.store.s3 import Credentials, s3_client
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH_AGENT = "selfaugment-bench"
@@ -126,7 +127,8 @@ class InstantKubelet:
 
     def _write(self, uri: str, key: str, body: str) -> None:
         bucket, _, prefix = uri.removeprefix("s3://").partition("/")
-        self.s3.put_object(Bucket=bucket, Key=f"{prefix}/{key}", Body=body.encode())
+        data = body.encode()
+        self.s3.put_object(bucket, f"{prefix}/{key}", io.BytesIO(data), len(data))
 
     def _complete(self, job: dict[str, Any]) -> None:
         container = job["spec"]["template"]["spec"]["containers"][0]
@@ -194,13 +196,7 @@ def measure(
     )
     server.start()
     cluster = Remote(emulator, *ours.recv())
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="bench",
-        aws_secret_access_key="bench",
-    )
+    s3 = s3_client(endpoint, "us-east-1", Credentials("bench", "bench"))
     credentials = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"}
     operator = emulator.OperatorProcess(
         cluster,
@@ -301,18 +297,12 @@ def main() -> None:
         stderr=subprocess.DEVNULL,
     )
     endpoint = f"http://127.0.0.1:{port}"
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="bench",
-        aws_secret_access_key="bench",
-    )
+    s3 = s3_client(endpoint, "us-east-1", Credentials("bench", "bench"))
     try:
         deadline = time.monotonic() + 60
         while True:  # the server starts in a second or two
             try:
-                s3.create_bucket(Bucket="selfaugment")
+                s3.make_bucket("selfaugment")
                 break
             except Exception:
                 if time.monotonic() > deadline:
