@@ -330,8 +330,9 @@ class StorageConfig(StrictModel):
     secret_ref: str | None = Field(
         None,
         description=(
-            "Kubernetes Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, injected into "
-            "workers as environment variables (operator only)."
+            "Kubernetes Secret (in the run's namespace) with AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY: the run's workers get them as environment variables, and the "
+            "operator reads and writes the run's store with them alone (operator only)."
         ),
     )
 
