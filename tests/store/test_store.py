@@ -205,3 +205,43 @@ def test_product_code_reaches_s3_only_through_the_one_client_factory() -> None:
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Minio":
                 makers.append(path.relative_to(repo).as_posix())
     assert makers == ["trainer/store/s3.py"]
+
+
+def test_throttling_and_server_errors_are_retried_with_a_warning_each(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An S3 endpoint that answers 503 SlowDown, then 500, then the object: the request goes
+    through, each retry logged once with the endpoint and the status."""
+    import http.server
+    import threading
+
+    answers = [503, 500, 200]
+
+    class Throttling(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self) -> None:
+            status = answers.pop(0)
+            self.send_response(status)
+            if status == 200:
+                self.send_header("ETag", '"abc"')
+                self.send_header("Last-Modified", "Wed, 02 Dec 2026 07:00:00 GMT")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Throttling)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    monkeypatch.setattr("selfaugment.trainer.store.s3.BACKOFF_FACTOR", 0.01)
+    try:
+        with caplog.at_level("WARNING"):
+            assert open_store("s3://bucket/run", endpoint=endpoint).exists("spec.json")
+    finally:
+        server.shutdown()
+    retries = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    assert len(retries) == 2, retries
+    assert f"S3 at {endpoint}: HTTP 503" in retries[0] and "HTTP 500" in retries[1], retries
+    assert answers == []
