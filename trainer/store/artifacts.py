@@ -378,7 +378,10 @@ class S3Store(ArtifactStore):
             if _precondition_failed(self._code(error)):
                 return None
             raise self._fail("write", key, error) from None
-        return str(response.headers["ETag"])
+        etag = response.headers.get("ETag")
+        if not etag:
+            raise StoreError(f"{self.url(key)}: the server at {self.endpoint} sent no ETag")
+        return str(etag)
 
     def _request(
         self,
