@@ -100,11 +100,14 @@ def test_a_search_streams_a_folder_larger_than_its_memory_budget(
         result = json.loads((run / "tasks" / task / "result.json").read_text())
         assert result["data"] == {"images": IMAGES, "path": "streamed"}, task
     report = json.loads((run / "report.json").read_text())
+    assert report["prepared"]["uri"] == prepared["uri"]
+    assert prepared["uri"] in (run / "report.md").read_text()
     assert report["skipped_images"]["count"] == 1
     assert report["skipped_images"]["files"][0]["file"].endswith("broken.png")
     assert 0.0 <= report["final"]["rotation_accuracy"] <= 1.0
     status = cli("status", str(run), cache=cache)
     assert status.returncode == 0 and "1 unreadable image(s)" in status.stdout, status.stdout
+    assert f"dataset: {prepared['uri']} ({IMAGES} images prepared)" in status.stdout
 
     # Another run on the same source finds the dataset prepared: nothing is built again.
     monkeypatch.setenv("SELFAUGMENT_CACHE", str(cache))

@@ -321,7 +321,7 @@ def _pretrain(
 
     def save(epoch: int, running: torch.Tensor | None) -> None:
         """The checkpoint after `epoch` finished epochs and `global_step` steps; inside an
-        epoch (`running`: its loss so far) with every rank's augmentation generator."""
+        epoch (`running`: its loss so far) with every rank's RNG states and loss so far."""
         ranks = _rank_states(generator, running, env) if running is not None else None
         if not env.is_main:
             return

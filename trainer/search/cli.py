@@ -130,6 +130,9 @@ def print_status(run: str, *, as_json: bool, endpoint: str | None) -> int:
             text = ", ".join(f"{key} {value}" for key, value in sorted(figures.items()))
             where = "running/pending" if holder else "stopped at"
             print(f"  {where} {task.id}: {text}")
+    if summary.prepared:
+        prepared = summary.prepared
+        print(f"dataset: {prepared['uri']} ({prepared['count']} images prepared)")
     if summary.skipped_images:
         print(f"dataset: {describe_skipped(summary.skipped_images)}")
     if summary.base_policy:

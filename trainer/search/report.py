@@ -286,6 +286,13 @@ def write_report(store: ArtifactStore, spec: AugmentSearchSpec, workdir: Path) -
         f"Dataset `{spec.dataset.uri}`, model {spec.model.arch} width {spec.model.width}, "
         f"spec digest `{spec_digest(spec)}`."
     )
+    prepared = results.get("prepare", {}).get("prepared")
+    if prepared:
+        md.append("")
+        md.append(
+            f"Prepared once as `{prepared['uri']}`: {prepared['count']} images, stored at "
+            f"{prepared['storage_size']} px, digest `{str(prepared['digest'])[:16]}`."
+        )
     skipped = skipped_images(results)
     if skipped:
         md.append("")
@@ -419,6 +426,7 @@ def write_report(store: ArtifactStore, spec: AugmentSearchSpec, workdir: Path) -
         "final": {k: v for k, v in retrain.items() if k.endswith(("_accuracy", "_loss"))},
         "task_seconds": {k: v.get("seconds") for k, v in results.items()},
         "skipped_images": skipped,
+        "prepared": prepared,
         "plots": [f"plots/{name}" for name in plots],
     }
     store.write_json(REPORT_JSON_KEY, report)

@@ -43,6 +43,8 @@ class RunSummary:
     skipped_images: dict[str, Any] | None = None
     #: whether the base transform won beyond the scores' uncertainty, in one line
     base_choice: str | None = None
+    #: the prepared dataset the tasks read (the `prepare` task's result), if any
+    prepared: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -59,6 +61,7 @@ class RunSummary:
             "final": self.final,
             "skipped_images": self.skipped_images,
             "base_choice": self.base_choice,
+            "prepared": self.prepared,
         }
 
 
@@ -90,6 +93,8 @@ def summarise(store: ArtifactStore, spec: AugmentSearchSpec | None = None) -> Ru
     summary = RunSummary(state=state)
     results = read_results(store, done)
     summary.skipped_images = skipped_images(results)
+    if isinstance(results.get("prepare", {}).get("prepared"), dict):
+        summary.prepared = results["prepare"]["prepared"]
     for task_id, result in results.items():
         if result.get("kind") == "fold" and result.get("base_policy"):
             summary.base_policy = result["base_policy"]
