@@ -74,3 +74,25 @@ def test_reuse_copies_base_and_fold_tasks_between_objectives(tmp_path: Path) -> 
     prepare_run(oracle, supervised)
     assert reuse_results(source, oracle, supervised) == ["base-rotate"]
     assert done_task_ids(oracle) == {"base-rotate"}
+
+
+def test_prepared_datasets_live_beside_the_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from selfaugment.trainer.store.layout import datasets_store, datasets_uri, store_endpoint
+
+    monkeypatch.setenv("SELFAUGMENT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("S3_ENDPOINT_URL", raising=False)
+    assert datasets_uri("s3://team-bucket/runs/search-1") == "s3://team-bucket/datasets"
+    assert datasets_uri(str(tmp_path / "run")) == str(tmp_path / "cache" / "datasets")
+    local = datasets_store(open_store(tmp_path / "run"))
+    assert local.uri == str(tmp_path / "cache" / "datasets")
+    minio = open_store("s3://team-bucket/runs/a", endpoint="http://minio.local:9000")
+    assert store_endpoint(minio) == "http://minio.local:9000"
+    shared = datasets_store(minio)
+    assert (shared.uri, store_endpoint(shared)) == (
+        "s3://team-bucket/datasets",
+        store_endpoint(minio),
+    )
+    assert store_endpoint(open_store("s3://team-bucket/runs/a")) is None  # AWS's own endpoint

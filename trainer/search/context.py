@@ -31,6 +31,7 @@ from selfaugment.trainer.store import ArtifactStore, StoreError
 from selfaugment.trainer.store.layout import (
     read_results,
     result_key,
+    store_endpoint,
     task_key,
 )
 from selfaugment.trainer.store.s3 import cache_root
@@ -128,7 +129,7 @@ class TaskContext:
 
     @property
     def _endpoint(self) -> str | None:
-        return getattr(self.store, "endpoint", None)
+        return store_endpoint(self.store)
 
     def resident(self, images: ImageSet | StreamedImages, share: float = 1.0) -> Images:
         """`images` in memory, for a probe or the scorer that reads them many times: all of

@@ -59,11 +59,16 @@ def datasets_uri(store_uri: str) -> str:
     return str(cache_root() / DATASETS_PREFIX)
 
 
+def store_endpoint(store: ArtifactStore) -> str | None:
+    """The endpoint URL `store` was opened with (None: a local store, or AWS's default)."""
+    endpoint = getattr(store, "endpoint", None)  # S3Store names AWS's default "AWS S3"
+    return endpoint if isinstance(endpoint, str) and "://" in endpoint else None
+
+
 def datasets_store(store: ArtifactStore) -> ArtifactStore:
     """The store of prepared datasets beside `store` (same endpoint), see `datasets_uri`."""
     uri = datasets_uri(str(getattr(store, "uri", "")))
-    endpoint = getattr(store, "endpoint", None) if uri.startswith("s3://") else None
-    return open_store(uri, endpoint=endpoint)
+    return open_store(uri, endpoint=store_endpoint(store) if uri.startswith("s3://") else None)
 
 
 def task_key(task_id: str, name: str) -> str:
