@@ -380,8 +380,8 @@ class RuntimeConfig(StrictModel):
         ge=1,
         description=(
             "Also write a resumable checkpoint every N optimizer steps inside an epoch, so a "
-            "stopped run on a large (streamed) dataset resumes from that step; None: only at "
-            "the end of an epoch (checkpoint_every)."
+            "stopped run on a large (streamed) dataset resumes from that step; null: only at "
+            "the end of an epoch (checkpointEvery)."
         ),
     )
     progress: bool = Field(True, description="Show progress bars.")
