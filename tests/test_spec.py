@@ -204,3 +204,10 @@ def test_a_pretrain_manifest_gives_its_training_settings(tmp_path: Path) -> None
         load_pretrain_config(path, None)
     path.write_text("optim:\n  batch_size: 16\n")  # a bare PretrainConfig, snake_case
     assert load_pretrain_config(path, None).optim.batch_size == 16
+
+
+def test_the_prepare_stage_takes_a_deadline() -> None:
+    spec = parse_config(
+        AugmentSearchSpec, {"resources": {"activeDeadlineSeconds": {"prepare": 3600}}}
+    )
+    assert spec.resources.active_deadline_seconds == {"prepare": 3600}

@@ -266,7 +266,17 @@ class ResourcesConfig(StrictModel):
         ),
     )
     active_deadline_seconds: dict[
-        Literal["base", "folds", "search", "merge", "retrain", "report", "randaugment", "pretrain"],
+        Literal[
+            "prepare",
+            "base",
+            "folds",
+            "search",
+            "merge",
+            "retrain",
+            "report",
+            "randaugment",
+            "pretrain",
+        ],
         PositiveInt,
     ] = Field(
         default_factory=dict,
