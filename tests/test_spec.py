@@ -211,3 +211,18 @@ def test_the_prepare_stage_takes_a_deadline() -> None:
         AugmentSearchSpec, {"resources": {"activeDeadlineSeconds": {"prepare": 3600}}}
     )
     assert spec.resources.active_deadline_seconds == {"prepare": 3600}
+
+
+def test_a_manifest_names_its_run(tmp_path: Path) -> None:
+    from selfaugment.trainer.config import run_name
+
+    manifest = tmp_path / "search.yaml"
+    manifest.write_text(
+        "apiVersion: selfaugment.io/v1alpha1\nkind: AugmentSearch\n"
+        "metadata: {name: fmnist-minimax}\nspec: {}\n"
+    )
+    bare = tmp_path / "bare.yaml"
+    bare.write_text("search: {trials: 10, topPolicies: 5}\n")
+    assert run_name(manifest, "search") == "fmnist-minimax"
+    assert run_name(bare, "search") == "bare"
+    assert run_name(None, "search") == "search"

@@ -572,6 +572,19 @@ def is_manifest(data: Any) -> bool:
     return isinstance(data, dict) and ("apiVersion" in data or "kind" in data)
 
 
+def run_name(path: str | Path | None, default: str) -> str:
+    """A run's name: a manifest's `metadata.name` (as on the cluster), else the file's stem."""
+    if path is None:
+        return default
+    data, _ = read_config_file(path)
+    metadata = data.get("metadata") if is_manifest(data) else None
+    if isinstance(metadata, dict):
+        name = metadata.get("name")
+        if isinstance(name, str) and name and "/" not in name and not name.startswith("."):
+            return name
+    return Path(path).stem
+
+
 def manifest_spec(data: dict[str, Any], kind: str, source: str) -> dict[str, Any]:
     """The `spec` of a manifest of `kind` (selfaugment.io); ConfigError naming what is wrong."""
     api_version = data.get("apiVersion")

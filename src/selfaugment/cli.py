@@ -77,7 +77,7 @@ def _threads_from_env() -> None:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from selfaugment.trainer.config import load_config
+    from selfaugment.trainer.config import load_config, run_name
     from selfaugment.trainer.search.cli import run_search
     from selfaugment.trainer.spec import AugmentSearchSpec
 
@@ -88,7 +88,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         workers=args.workers,
         metrics_port=args.metrics_port,
         progress=not args.no_progress,
-        config_name=args.config.stem if args.config else "search",
+        config_name=run_name(args.config, "search"),
         reuse_from=args.reuse_from,
     )
 
