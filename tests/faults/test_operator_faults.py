@@ -35,27 +35,27 @@ TIMER = 2.0  # SELFAUGMENT_TIMER_INTERVAL of the operator fixture
 
 
 def storage(endpoint: str, uri: str) -> dict[str, Any]:
-    return {"uri": uri, "endpoint": endpoint, "region": "us-east-1", "secret_ref": SECRET}
+    return {"uri": uri, "endpoint": endpoint, "region": "us-east-1", "secretRef": SECRET}
 
 
 def search_manifest(name: str, endpoint: str, uri: str | None = None, **spec: Any) -> dict:
     """A small search (2 folds, 2 workers) whose tasks the fake worker finishes in a second."""
     body: dict[str, Any] = {
-        "dataset": {"uri": "sklearn:digits", "image_size": 16, "limit": 64},
+        "dataset": {"uri": "sklearn:digits", "imageSize": 16, "limit": 64},
         "model": {"width": 8},
-        "moco": {"dim": 16, "queue_size": 64},
-        "optim": {"batch_size": 32},
+        "moco": {"dim": 16, "queueSize": 64},
+        "optim": {"batchSize": 32},
         "search": {
-            "base_policy": "RandomResizedCrop",
-            "fold_epochs": 1,
+            "basePolicy": "RandomResizedCrop",
+            "foldEpochs": 1,
             "folds": 2,
             "repeats": 1,
             "trials": 2,
-            "top_policies": 1,
-            "startup_trials": 1,
+            "topPolicies": 1,
+            "startupTrials": 1,
         },
         "retrain": {"epochs": 1},
-        "parallelism": {"max_workers": 2, "max_retries": 0},
+        "parallelism": {"maxWorkers": 2, "maxRetries": 0},
         "storage": storage(endpoint, uri or f"s3://selfaugment/faults/{name}"),
         **spec,
     }
