@@ -1,10 +1,11 @@
 """A search at lower cost, same policies? The paper's search against the cheaper settings.
 
-For each search seed, runs two whole searches with `selfaugment search` (separate processes,
+For each search seed, runs whole searches with `selfaugment search` (separate processes,
 same thread count) on the same data, and compares them paired by seed:
 
 - `paper`: exhaustive base selection (every candidate trained `base_epochs`), every TPE
   candidate scored on all held-out images (the SelfAugment paper's Algorithm 1);
+- `halving`: successive halving over the base candidates (eta 2), TPE candidates scored in full;
 - `cheap`: successive halving over the base candidates (eta 2) and racing of the TPE
   candidates (search.racing).
 
@@ -59,6 +60,11 @@ SCALES: dict[str, list[str]] = {
 }
 ARMS: dict[str, list[str]] = {
     "paper": ["search.base_selection.method=exhaustive", "search.racing.enabled=false"],
+    "halving": [
+        "search.base_selection.method=successive_halving",
+        "search.base_selection.eta=2",
+        "search.racing.enabled=false",
+    ],
     "cheap": [
         "search.base_selection.method=successive_halving",
         "search.base_selection.eta=2",
@@ -124,33 +130,39 @@ def _commit() -> str:
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Paired per seed: accuracy difference (cheap - paper) and the cost ratios."""
+    """Per arm, paired by seed against `paper`: accuracy difference (arm - paper), cost ratios."""
     by_key = {(run["arm"], run["seed"]): run for run in runs}
-    pairs = sorted(seed for arm, seed in by_key if arm == "paper" and ("cheap", seed) in by_key)
-    rows = []
-    for seed in pairs:
-        paper, cheap = by_key[("paper", seed)], by_key[("cheap", seed)]
-        rows.append(
-            {
-                "seed": seed,
-                "base": [paper["base_policy"], cheap["base_policy"]],
-                "accuracy": [paper["linear_accuracy"], cheap["linear_accuracy"]],
-                "accuracy_difference": cheap["linear_accuracy"] - paper["linear_accuracy"],
-                "seconds_ratio": paper["seconds_before_retraining"]
-                / max(cheap["seconds_before_retraining"], 1e-9),
-                "epochs_ratio": (paper["base_candidate_epochs"] or 0)
-                / max(cheap["base_candidate_epochs"] or 1, 1),
-                "images_ratio": paper["heldout_images_scored"]
-                / max(cheap["heldout_images_scored"], 1),
-            }
-        )
-    differences = [row["accuracy_difference"] for row in rows]
-    return {
-        "pairs": rows,
-        "mean_accuracy_difference": statistics.fmean(differences) if differences else None,
-        "sd_accuracy_difference": statistics.stdev(differences) if len(differences) > 1 else None,
-        "mean_seconds_ratio": statistics.fmean(r["seconds_ratio"] for r in rows) if rows else None,
-    }
+    summary: dict[str, Any] = {}
+    for arm in ARMS:
+        if arm == "paper":
+            continue
+        seeds = sorted(seed for a, seed in by_key if a == "paper" and (arm, seed) in by_key)
+        rows = []
+        for seed in seeds:
+            paper, other = by_key[("paper", seed)], by_key[(arm, seed)]
+            rows.append(
+                {
+                    "seed": seed,
+                    "base": [paper["base_policy"], other["base_policy"]],
+                    "accuracy": [paper["linear_accuracy"], other["linear_accuracy"]],
+                    "accuracy_difference": other["linear_accuracy"] - paper["linear_accuracy"],
+                    "seconds_ratio": paper["seconds_before_retraining"]
+                    / max(other["seconds_before_retraining"], 1e-9),
+                    "epochs_ratio": (paper["base_candidate_epochs"] or 0)
+                    / max(other["base_candidate_epochs"] or 1, 1),
+                    "images_ratio": paper["heldout_images_scored"]
+                    / max(other["heldout_images_scored"], 1),
+                }
+            )
+        differences = [row["accuracy_difference"] for row in rows]
+        summary[arm] = {
+            "pairs": rows,
+            "mean_accuracy_difference": statistics.fmean(differences) if differences else None,
+            "sd_accuracy_difference": statistics.stdev(differences)
+            if len(differences) > 1
+            else None,
+        }
+    return summary
 
 
 def render(
@@ -184,22 +196,25 @@ def render(
             f"| {stages.get('retrain', 0):.0f} "
             f"| {run['load_average'][0]}-{run['load_average'][1]} |"
         )
-    lines += ["", "Paired by seed (cheap - paper):", ""]
-    for row in summary["pairs"]:
-        lines.append(
-            f"- seed {row['seed']}: bases {row['base'][0]} / {row['base'][1]}; accuracy "
-            f"{100 * row['accuracy_difference']:+.2f} points; base candidate-epochs "
-            f"{row['epochs_ratio']:.2f}x fewer; held-out images scored {row['images_ratio']:.2f}x "
-            f"fewer; worker-seconds before retraining {row['seconds_ratio']:.2f}x fewer"
-        )
-    if summary["mean_accuracy_difference"] is not None:
-        sd = summary["sd_accuracy_difference"]
+    for arm, result in summary.items():
+        if not result["pairs"]:
+            continue
+        lines += ["", f"`{arm}` against `paper`, paired by seed ({arm} - paper):", ""]
+        for row in result["pairs"]:
+            lines.append(
+                f"- seed {row['seed']}: bases {row['base'][0]} / {row['base'][1]}; accuracy "
+                f"{100 * row['accuracy_difference']:+.2f} points; base candidate-epochs "
+                f"{row['epochs_ratio']:.2f}x fewer; held-out images scored "
+                f"{row['images_ratio']:.2f}x fewer; worker-seconds before retraining "
+                f"{row['seconds_ratio']:.2f}x fewer"
+            )
+        sd = result["sd_accuracy_difference"]
         lines += [
             "",
-            f"Mean paired accuracy difference: {100 * summary['mean_accuracy_difference']:+.2f} "
-            f"points over {len(summary['pairs'])} seed(s)"
+            f"Mean paired accuracy difference: {100 * result['mean_accuracy_difference']:+.2f} "
+            f"points over {len(result['pairs'])} seed(s)"
             + (f" (sd {100 * sd:.2f})" if sd is not None else "")
-            + f"; mean worker-seconds ratio {summary['mean_seconds_ratio']:.2f}x.",
+            + ".",
         ]
     missing = [
         f"{arm}-seed{seed}"
