@@ -20,8 +20,9 @@ counted once). A last subprocess measures the decode rate of one core (one threa
 samples to the training size and at the stored size, and files decoded as load_dataset does.
 
 Usage: python benchmarks/bench_data.py [--sizes 10000,100000] [--repeats 2] [--workers 2]
-       [--write]   (writes results/data-cpu.json and .md, only if the load average stays
-                    below the number of cores at start and at end)
+       [--write]   (writes results/data-cpu.json and .md, only if the load average is below
+                    the number of cores at start, and at the end once this benchmark's own
+                    processes, the epoch's and its loader workers', are taken off)
 """
 
 from __future__ import annotations
@@ -324,7 +325,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"Machine: {result['machine']}",
         "",
         f"Load average {result['machine']['load_average_at_start']:.2f} at start, "
-        f"{result['load_average_at_end']:.2f} at end; medians of {result['repeats']} interleaved "
+        f"{result['load_average_at_end']:.2f} at end (counting this benchmark's own "
+        f"{1 + result['workers']} processes); medians of {result['repeats']} interleaved "
         f"runs per path; one epoch at {result['image_size']} px of JPEGs at "
         f"{result['source_size']} px, {result['workers']} loader worker(s), batch {result['batch']}.",
         "",
@@ -409,7 +411,12 @@ def main() -> int:
     text = markdown(result)
     print(text)
     if args.write:
-        quiet = max(info["load_average_at_start"], result["load_average_at_end"]) < cores
+        # The load at the end counts this benchmark's own runnable processes (the epoch's
+        # process and its loader workers); the machine was quiet if what is left is not more.
+        own = 1 + args.workers
+        quiet = (
+            info["load_average_at_start"] < cores and result["load_average_at_end"] - own < cores
+        )
         if not quiet:
             print(f"not written: load average above the {cores} cores (not a quiet machine)")
             return 1
