@@ -242,7 +242,7 @@ def test_spec_volumes_are_mounted_in_task_and_retrain_pods() -> None:
         volumes=[DATA_VOLUME],
         volume_mounts=[{"name": "datasets", "mount_path": "/data", "read_only": True}],
     )
-    job = manifests.task_job(SEARCH, spec, task_by_id(spec, "base-rotate"), SETTINGS)
+    job = manifests.task_job(SEARCH, spec, task_by_id(spec, "base-r0-rotate"), SETTINGS)
     pod = job["spec"]["template"]["spec"]
     assert DATA_VOLUME in pod["volumes"]
     mount = {"name": "datasets", "mountPath": "/data", "readOnly": True}

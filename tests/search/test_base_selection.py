@@ -59,7 +59,7 @@ def test_rungs_halve_the_candidates_and_end_at_the_full_budget() -> None:
     # the rungs stop where epochs would fall below min_epochs; the last rung has >= 2
     few = _spec(base_epochs=2, base_selection={"method": "successive_halving"})
     assert [(r.epochs, r.candidates) for r in base_rungs(few)] == [(1, 15), (2, 8)]
-    exhaustive = _spec(base_epochs=20)
+    exhaustive = _spec(base_epochs=20, base_selection={"method": "exhaustive"})
     assert [(r.epochs, r.candidates) for r in base_rungs(exhaustive)] == [(20, 15)]
     rgb = _spec(base_epochs=20, base_selection={"method": "successive_halving"})
     rgb = rgb.model_copy(update={"dataset": rgb.dataset.model_copy(update={"channels": 3})})
