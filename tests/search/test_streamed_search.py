@@ -148,3 +148,29 @@ def test_a_pretrain_streams_a_folder_larger_than_its_memory_budget(tmp_path: Pat
     assert set(report["evaluation"]) == {"rotation", "linear"}
     assert [path.name for path in (cache / "datasets").iterdir()]  # prepared in the cache
     assert "held in memory" in finished.stderr  # the probes' seeded sample of what fits
+
+
+def test_successive_halving_rungs_run_on_a_prepared_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A later rung depends on `prepare` as well as on the rung before: it ranks only the base
+    candidates it continues (a KeyError on 'prepare' once stopped every halving search on a
+    source read from files)."""
+    monkeypatch.setenv("SELFAUGMENT_CACHE", str(tmp_path / "cache"))
+    folder = image_folder(tmp_path / "images")
+    overrides = [f"{key}={value}" for key, value in STREAMED.items()]
+    overrides += [
+        f"dataset.uri={folder}",
+        "search.base_candidates=[RandomResizedCrop, Rotate, Cutout]",
+        "search.base_epochs=2",
+        "search.base_selection.method=successive_halving",
+    ]
+    spec = load_config(AugmentSearchSpec, EXAMPLES / "search-smoke.yaml", overrides)
+    store = open_store(tmp_path / "run")
+    prepare_run(store, spec)
+    run_task(store, "prepare")
+    for name in ("randomresizedcrop", "rotate", "cutout"):
+        run_task(store, f"base-r0-{name}")
+    first = run_task(store, "base-r1-s0")
+    assert first["epochs"] == 2 and first["continued_from"].startswith("base-r0-")
+    assert first["data"]["path"] == "streamed"

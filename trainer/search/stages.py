@@ -254,7 +254,8 @@ def run_base(ctx: TaskContext) -> BaseResult:
     else:
         slot = int(params["slot"])
         base_results = ctx.results("base-")  # one read of the store, not one per candidate
-        earlier = [base_results[task_id] for task_id in ctx.task.depends_on]
+        # the rung before's candidates (the task also depends on `prepare` for file sources)
+        earlier = [base_results[t] for t in ctx.task.depends_on if t.startswith("base-")]
         ranked = base_selection.rank_candidates(earlier)
         transform, source = str(ranked[slot]["transform"]), str(ranked[slot]["task"])
         continue_from = ctx.fetch(source, "checkpoint.pt")
