@@ -14,7 +14,7 @@ after the same retraining (`final.linear_accuracy` of the report: a linear head 
 retrained backbone, trained on the training split and measured on `evaluation_dataset`),
 the worker-seconds per stage, the candidate-epochs of the base stage and the held-out images
 scored by the TPE stage (those two do not depend on the machine's load). Each finished run is
-written to `<out>/runs/<arm>-seed<k>.json` at once and skipped when the study is run again, so
+written to `<out>/per-run/<arm>-seed<k>.json` at once and skipped when the study is run again, so
 the study can be spread over several sessions; the summary (`study.json`, `README.md`) is
 rewritten from whatever runs exist.
 
@@ -97,6 +97,11 @@ def run_search(arm: str, seed: int, work: Path, threads: int, scale: str) -> dic
         scored += int(racing.get("images_scored", 0))
         in_full += int(racing.get("images_in_full", 0))
     selection = report.get("base_selection") or {}
+    base_tasks = {
+        task_id: round(float(seconds or 0.0), 2)
+        for task_id, seconds in report["task_seconds"].items()
+        if task_id.startswith("base-")
+    }
     return {
         "arm": arm,
         "seed": seed,
@@ -112,6 +117,7 @@ def run_search(arm: str, seed: int, work: Path, threads: int, scale: str) -> dic
         ),
         "base_candidate_epochs": selection.get("epochs_trained"),
         "base_candidate_epochs_exhaustive": selection.get("epochs_exhaustive"),
+        "base_task_seconds": base_tasks,
         "heldout_images_scored": scored,
         "heldout_images_in_full": in_full,
         "wall_seconds": round(elapsed, 1),
@@ -165,6 +171,26 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+def _per_rung(seconds: dict[str, float]) -> str:
+    """Median seconds of a base task per rung (`base-<t>`: the one rung of the exhaustive
+    stage; `base-r<k>-...`: rung k): each task pays a fixed cost (a worker process, the data,
+    the rotation probe) besides its epochs."""
+    rungs: dict[str, list[float]] = {}
+    for task_id, value in seconds.items():
+        parts = task_id.split("-")
+        rung = (
+            parts[1] if len(parts) > 2 and parts[1][:1] == "r" and parts[1][1:].isdigit() else "r0"
+        )
+        rungs.setdefault(rung, []).append(value)
+    return (
+        ", ".join(
+            f"{rung} {statistics.median(values):.1f} ({len(values)})"
+            for rung, values in sorted(rungs.items())
+        )
+        or "-"
+    )
+
+
 def render(
     runs: list[dict[str, Any]], summary: dict[str, Any], seeds_asked: list[int], scale: str
 ) -> str:
@@ -182,8 +208,9 @@ def render(
         + ".",
         "",
         "| arm | seed | base | linear accuracy | base candidate-epochs | held-out images scored "
-        "| worker-s before retraining (base / fold / search) | retrain s | load avg |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| worker-s before retraining (base / fold / search) | retrain s "
+        "| median s per base task, by rung | load avg |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for run in sorted(runs, key=lambda r: (r["seed"], r["arm"])):
         stages = run["stage_seconds"]
@@ -194,6 +221,7 @@ def render(
             f"| {run['seconds_before_retraining']:.0f} ({stages.get('base', 0):.0f} / "
             f"{stages.get('fold', 0):.0f} / {stages.get('search', 0):.0f}) "
             f"| {stages.get('retrain', 0):.0f} "
+            f"| {_per_rung(run.get('base_task_seconds', {}))} "
             f"| {run['load_average'][0]}-{run['load_average'][1]} |"
         )
     for arm, result in summary.items():
@@ -238,18 +266,18 @@ def main() -> int:
     parser.add_argument("--summary-only", action="store_true", help="Only rewrite the summary.")
     args = parser.parse_args()
     args.out = args.out or REPO / f"docs/results/search-cost-fmnist-{args.scale}"
-    (args.out / "runs").mkdir(parents=True, exist_ok=True)
+    (args.out / "per-run").mkdir(parents=True, exist_ok=True)
     if not args.summary_only:
         for seed in args.seeds:
             for arm in args.arms:
-                target = args.out / "runs" / f"{arm}-seed{seed}.json"
+                target = args.out / "per-run" / f"{arm}-seed{seed}.json"
                 if target.exists():
                     print(f"{target}: done already, skipped", flush=True)
                     continue
                 run = run_search(arm, seed, args.work, args.threads, args.scale)
                 target.write_text(json.dumps(run, indent=1) + "\n")
                 print(f"{target}: {run['base_policy']}, {run['linear_accuracy']:.4f}", flush=True)
-    runs = [json.loads(path.read_text()) for path in sorted((args.out / "runs").glob("*.json"))]
+    runs = [json.loads(path.read_text()) for path in sorted((args.out / "per-run").glob("*.json"))]
     summary = summarise(runs)
     (args.out / "study.json").write_text(json.dumps({"summary": summary}, indent=1) + "\n")
     readme = args.out / "README.md"
