@@ -171,6 +171,11 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+def _fewer(ratio: float) -> str:
+    """`paper / arm` as '1.94x fewer', or '1.25x more' when the arm needed more."""
+    return f"{ratio:.2f}x fewer" if ratio >= 1 else f"{1 / ratio:.2f}x more"
+
+
 def _per_rung(seconds: dict[str, float]) -> str:
     """Median seconds of a base task per rung (`base-<t>`: the one rung of the exhaustive
     stage; `base-r<k>-...`: rung k): each task pays a fixed cost (a worker process, the data,
@@ -232,9 +237,9 @@ def render(
             lines.append(
                 f"- seed {row['seed']}: bases {row['base'][0]} / {row['base'][1]}; accuracy "
                 f"{100 * row['accuracy_difference']:+.2f} points; base candidate-epochs "
-                f"{row['epochs_ratio']:.2f}x fewer; held-out images scored "
-                f"{row['images_ratio']:.2f}x fewer; worker-seconds before retraining "
-                f"{row['seconds_ratio']:.2f}x fewer"
+                f"{_fewer(row['epochs_ratio'])}; held-out images scored "
+                f"{_fewer(row['images_ratio'])}; worker-seconds before retraining "
+                f"{_fewer(row['seconds_ratio'])}"
             )
         sd = result["sd_accuracy_difference"]
         lines += [
