@@ -14,9 +14,8 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from selfaugment.operator.status import JOB_FAILED, job_state, parse_time
-from selfaugment.trainer.metrics import PHASES, TASK_STATES, SearchMetrics
+from selfaugment.trainer.metrics import PHASES, STAGES, TASK_STATES, SearchMetrics
 
-STAGES = ("prepare", "base", "folds", "search", "merge", "retrain", "report", "randaugment", "done")
 Labels = tuple[str, str]
 
 

@@ -15,6 +15,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 SEARCH_LABELS = ("namespace", "search")
 PHASES = ("Pending", "Running", "Succeeded", "Failed")
 TASK_STATES = ("pending", "running", "succeeded", "failed")
+#: Values of the `stage` label of selfaugment_search_stage (every planner stage, and "done").
+STAGES = ("prepare", "base", "folds", "search", "merge", "retrain", "report", "randaugment", "done")
 
 
 @dataclass

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from selfaugment.errors import EXIT_BAD_INPUT, SelfAugmentError
-from selfaugment.trainer.metrics import SearchMetrics, create_metrics
+from selfaugment.trainer.metrics import STAGES, SearchMetrics, create_metrics
 from selfaugment.trainer.search.planner import GPU_KINDS, PREPARE_TASK, PlanState, Task, plan
 from selfaugment.trainer.search.status import describe_skipped, summarise
 from selfaugment.trainer.spec import AugmentSearchSpec
@@ -224,17 +224,7 @@ class LocalRunner:
         labels = ("local", self.run_name)
         done = len(state.done)
         self.metrics.search_progress.labels(*labels).set(done / max(1, state.total))
-        for stage in (
-            "prepare",
-            "base",
-            "folds",
-            "search",
-            "merge",
-            "retrain",
-            "report",
-            "randaugment",
-            "done",
-        ):
+        for stage in STAGES:
             self.metrics.search_stage.labels(*labels, stage).set(1 if stage == state.stage else 0)
         self.metrics.tasks.labels(*labels, "succeeded").set(done)
         self.metrics.tasks.labels(*labels, "running").set(len(self.running))
