@@ -180,3 +180,35 @@ def test_a_race_sees_growing_shares_and_may_stop_a_candidate_early(setup) -> Non
     always = _Stop(True)
     stopped = scorer.score("identity", always)
     assert stopped.images == 16 and always.seen == [16]
+
+
+def test_cache_sized_chunks_on_the_cpu_give_the_scores_of_one_batch(setup, monkeypatch) -> None:
+    """The scorer and feature extraction run the backbone in chunks on the CPU; in eval mode
+    that changes no score beyond float rounding (compared with one batch in the same run)."""
+    from selfaugment.trainer.evaluation.probes import extract_features
+    from selfaugment.trainer.moco import models
+
+    model, train, heldout = setup
+    probe = train_probe(model.backbone, "rotation", train, heldout, ProbeConfig(epochs=2))
+    chunk = models.inference_chunk(model.backbone, (16, 16), torch.device("cpu"), 4 * 100)
+    monkeypatch.setattr(models, "CPU_CHUNK_BYTES", 8 * 16 * 16 * 4 * 24)  # 24 images a chunk
+    assert models.inference_chunk(model.backbone, (16, 16), torch.device("cpu"), 400) == 24
+    assert models.inference_chunk(model.backbone, (16, 16), torch.device("meta"), 400) == 400
+
+    def score_and_features() -> tuple[object, torch.Tensor]:
+        scorer = PolicyScorer(
+            model, probe.head_state, heldout, "cpu", batch_size=100, seed=3,
+            augmenter_factory=StandInAugmenter,
+        )  # fmt: skip
+        features = extract_features(model.backbone.eval(), heldout, torch.device("cpu"))
+        return scorer.score("flip"), features
+
+    chunked, chunked_features = score_and_features()
+    monkeypatch.setattr(models, "CPU_CHUNK_BYTES", 2**62)  # one batch
+    whole, whole_features = score_and_features()
+    assert chunk == 400  # the default budget holds 400 images of 16 px at width 8
+    # a logit tie broken the other way by rounding moves one image's rotation at most
+    assert chunked.rotation_accuracy == pytest.approx(whole.rotation_accuracy, abs=2 / 400)
+    assert chunked.rotation_loss == pytest.approx(whole.rotation_loss, rel=1e-5)
+    assert chunked.infonce == pytest.approx(whole.infonce, rel=1e-5)
+    assert torch.allclose(chunked_features, whole_features, rtol=1e-4, atol=1e-5)

@@ -36,6 +36,7 @@ from selfaugment.trainer.config import EvalConfig, EvaluationConfig, ProbeConfig
 from selfaugment.trainer.data.stream import StreamedImages
 from selfaugment.trainer.data.types import Images
 from selfaugment.trainer.moco.checkpoint import save_checkpoint
+from selfaugment.trainer.moco.models import inference_chunk
 from selfaugment.trainer.runtime import autocast, resolve_device, use_bf16
 
 ProbeTask = Literal["rotation", "linear", "jigsaw"]
@@ -84,9 +85,15 @@ def extract_features(
     *,
     transform: Any = None,
     bf16: bool = False,
-    batch_size: int = FEATURE_BATCH,
+    batch_size: int | None = None,
 ) -> torch.Tensor:
-    """Backbone features [N, D] (float32, on `device`) of images, optionally transformed first."""
+    """Backbone features [N, D] (float32, on `device`) of images, optionally transformed first.
+
+    `batch_size`: images per forward pass; by default FEATURE_BATCH, or on the CPU as many as
+    stay in cache (models.inference_chunk: up to 5x faster than large batches there)."""
+    if batch_size is None:
+        size = (int(images.shape[-2]), int(images.shape[-1]))
+        batch_size = inference_chunk(backbone, size, device, FEATURE_BATCH)
     chunks = []
     for start in range(0, images.shape[0], batch_size):
         batch = to_unit_float(images[start : start + batch_size].to(device, non_blocking=True))

@@ -25,7 +25,7 @@ from torch import nn
 from selfaugment.trainer.config import AugmentConfig
 from selfaugment.trainer.moco.checkpoint import checkpoint_config, load_checkpoint
 from selfaugment.trainer.moco.learner import MoCo
-from selfaugment.trainer.moco.models import build_backbone
+from selfaugment.trainer.moco.models import build_backbone, forward_in_chunks, inference_chunk
 from selfaugment.trainer.moco.pretrain import Augmenter
 from selfaugment.trainer.policy.views import build_augmenter
 from selfaugment.trainer.runtime import autocast
@@ -198,8 +198,11 @@ class PolicyScorer:
         with autocast(self.device, self.bf16):
             # the 4 rotations as one batch (eval mode: batch norm uses its running stats);
             # the upright quarter's features serve the InfoNCE query too: 5 passes, not 6
+            # on the CPU in cache-sized chunks (models.inference_chunk), on a GPU at once
             rotated = torch.cat([torch.rot90(view_q, turns, (2, 3)) for turns in range(4)])
-            raw = self.model.backbone(rotated)
+            size = (rotated.shape[-2], rotated.shape[-1])
+            chunk = inference_chunk(self.model.backbone, size, self.device, rotated.shape[0])
+            raw = forward_in_chunks(self.model.backbone, rotated, chunk)
             features = raw.float()
             logits = self.rotation_head(features)
             targets = torch.arange(4, device=self.device).repeat_interleave(count)
@@ -212,7 +215,9 @@ class PolicyScorer:
                     self.labels[start : start + count],
                     reduction="none",
                 )
-            _, contrast = self.model.contrastive_loss_eval(None, view_k, query_features=raw[:count])
+            _, contrast = self.model.contrastive_loss_eval(
+                None, view_k, query_features=raw[:count], chunk=chunk
+            )
             positives = torch.zeros(count, dtype=torch.long, device=self.device)
             out["infonce"] = F.cross_entropy(contrast.float(), positives, reduction="none")
         return {name: values.detach().double().cpu() for name, values in out.items()}

@@ -26,7 +26,7 @@ from torch import nn
 
 from selfaugment.trainer.config import MocoConfig
 from selfaugment.trainer.moco.losses import info_nce
-from selfaugment.trainer.moco.models import ResNetBackbone
+from selfaugment.trainer.moco.models import ResNetBackbone, forward_in_chunks
 from selfaugment.trainer.runtime import concat_all_gather, distributed_active
 
 
@@ -134,20 +134,25 @@ class MoCo(nn.Module):
         view_k: torch.Tensor,
         *,
         query_features: torch.Tensor | None = None,
+        chunk: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """InfoNCE of two views with frozen encoders and queue: changes no parameter or buffer.
 
         `query_features`: the query backbone's output for `view_q`, when the caller has it (the
-        policy scorer computes it for the rotation head), so the backbone does not run again."""
+        policy scorer computes it for the rotation head), so the backbone does not run again.
+        `chunk`: run the encoders this many images at a time (models.inference_chunk)."""
         modes = [(module, module.training) for module in self.modules()]
         self.eval()
         try:
             if query_features is None:
                 if view_q is None:
                     raise ValueError("contrastive_loss_eval needs view_q or query_features")
-                query_features = self.encoder_q.backbone(view_q)
+                query_features = forward_in_chunks(
+                    self.encoder_q.backbone, view_q, chunk or view_q.shape[0]
+                )
             q = F.normalize(self.encoder_q.head(query_features), dim=1)  # N x C
-            k = F.normalize(self.encoder_k(view_k), dim=1)  # N x C
+            keys = forward_in_chunks(self.encoder_k, view_k, chunk or view_k.shape[0])
+            k = F.normalize(keys, dim=1)  # N x C
             return info_nce(q, k, self.queue, self.temperature)
         finally:
             for module, mode in modes:
