@@ -126,3 +126,42 @@ def test_load_prepared_of_a_subset_keeps_its_order(prepared: PreparedDataset) ->
     assert torch.equal(part.images, whole.images[torch.from_numpy(ids)])
     assert part.names == [whole.names[i] for i in ids]  # type: ignore[index]
     assert part.report is not None and part.report.num_images == 4
+
+
+def test_decoded_images_are_kept_on_the_machine_and_read_back(
+    prepared: PreparedDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second load of the same selection reads the machine's decoded cache (no shard is
+    decoded), a damaged cache file is decoded again and replaced, and a selection above the
+    size limit or with keep_decoded=False leaves no file."""
+    from selfaugment.trainer.data import memory
+
+    monkeypatch.setenv("SELFAUGMENT_CACHE", str(tmp_path / "cache"))
+    ids = np.array([5, 1, 9])
+    first = load_prepared(prepared, 16, 3, ids)
+    path = memory.decoded_cache_path(prepared, 16, 3, ids)
+    assert path.is_file()
+
+    def no_decoding(*args: object) -> torch.Tensor:
+        raise AssertionError("decoded again although the cache holds these images")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(memory, "_decode_all", no_decoding)
+        again = load_prepared(prepared, 16, 3, ids)
+    assert torch.equal(again.images, first.images) and again.names == first.names
+
+    path.write_bytes(path.read_bytes()[:-7])  # truncated: not trusted, decoded again
+    repaired = load_prepared(prepared, 16, 3, ids)
+    assert torch.equal(repaired.images, first.images)
+    assert memory._read_decoded(path, tuple(first.images.shape)) is not None
+
+    other = memory.decoded_cache_path(prepared, 16, 1, ids)
+    assert other != path  # another size, channel count or selection is another file
+    load_prepared(prepared, 16, 1, ids, keep_decoded=False)
+    assert not other.exists()
+    monkeypatch.setattr(memory, "DECODED_CACHE_MAX_BYTES", 3 * 16 * 16)
+    load_prepared(prepared, 16, 1, ids)
+    assert other.exists()  # 3 x 1 x 16 x 16 bytes fit
+    largest = memory.decoded_cache_path(prepared, 16, 3, np.array([0, 2, 4]))
+    load_prepared(prepared, 16, 3, np.array([0, 2, 4]))
+    assert not largest.exists()  # 3 x 3 x 16 x 16 bytes do not

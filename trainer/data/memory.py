@@ -12,7 +12,9 @@ the source's readable items), so a limited run picks the same images on every pa
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,6 +30,7 @@ from selfaugment.trainer.data.prepared import PreparedDataset
 from selfaugment.trainer.data.shard_reader import ShardReader
 from selfaugment.trainer.data.stream import StreamedImages
 from selfaugment.trainer.data.types import DatasetError, Images, ImageSet, LoadReport
+from selfaugment.trainer.store.s3 import cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +39,9 @@ logger = logging.getLogger(__name__)
 #: 2.9 GB), ImageNet-scale ones (1.28M at 224 px: 193 GB) do not.
 DEFAULT_MEMORY_BUDGET = 4 * 2**30
 DataPath = Literal["auto", "memory", "stream"]
+#: Largest decoded selection load_prepared keeps in the machine's cache (CIFAR-10 at 32 px:
+#: 150 MiB); beyond it every process decodes again rather than fill the local disk.
+DECODED_CACHE_MAX_BYTES = 1 * 2**30
 
 
 def decoded_bytes(count: int, channels: int, image_size: int) -> int:
@@ -55,6 +61,42 @@ def select_samples(prepared: PreparedDataset, limit: int | None, seed: int) -> n
     return np.sort(shuffled[shuffled >= 0][:limit])
 
 
+def decoded_cache_path(
+    prepared: PreparedDataset, image_size: int, channels: int, ids: np.ndarray
+) -> Path:
+    """Where this machine keeps `ids` of `prepared` decoded at `image_size` (one .npy file):
+    named by the prepared dataset's key and digest, the size, the channels and a digest of the
+    sample ids, so a file is only ever read back for exactly the images it holds."""
+    selection = hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int64).tobytes()).hexdigest()
+    name = f"{prepared.digest[:16]}-{image_size}px-{channels}ch-{selection[:16]}.npy"
+    return cache_root() / "decoded" / prepared.key / name
+
+
+def _read_decoded(path: Path, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """The cached decoded images, or None when the file is missing, unreadable or not `shape`."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return None
+    if array.dtype != np.uint8 or array.shape != shape:
+        return None
+    return torch.from_numpy(array)
+
+
+def _write_decoded(path: Path, images: torch.Tensor) -> None:
+    """Keep `images` at `path` (atomically: a reader never sees half a file); a machine whose
+    cache cannot be written loses only the speed-up."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with temporary.open("wb") as handle:
+            np.save(handle, images.numpy(), allow_pickle=False)
+        os.replace(temporary, path)
+    except OSError as error:
+        logger.debug("decoded-image cache not written at %s: %s", path, error)
+        temporary.unlink(missing_ok=True)
+
+
 def load_prepared(
     prepared: PreparedDataset,
     image_size: int,
@@ -63,25 +105,28 @@ def load_prepared(
     *,
     workers: int | None = None,
     cache_dir: Path | None = None,
+    keep_decoded: bool = True,
 ) -> ImageSet:
     """The samples (all by default) decoded into memory at `image_size`: an ImageSet, as
     load_dataset returns it. Shards are read one after another, their samples decoded by a
-    thread pool (PIL and torch release the GIL)."""
+    thread pool (PIL and torch release the GIL).
+
+    `keep_decoded`: when the decoded images take at most DECODED_CACHE_MAX_BYTES, keep them in
+    this machine's cache (decoded_cache_path) and read them from there next time: every task
+    of a local search opens the same images, and decoding them again cost each task about
+    2 s at the Fashion-MNIST example's 8,000 images (docs/cost.md)."""
     started = time.perf_counter()
     ids = np.arange(prepared.count) if sample_ids is None else np.asarray(sample_ids, np.int64)
-    images = torch.empty((len(ids), channels, image_size, image_size), dtype=torch.uint8)
-    reader = ShardReader(prepared, cache_dir)
-
-    def decode(row: int) -> None:
-        sample = int(ids[row])
-        shard, offset = int(prepared.shard[sample]), int(prepared.offset[sample])
-        data = reader.read(shard, offset, int(prepared.length[sample]))
-        images[row] = decode_sample(data, prepared.kind, image_size, channels, prepared.source)
-
-    rows_by_shard = np.argsort(prepared.shard[ids], kind="stable")
-    with ThreadPoolExecutor(max_workers=workers or decode_workers()) as pool:
-        list(pool.map(decode, rows_by_shard.tolist()))
-    reader.close()
+    shape = (len(ids), channels, image_size, image_size)
+    cached_at: Path | None = None
+    images: torch.Tensor | None = None
+    if keep_decoded and decoded_bytes(len(ids), channels, image_size) <= DECODED_CACHE_MAX_BYTES:
+        cached_at = decoded_cache_path(prepared, image_size, channels, ids)
+        images = _read_decoded(cached_at, shape)
+    if images is None:
+        images = _decode_all(prepared, image_size, channels, ids, workers, cache_dir)
+        if cached_at is not None:
+            _write_decoded(cached_at, images)
     labels = torch.from_numpy(prepared.label[ids].copy()) if prepared.has_labels else None
     image_set = ImageSet(
         images,
@@ -102,6 +147,33 @@ def load_prepared(
         seconds=time.perf_counter() - started,
     )
     return image_set
+
+
+def _decode_all(
+    prepared: PreparedDataset,
+    image_size: int,
+    channels: int,
+    ids: np.ndarray,
+    workers: int | None,
+    cache_dir: Path | None,
+) -> torch.Tensor:
+    """Decode the samples `ids` from their shards (the shards read in order)."""
+    images = torch.empty((len(ids), channels, image_size, image_size), dtype=torch.uint8)
+    reader = ShardReader(prepared, cache_dir)
+
+    def decode(row: int) -> None:
+        sample = int(ids[row])
+        shard, offset = int(prepared.shard[sample]), int(prepared.offset[sample])
+        data = reader.read(shard, offset, int(prepared.length[sample]))
+        images[row] = decode_sample(data, prepared.kind, image_size, channels, prepared.source)
+
+    rows_by_shard = np.argsort(prepared.shard[ids], kind="stable")
+    try:
+        with ThreadPoolExecutor(max_workers=workers or decode_workers()) as pool:
+            list(pool.map(decode, rows_by_shard.tolist()))
+    finally:
+        reader.close()
+    return images
 
 
 def open_images(
