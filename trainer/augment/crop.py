@@ -80,19 +80,32 @@ def _uniform(shape: tuple[int, int], generator: torch.Generator | None) -> np.nd
     return torch.rand(shape, generator=generator, device=device).cpu().double().numpy()
 
 
-def resized_crop_flip(images: Tensor, boxes: Tensor, flips: Tensor) -> Tensor:
-    """Resample each box of float ``images`` to full size (bilinear), mirrored where ``flips``."""
-    batch, _, height, width = images.shape
-    top, left, box_h, box_w = boxes.detach().cpu().numpy().astype(np.float32).T
-    mirror = 1.0 - 2.0 * flips.detach().cpu().numpy().astype(np.float32)
-    # Normalised sampling positions (align_corners=False) of the output pixel centres, in
-    # float32; the grid is separable, so it is built from one row and one column per sample,
-    # in numpy (a few hundred numbers, where torch calls cost more), and written in two
-    # broadcast copies (as fast as a torch.cat of expanded views, with two torch calls fewer).
+def sampling_grid(
+    boxes: np.ndarray, flips: np.ndarray, height: int, width: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The crop's normalised sampling positions (align_corners=False) of the output pixel
+    centres, float32: x [B, W] and y [B, H] (the grid is separable).
+
+    Built in numpy (a few hundred numbers, where torch calls cost more); the compiled path
+    (``augment/kernels.py``) reads the same two arrays, so both resample at the same positions.
+    """
+    top, left, box_h, box_w = np.asarray(boxes).astype(np.float32).T
+    mirror = 1.0 - 2.0 * np.asarray(flips).astype(np.float32)
     unit_x = (np.arange(width, dtype=np.float32) + 0.5) * (2.0 / width) - 1.0
     unit_y = (np.arange(height, dtype=np.float32) + 0.5) * (2.0 / height) - 1.0
     grid_x = (box_w * mirror / width)[:, None] * unit_x + ((2 * left + box_w) / width - 1)[:, None]
     grid_y = (box_h / height)[:, None] * unit_y + ((2 * top + box_h) / height - 1)[:, None]
+    return grid_x, grid_y
+
+
+def resized_crop_flip(images: Tensor, boxes: Tensor, flips: Tensor) -> Tensor:
+    """Resample each box of float ``images`` to full size (bilinear), mirrored where ``flips``."""
+    batch, _, height, width = images.shape
+    grid_x, grid_y = sampling_grid(
+        boxes.detach().cpu().numpy(), flips.detach().cpu().numpy(), height, width
+    )
+    # Written in two broadcast copies (as fast as a torch.cat of expanded views, with two
+    # torch calls fewer).
     grid = np.empty((batch, height, width, 2), dtype=np.float32)
     grid[..., 0] = grid_x[:, None, :]
     grid[..., 1] = grid_y[:, :, None]
@@ -103,6 +116,27 @@ def resized_crop_flip(images: Tensor, boxes: Tensor, flips: Tensor) -> Tensor:
         padding_mode="border",
         align_corners=False,
     )
+
+
+def crop_flip_draws(
+    batch: int,
+    height: int,
+    width: int,
+    generator: torch.Generator | None,
+    crop: bool,
+    flip: bool,
+    scale: tuple[float, float] = CROP_SCALE,
+    ratio: tuple[float, float] = CROP_RATIO,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes [B, 4] and flips [B] (bool) of ``random_resized_crop_flip``, drawn from
+    ``generator`` (one call, the same draws whatever is enabled; call only when crop or flip)."""
+    uniform = _uniform((batch, _DRAWS + 1), generator)
+    if crop:
+        boxes = crop_boxes_from_uniform(uniform[:, :_DRAWS], height, width, scale, ratio)
+    else:
+        boxes = np.tile([0.0, 0.0, float(height), float(width)], (batch, 1))
+    flips = uniform[:, _DRAWS] < 0.5 if flip else np.zeros(batch, dtype=bool)
+    return boxes, flips
 
 
 def random_resized_crop_flip(
@@ -117,12 +151,7 @@ def random_resized_crop_flip(
     batch, _, height, width = images.shape
     if not crop and not flip:
         return images
-    uniform = _uniform((batch, _DRAWS + 1), generator)  # same draws whatever is enabled
-    if crop:
-        boxes = crop_boxes_from_uniform(uniform[:, :_DRAWS], height, width, scale, ratio)
-    else:
-        boxes = np.tile([0.0, 0.0, float(height), float(width)], (batch, 1))
-    flips = uniform[:, _DRAWS] < 0.5 if flip else np.zeros(batch, dtype=bool)
+    boxes, flips = crop_flip_draws(batch, height, width, generator, crop, flip, scale, ratio)
     return resized_crop_flip(images, torch.from_numpy(boxes), torch.from_numpy(flips))
 
 

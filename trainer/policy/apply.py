@@ -185,14 +185,29 @@ def _fused_rows(selected: np.ndarray) -> np.ndarray:
     return np.flatnonzero(selected)
 
 
+def _centers(plan: AugmentPlan, generator: torch.Generator | None) -> np.ndarray:
+    if plan.centers is not None:
+        return plan.centers
+    # a plan built by hand: Cutout centres from the generator
+    centers = _uniform((plan.op_ids.shape[0], 2 * plan.op_ids.shape[1]), generator)
+    return centers.reshape(*plan.op_ids.shape, 2)
+
+
+def plan_arguments(
+    plan: AugmentPlan, generator: torch.Generator | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What the compiled path (``augment/compiled.py``) needs of ``plan``: op ids [B, K], each
+    op's argument [B, K] (float64, the values ``apply_plan_levels`` computes) and Cutout centres
+    [B, K, 2] (drawn from ``generator`` as ``apply_plan_levels`` draws them when missing)."""
+    centers = _centers(plan, generator)
+    return plan.op_ids, _arguments(plan.op_ids, plan.magnitudes, plan.signs), centers
+
+
 def apply_plan_levels(
     levels: Tensor, plan: AugmentPlan, generator: torch.Generator | None = None
 ) -> Tensor:
     """Apply ``plan`` to float32 whole levels 0..255 (modified in place); returns levels."""
-    centers = plan.centers
-    if centers is None:  # a plan built by hand: Cutout centres from the generator
-        centers = _uniform((plan.op_ids.shape[0], 2 * plan.op_ids.shape[1]), generator)
-        centers = centers.reshape(*plan.op_ids.shape, 2)
+    centers = _centers(plan, generator)
     for position in range(plan.op_ids.shape[1]):
         ids = plan.op_ids[:, position]
         arguments = _arguments(ids, plan.magnitudes[:, position], plan.signs[:, position])

@@ -29,16 +29,26 @@ import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
-from selfaugment.trainer.augment import pil
-from selfaugment.trainer.augment.crop import random_resized_crop_flip
+from selfaugment.trainer.augment import compiled, pil
+from selfaugment.trainer.augment.crop import (
+    crop_flip_draws,
+    random_resized_crop_flip,
+    sampling_grid,
+)
 from selfaugment.trainer.augment.levels import MAX_LEVEL
 from selfaugment.trainer.augment.ops import CROP_RATIO, CROP_SCALE, OP_NAMES, OPS
 from selfaugment.trainer.augment.tensor import check_images
-from selfaugment.trainer.policy.apply import AugmentPlan, apply_plan_levels, sample_plan
+from selfaugment.trainer.policy.apply import (
+    AugmentPlan,
+    apply_plan_levels,
+    plan_arguments,
+    sample_plan,
+)
 from selfaugment.trainer.policy.builtins import resolve_policy
 from selfaugment.trainer.policy.model import AnyPolicy, OpSetting, Policy, PolicyError, RandAugment
 
@@ -159,6 +169,8 @@ class BatchAugmenter:
             return self._augment(images, generator)
 
     def _augment(self, images: Tensor, generator: torch.Generator | None) -> Tensor:
+        if compiled.use_compiled(images):
+            return self._augment_compiled(images, generator)
         uint8 = images.dtype == torch.uint8
         if not self._has_ops:  # crop and flip only: [0, 1] values, not rounded
             if uint8:
@@ -176,6 +188,31 @@ class BatchAugmenter:
         if not uint8 or self.crop or self.flip:  # PIL's crop and images hold whole levels
             levels = levels.round_() if uint8 else levels.round_().clamp_(0.0, MAX_LEVEL)
         return self._policy(levels, generator).div_(MAX_LEVEL)
+
+    def _augment_compiled(self, images: Tensor, generator: torch.Generator | None) -> Tensor:
+        """The compiled path (``augment/compiled.py``): the draws of ``_augment`` in its order,
+        the pixel work in one compiled loop; the same result."""
+        batch, _, height, width = images.shape
+
+        def grid() -> tuple[np.ndarray, np.ndarray] | None:
+            if not self.crop and not self.flip:
+                return None
+            boxes, flips = crop_flip_draws(
+                batch, height, width, generator, self.crop, self.flip,
+                self.crop_scale, self.crop_ratio,
+            )  # fmt: skip
+            return sampling_grid(boxes, flips, height, width)
+
+        def plan() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            return plan_arguments(sample_plan(self.policy, batch, generator), generator)
+
+        if not self._has_ops:
+            return compiled.augment(images, grid(), None, policy_first=True)
+        if self.policy_first:
+            drawn = plan()
+            return compiled.augment(images, grid(), drawn, policy_first=True)
+        crop_flip = grid()
+        return compiled.augment(images, crop_flip, plan(), policy_first=False)
 
     def _crop_flip(self, levels: Tensor, generator: torch.Generator | None) -> Tensor:
         return random_resized_crop_flip(
