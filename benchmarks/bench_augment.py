@@ -8,22 +8,32 @@ Per policy (the built-in mocov2, and random 5x2 policies), these take turns with
 
 - ``pil``: per image, tensor -> PIL, random resized crop + flip, the policy, -> float tensor
   (what a DataLoader with ``ToTensor`` does); one thread, as PIL has;
-- ``batched, 1 thread``: ``BatchAugmenter`` on uint8 batches with torch at 1 thread;
-- ``batched, N threads``: the same with torch at ``--threads`` (the augmenter's thread policy
+- ``eager, 1 thread``: ``BatchAugmenter`` on uint8 batches, torch ops over the batch
+  (``SELFAUGMENT_AUGMENT_KERNELS=torch``), torch at 1 thread;
+- ``eager, N threads``: the same with torch at ``--threads`` (the augmenter's thread policy
   still runs the CPU work on one thread: ``cpu_threads=1``);
-- ``batched, N OpenMP threads``: the other policy, ``cpu_threads=None``: N threads inside;
-- ``batched, CUDA``: when a CUDA device is present.
+- ``eager, N OpenMP threads``: the other policy, ``cpu_threads=None``: N threads inside;
+- ``compiled, 1 thread`` and ``compiled, N threads``: the compiled path (numba,
+  ``augment/compiled.py``; the default for CPU uint8 batches), torch at 1 and at ``--threads``
+  (its kernels run on one thread either way: the difference is the few torch calls around);
+- ``batched, CUDA``: when a CUDA device is present (the eager path).
 
 Images per second are medians over the repeats; speed-ups are against ``pil`` of the same run.
-``--profile`` measures nothing: it prints, per policy, where ``batched, 1 thread`` spends its
-time (``torch.profiler``, the ops with the most CPU time), the workload that speed work starts
-from.
+``--profile`` measures nothing: it prints, per policy, where ``eager, 1 thread`` spends its
+time (``torch.profiler``, the ops with the most CPU time) and where ``compiled, 1 thread``
+does (``cProfile``: the compiled kernel is one call, the rest is the draws and their
+bookkeeping in numpy), the workload that speed work starts from.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import os
+import pstats
 import random
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,6 +44,7 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
+from selfaugment.trainer.augment.compiled import KERNELS_VARIABLE
 from selfaugment.trainer.augment.crop import random_resized_crop_flip_pil
 from selfaugment.trainer.augment.ops import OP_NAMES
 from selfaugment.trainer.policy import (
@@ -88,10 +99,49 @@ def batched_pass(
     batch_size: int,
     generator: torch.Generator,
     threads: int,
+    kernels: str = "torch",
 ) -> None:
+    """``augmenter`` over ``images`` with torch at ``threads`` and the path ``kernels`` (the
+    value of SELFAUGMENT_AUGMENT_KERNELS, read at every call)."""
     torch.set_num_threads(threads)
-    for batch in images.split(batch_size):
-        augmenter(batch, generator)
+    previous = os.environ.get(KERNELS_VARIABLE)
+    os.environ[KERNELS_VARIABLE] = kernels
+    try:
+        for batch in images.split(batch_size):
+            augmenter(batch, generator)
+    finally:
+        if previous is None:
+            del os.environ[KERNELS_VARIABLE]
+        else:
+            os.environ[KERNELS_VARIABLE] = previous
+
+
+SETTLE_SECONDS = 0.5
+
+
+def interleaved_settling(
+    runs: dict[str, Callable[[], object]],
+    repeats: int,
+    device: torch.device | None,
+    settle_after: str,
+) -> common.Timings:
+    """``common.interleaved`` with an untimed pause after the run ``settle_after``.
+
+    The OpenMP run leaves its worker threads spinning for a while after it returns, and the
+    process CPU time of the run after it counted them: on 2 cores at load 3, the run that
+    followed it measured 3.5 ms of CPU a batch where it took 2.0 ms elsewhere in the same
+    repeat. So that run goes last in each repeat, and the threads get time to go to sleep
+    before the next repeat's first run.
+    """
+    timings = common.Timings({name: [] for name in runs}, {name: [] for name in runs})
+    for _ in range(repeats):
+        for name, run in runs.items():
+            wall, cpu = common.timed(run, device)
+            timings.wall[name].append(wall)
+            timings.cpu[name].append(cpu)
+            if name == settle_after:
+                time.sleep(SETTLE_SECONDS)
+    return timings
 
 
 def bench_policy(
@@ -102,15 +152,21 @@ def bench_policy(
     policy_threads = BatchAugmenter(policy)  # the thread policy: one thread inside
     openmp_threads = BatchAugmenter(policy, cpu_threads=None)
     size = args.batch_size
+    threads = args.threads
+    openmp = f"eager, {threads} OpenMP threads"
     runs: dict[str, Callable[[], object]] = {
         "pil": lambda: pil_pass(images, policy, rng),
-        "batched, 1 thread": lambda: batched_pass(images, policy_threads, size, generator, 1),
-        f"batched, {args.threads} threads": lambda: batched_pass(
-            images, policy_threads, size, generator, args.threads
+        "eager, 1 thread": lambda: batched_pass(images, policy_threads, size, generator, 1),
+        f"eager, {threads} threads": lambda: batched_pass(
+            images, policy_threads, size, generator, threads
         ),
-        f"batched, {args.threads} OpenMP threads": lambda: batched_pass(
-            images, openmp_threads, size, generator, args.threads
+        "compiled, 1 thread": lambda: batched_pass(
+            images, policy_threads, size, generator, 1, "numba"
         ),
+        f"compiled, {threads} threads": lambda: batched_pass(
+            images, policy_threads, size, generator, threads, "numba"
+        ),
+        openmp: lambda: batched_pass(images, openmp_threads, size, generator, threads),
     }
     if torch.cuda.is_available():
         on_gpu = images.cuda()
@@ -119,14 +175,21 @@ def bench_policy(
             on_gpu, policy_threads, size, cuda_generator, args.threads
         )
     device = torch.device("cuda") if torch.cuda.is_available() else None
-    pil_pass(images[:64], policy, rng)  # warm-up: imports, caches, the geometric index memo
+    pil_pass(images[:64], policy, rng)  # warm-up: imports, caches, the geometric index memo,
+    # the compiled kernels (loaded from numba's cache, or compiled once)
     for name, run in runs.items():
         if name != "pil":
             run()
-    timings = common.interleaved(runs, args.repeats, device)
+    timings = interleaved_settling(runs, args.repeats, device, settle_after=openmp)
     torch.set_num_threads(args.threads)
     rates = {name: len(images) / common.median(values) for name, values in timings.wall.items()}
-    single = ("pil", "batched, 1 thread", f"batched, {args.threads} threads")  # one thread each
+    single = (  # one thread each
+        "pil",
+        "eager, 1 thread",
+        f"eager, {threads} threads",
+        "compiled, 1 thread",
+        f"compiled, {threads} threads",
+    )
     cpu = {name: common.median(timings.cpu[name]) for name in single}
     return {
         "policy": policy.name,
@@ -145,7 +208,9 @@ def bench_policy(
 
 
 def profile_policy(policy: AnyPolicy, images: torch.Tensor, args: argparse.Namespace) -> str:
-    """The torch ops of ``batched, 1 thread`` on ``policy``, by self CPU time (a table)."""
+    """The torch ops of ``eager, 1 thread`` on ``policy``, by self CPU time (a table), and the
+    Python functions of ``compiled, 1 thread`` (cProfile, by own time: the compiled kernel is
+    the ``augment`` of ``augment/kernels.py``)."""
     from torch.profiler import ProfilerActivity, profile
 
     augmenter = BatchAugmenter(policy)
@@ -154,7 +219,13 @@ def profile_policy(policy: AnyPolicy, images: torch.Tensor, args: argparse.Names
     with profile(activities=[ProfilerActivity.CPU]) as profiler:
         batched_pass(images, augmenter, args.batch_size, generator, 1)
     table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
-    return f"## {policy.name}: {len(images)} images, batches of {args.batch_size}\n{table}"
+    batched_pass(images, augmenter, args.batch_size, generator, 1, "numba")  # warm-up
+    python_profile = cProfile.Profile()
+    python_profile.runcall(batched_pass, images, augmenter, args.batch_size, generator, 1, "numba")
+    stream = io.StringIO()
+    pstats.Stats(python_profile, stream=stream).sort_stats("tottime").print_stats(12)
+    header = f"## {policy.name}: {len(images)} images, batches of {args.batch_size}"
+    return f"{header}\n### eager, 1 thread\n{table}\n### compiled, 1 thread\n{stream.getvalue()}"
 
 
 def markdown(report: dict[str, Any], load: common.Load) -> str:

@@ -141,6 +141,7 @@ def crop_arithmetic() -> bool | None:
     return None
 
 
+@functools.cache
 def _codes() -> np.ndarray:
     """Kernel code per op id, with one more entry (SKIP) for the id -1."""
     kernels = _kernels()
@@ -161,12 +162,38 @@ def _codes() -> np.ndarray:
     return np.array([*codes, kernels.SKIP], dtype=np.int64)
 
 
+_CUTOUT = OP_NAMES.index("Cutout")
+
+
 @functools.cache
 def _level_tables() -> tuple[np.ndarray, np.ndarray]:
     """float32 [256]: each level as a float, and divided by 255 by the torch op the eager path
     uses (``div_``), so that the table holds the eager path's values."""
     levels = torch.arange(256, dtype=torch.float32)
     return levels.numpy().copy(), levels.clone().div_(MAX_LEVEL).numpy()
+
+
+_AFFINE_MEMO: dict[tuple[int, int, int], dict[float, np.ndarray]] = {}
+_AFFINE_MEMO_ENTRIES = 4096
+
+
+def _affine_data(op_id: int, arguments: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``OpSpec.affine`` of ``arguments`` [N] -> [N, 6], memoised per argument value: the
+    builders map each argument on its own, and a policy with fixed magnitudes has two values
+    per op (the two signs), where each builder call costs 50-100 us of numpy overhead."""
+    memo = _AFFINE_MEMO.setdefault((op_id, height, width), {})
+    values, inverse = np.unique(arguments, return_inverse=True)
+    missing = [value for value in values.tolist() if value not in memo]
+    if missing:
+        builder = OPS[OP_NAMES[op_id]].affine
+        assert builder is not None  # called for geometric ops only
+        if sum(map(len, _AFFINE_MEMO.values())) + len(missing) > _AFFINE_MEMO_ENTRIES:
+            for table in _AFFINE_MEMO.values():
+                table.clear()
+        for value, row in zip(missing, builder(np.array(missing), height, width), strict=True):
+            memo[value] = row
+    found = np.stack([memo[value] for value in values.tolist()])
+    return found[inverse.reshape(-1)]
 
 
 def _policy_arrays(
@@ -176,14 +203,14 @@ def _policy_arrays(
     and arguments [B, K] (float64), computed as the eager path computes them."""
     codes = _codes()[op_ids]
     factors = arguments.astype(np.float32)  # levels.column: float64 -> float32, to nearest
-    affine = np.tile(np.array(IDENTITY), (*op_ids.shape, 1))
+    affine = np.empty((*op_ids.shape, 6))
+    affine[...] = IDENTITY
     boxes = np.zeros((*op_ids.shape, 4))
-    for op_id in np.unique(op_ids[op_ids >= 0]):
-        spec = OPS[OP_NAMES[op_id]]
+    for op_id in np.unique(op_ids[op_ids >= 0]).tolist():
         rows = op_ids == op_id
-        if spec.affine is not None:
-            affine[rows] = spec.affine(arguments[rows], height, width)
-        elif spec.name == "Cutout":
+        if OPS[OP_NAMES[op_id]].affine is not None:
+            affine[rows] = _affine_data(op_id, arguments[rows], height, width)
+        elif op_id == _CUTOUT:
             pixels = centers[rows] * np.array([float(width), float(height)])
             found = cutout_boxes(
                 torch.from_numpy(arguments[rows]), torch.from_numpy(pixels), height, width

@@ -176,19 +176,16 @@ def _fix(value: float) -> int:
 
 
 @njit(cache=True, nogil=True)
-def _affine(image: np.ndarray, data: np.ndarray, b: int, k: int, source: np.ndarray) -> None:
+def _affine(
+    image: np.ndarray, data: np.ndarray, b: int, k: int, source: np.ndarray, index: np.ndarray
+) -> None:
     """PIL's NEAREST affine transform of ``image`` [C, H, W] in place with ``data[b, k]`` (a, b,
-    c, d, e, f), the arithmetic of ``geometric._source_index`` (``source``: scratch)."""
+    c, d, e, f), the arithmetic of ``geometric._source_index``: each output pixel's source as a
+    flat index into ``index`` (int64 [H * W]; -1 outside, where the gray fill goes), then one
+    gather per channel (``source``: scratch [C, H, W])."""
     channels, height, width = image.shape
-    _copy(image, source)
-    a, s, c, d, e, f = (
-        data[b, k, 0],
-        data[b, k, 1],
-        data[b, k, 2],
-        data[b, k, 3],
-        data[b, k, 4],
-        data[b, k, 5],
-    )
+    a, s, c = data[b, k, 0], data[b, k, 1], data[b, k, 2]
+    d, e, f = data[b, k, 3], data[b, k, 4], data[b, k, 5]
     if s == 0.0 and d == 0.0:  # separable: PIL steps in double precision and truncates
         y_position = f + e * 0.5
         for i in range(height):
@@ -199,21 +196,26 @@ def _affine(image: np.ndarray, data: np.ndarray, b: int, k: int, source: np.ndar
                 x = -1 if x_position < 0.0 else int(x_position)
                 x_position = x_position + a
                 inside = 0 <= y < height and 0 <= x < width
-                for ch in range(channels):
-                    image[ch, i, j] = source[ch, y, x] if inside else _FILL
-        return
-    start_x = _fix(c + a * 0.5 + s * 0.5)
-    start_y = _fix(f + d * 0.5 + e * 0.5)
-    fix_a, fix_b, fix_d, fix_e = _fix(a), _fix(s), _fix(d), _fix(e)
-    for i in range(height):
-        row_x = start_x + fix_b * i
-        row_y = start_y + fix_e * i
-        for j in range(width):
-            x = (row_x + fix_a * j) >> 16
-            y = (row_y + fix_d * j) >> 16
-            inside = 0 <= y < height and 0 <= x < width
-            for ch in range(channels):
-                image[ch, i, j] = source[ch, y, x] if inside else _FILL
+                index[i * width + j] = y * width + x if inside else -1
+    else:
+        start_x = _fix(c + a * 0.5 + s * 0.5)
+        start_y = _fix(f + d * 0.5 + e * 0.5)
+        fix_a, fix_b, fix_d, fix_e = _fix(a), _fix(s), _fix(d), _fix(e)
+        for i in range(height):
+            row_x = start_x + fix_b * i
+            row_y = start_y + fix_e * i
+            for j in range(width):
+                x = (row_x + fix_a * j) >> 16
+                y = (row_y + fix_d * j) >> 16
+                inside = 0 <= y < height and 0 <= x < width
+                index[i * width + j] = y * width + x if inside else -1
+    _copy(image, source)
+    flat_source = source.reshape(channels, height * width)
+    flat_image = image.reshape(channels, height * width)
+    for ch in range(channels):
+        for pixel in range(height * width):
+            found = index[pixel]
+            flat_image[ch, pixel] = _FILL if found < 0 else flat_source[ch, found]
 
 
 @njit(cache=True, nogil=True)
@@ -291,10 +293,8 @@ def _auto_contrast(image: np.ndarray, table: np.ndarray) -> None:
         for i in range(image.shape[1]):
             for j in range(image.shape[2]):
                 value = int(image[ch, i, j])
-                if value < low:
-                    low = value
-                if value > high:
-                    high = value
+                low = value if value < low else low
+                high = value if value > high else high
         if high <= low:
             continue
         scale = 255.0 / float(high - low)
@@ -392,6 +392,7 @@ def augment(
     table = np.empty(256, np.int64)
     histogram = np.empty(256, np.int64)
     gray = np.empty((height, width), np.int64)
+    index = np.empty(height * width, np.int64)
     axes = np.empty((4, max(height, width)), np.uint64)
     distances = np.empty((2, max(height, width)), np.float32)
     weights = np.empty((4, height, width), np.float32)
@@ -412,7 +413,7 @@ def augment(
             if code == SKIP:
                 continue
             if code == AFFINE:
-                _affine(image, affine, b, k, source)
+                _affine(image, affine, b, k, source, index)
             elif code == CUTOUT:
                 _cutout(image, boxes, b, k)
             elif code == SHARPNESS:
