@@ -25,9 +25,8 @@ from typing import Literal
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms.v2 import functional as tvf
 
-from selfaugment.trainer.data.convert import shape_images
+from selfaugment.trainer.data.convert import resize_shorter_side, shape_images
 from selfaugment.trainer.data.folder import (
     WIDE_GRAY_MODES,
     decode_image_bytes,
@@ -90,9 +89,7 @@ def encode_file(
     tensor = torch.from_numpy(np.array(array, copy=True))
     tensor = tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1)
     if min(tensor.shape[-2:]) > storage_size:
-        tensor = tvf.resize(
-            tensor, [storage_size], interpolation=tvf.InterpolationMode.BILINEAR, antialias=True
-        )
+        tensor = resize_shorter_side(tensor, storage_size)
     encoded, encoded_suffix = _encode_pixels(tensor.contiguous(), encoding, quality)
     return Stored(encoded, encoded_suffix, downscaled=True)
 
@@ -101,12 +98,7 @@ def encode_array(sample: np.ndarray, storage_size: int) -> Stored:
     """uint8 [C, H, W] as .npy bytes, downscaled (shorter side to `storage_size`) if larger."""
     downscaled = min(sample.shape[-2:]) > storage_size
     if downscaled:
-        resized = tvf.resize(
-            torch.from_numpy(np.ascontiguousarray(sample)),
-            [storage_size],
-            interpolation=tvf.InterpolationMode.BILINEAR,
-            antialias=True,
-        )
+        resized = resize_shorter_side(torch.from_numpy(np.ascontiguousarray(sample)), storage_size)
         sample = resized.numpy()
     buffer = io.BytesIO()
     np.save(buffer, np.ascontiguousarray(sample), allow_pickle=False)

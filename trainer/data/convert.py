@@ -1,10 +1,20 @@
-"""Pixel conversions shared by all readers: dtype, layout, channels and size."""
+"""Pixel conversions shared by all readers: dtype, layout, channels and size.
+
+Resizing and centre cropping are written on torch alone, not torchvision's functional API,
+because importing torchvision imports its models and ops and through them ``torch._dynamo``
+(about 1.5 s of start-up on a 2-core machine), which every short worker process of a search
+paid. They give the same pixels as torchvision 0.29's ``resize`` (bilinear, antialias) and
+``center_crop`` on uint8 tensors, so data prepared by earlier versions stays identical
+(``tests/data/test_resize_compat.py`` compares them with torchvision).
+"""
 
 from __future__ import annotations
 
+import platform
+
 import numpy as np
 import torch
-from torchvision.transforms.v2 import functional as tvf
+from torch.nn import functional as F
 
 from selfaugment.trainer.data.types import DatasetError
 
@@ -81,6 +91,90 @@ def convert_channels(images: torch.Tensor, channels: int, source: str) -> torch.
     raise DatasetError(f"{source}: cannot convert {have}-channel images to {channels} channels")
 
 
+def _native_uint8_bilinear(device: torch.device) -> bool:
+    """Whether uint8 images are interpolated as uint8 rather than through float32.
+
+    torch has a uint8 antialiased-bilinear kernel for CPUs with AVX2 or AVX-512 and for ARM; the
+    float32 route (interpolate, round half to even, cast) differs from it by one grey level in
+    some pixels. torchvision picks the native kernel on exactly those CPUs, so the same rule
+    here keeps the pixels equal to torchvision's on every machine."""
+    if device.type != "cpu":
+        return False
+    capability = torch.backends.cpu.get_cpu_capability()
+    return capability in ("AVX2", "AVX512") or platform.machine() in ("aarch64", "arm64")
+
+
+def resized_size(height: int, width: int, size: int) -> tuple[int, int]:
+    """(height, width) with the shorter side `size` and the aspect kept, the longer side rounded
+    down (computed in floating point as torchvision does, so sizes agree with it)."""
+    if width <= height:
+        return int(size * height / width), size
+    return size, int(size * width / height)
+
+
+def resize_shorter_side(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 [..., C, H, W] with the shorter side resized to `size`: bilinear, antialiased
+    when shrinking, half-pixel centres (align_corners=False). Returns `images` itself when the
+    size is unchanged."""
+    if images.dtype != torch.uint8:
+        raise ValueError(f"resize_shorter_side expects uint8 images, got {images.dtype}")
+    *leading, channels, height, width = images.shape
+    new_height, new_width = resized_size(height, width, size)
+    if (new_height, new_width) == (height, width):
+        return images
+    if images.numel() == 0:
+        return images.new_zeros((*leading, channels, new_height, new_width))
+    batch = images.reshape(-1, channels, height, width)
+    numel = batch.numel()
+    if (
+        batch.shape[0] == 1
+        and batch.is_contiguous(memory_format=torch.channels_last)
+        and batch.stride(0) != numel
+    ):
+        # One channels-last image (an HWC array seen as CHW): give the batch dimension a stride
+        # that marks it channels-last unambiguously, so interpolate keeps that layout.
+        batch = batch.as_strided(batch.shape, (numel, *batch.stride()[1:]))
+    if _native_uint8_bilinear(batch.device):
+        resized = F.interpolate(
+            batch,
+            size=[new_height, new_width],
+            mode="bilinear",
+            align_corners=False,
+            antialias=True,
+        )
+    else:
+        resized = F.interpolate(
+            batch.to(torch.float32),
+            size=[new_height, new_width],
+            mode="bilinear",
+            align_corners=False,
+            antialias=True,
+        )
+        resized = resized.round_().to(torch.uint8)
+    return resized.reshape(*leading, channels, new_height, new_width)
+
+
+def center_crop(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The centre `height` x `width` window of [..., H, W]; a side shorter than the window is
+    padded with zeros on both ends first (the extra pixel of an odd padding at the end). An odd
+    margin puts the window at round(margin / 2), Python's round half to even, as torchvision."""
+    image_height, image_width = images.shape[-2:]
+    if images.numel() == 0:
+        return images.reshape(*images.shape[:-2], height, width)
+    if height > image_height or width > image_width:
+        pad_width = max(width - image_width, 0)
+        pad_height = max(height - image_height, 0)
+        images = F.pad(
+            images,
+            [pad_width // 2, (pad_width + 1) // 2, pad_height // 2, (pad_height + 1) // 2],
+            value=0.0,
+        )
+        image_height, image_width = images.shape[-2:]
+    top = round((image_height - height) / 2.0)
+    left = round((image_width - width) / 2.0)
+    return images[..., top : top + height, left : left + width]
+
+
 def resize_and_crop(images: torch.Tensor, size: int) -> torch.Tensor:
     """Resize the shorter side to `size` (bilinear, antialiased when shrinking), centre-crop."""
     height, width = images.shape[-2:]
@@ -90,10 +184,8 @@ def resize_and_crop(images: torch.Tensor, size: int) -> torch.Tensor:
     for start in range(0, images.shape[0], RESIZE_CHUNK):
         chunk = images[start : start + RESIZE_CHUNK]
         if min(height, width) != size:
-            chunk = tvf.resize(
-                chunk, [size], interpolation=tvf.InterpolationMode.BILINEAR, antialias=True
-            )
-        outputs.append(tvf.center_crop(chunk, [size, size]))
+            chunk = resize_shorter_side(chunk, size)
+        outputs.append(center_crop(chunk, size, size))
     if not outputs:
         return images.new_zeros((0, images.shape[1], size, size))
     return torch.cat(outputs)

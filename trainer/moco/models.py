@@ -1,10 +1,18 @@
-"""Backbones: torchvision ResNets with a width option, a CIFAR stem and built-in input scaling.
+"""Backbones: ResNets (He et al. 2016) with a width option, a CIFAR stem and input scaling.
 
 The backbone takes float images in [0, 1] of shape [B, C, H, W] and returns pooled features
 [B, D] (no classifier). Input normalisation lives inside the module so that every caller
 (training, probes, policy scoring) feeds the same [0, 1] images: each channel is mapped by
 ``(x - 0.5) / 0.25``, a fixed, dataset-independent normalisation (no statistics to compute or
 store, and the same for 1- and 3-channel data), which puts [0, 1] pixels in [-2, 2].
+
+The blocks are written here on ``torch.nn`` rather than taken from torchvision: importing
+torchvision imports ``torch._dynamo`` (about 1.5 s on a 2-core machine), a cost every short
+worker process of a search paid. Module names, shapes, registration order and initialisation
+follow torchvision's ResNet (v1.5: a bottleneck's stride is on its 3x3 convolution), so
+checkpoints written when the backbone subclassed torchvision's ResNet load unchanged, give the
+same outputs, and a seed gives the same initial weights
+(``tests/moco/test_backbone_compat.py`` checks all three against torchvision).
 """
 
 from __future__ import annotations
@@ -13,43 +21,116 @@ import math
 
 import torch
 from torch import nn
-from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from selfaugment.trainer.config import ModelConfig
 
 INPUT_MEAN = 0.5
 INPUT_STD = 0.25
 
-# Blocks per stage, as in torchvision (He et al. 2016).
-_ARCHS: dict[str, tuple[type[BasicBlock] | type[Bottleneck], list[int]]] = {
+
+def _conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+def _conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions and a shortcut: the residual unit of ResNet-18/34."""
+
+    expansion = 1
+
+    def __init__(
+        self, in_planes: int, planes: int, stride: int = 1, shortcut: nn.Module | None = None
+    ) -> None:
+        super().__init__()
+        self.conv1 = _conv3x3(in_planes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = _conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        # Named "downsample" as in torchvision: the key prefix of the projection's weights.
+        self.downsample = shortcut
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 (carrying the stride, v1.5), 1x1 expand by 4, and a shortcut: the residual
+    unit of ResNet-50 and deeper."""
+
+    expansion = 4
+
+    def __init__(
+        self, in_planes: int, planes: int, stride: int = 1, shortcut: nn.Module | None = None
+    ) -> None:
+        super().__init__()
+        self.conv1 = _conv1x1(in_planes, planes)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = _conv3x3(planes, planes, stride)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = _conv1x1(planes, planes * self.expansion)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = shortcut
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        out += identity
+        return self.relu(out)
+
+
+Block = type[BasicBlock] | type[Bottleneck]
+
+# Blocks per stage, as in He et al. 2016 (Table 1).
+_ARCHS: dict[str, tuple[Block, list[int]]] = {
     "resnet18": (BasicBlock, [2, 2, 2, 2]),
     "resnet50": (Bottleneck, [3, 4, 6, 3]),
 }
 
 
-class ResNetBackbone(ResNet):
-    """torchvision ResNet with stage widths [w, 2w, 4w, 8w] and no classifier.
+def _stage(block: Block, in_planes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
+    """`blocks` residual units at `planes` inner channels; the first takes the stride and, where
+    its input and output differ in shape, a 1x1 projection shortcut followed by batch norm.
 
-    torchvision hard-codes 64 channels in the first stage (``width_per_group`` only scales the
-    inner width of bottlenecks), so the stages are rebuilt here with torchvision's own blocks
-    and ``_make_layer``; ``width=64`` gives exactly torchvision's layer shapes.
-    """
+    Each block registers the projection last, as torchvision does: the initialisation in
+    ``ResNetBackbone`` draws weights in registration order, so a seed gives the same weights."""
+    out_planes = planes * block.expansion
+    shortcut: nn.Module | None = None
+    if stride != 1 or in_planes != out_planes:
+        shortcut = nn.Sequential(
+            _conv1x1(in_planes, out_planes, stride), nn.BatchNorm2d(out_planes)
+        )
+    units: list[nn.Module] = [block(in_planes, planes, stride, shortcut)]
+    units.extend(block(out_planes, planes) for _ in range(1, blocks))
+    return nn.Sequential(*units)
+
+
+class ResNetBackbone(nn.Module):
+    """ResNet with stage widths [w, 2w, 4w, 8w] and no classifier; ``width=64`` gives exactly
+    torchvision's layer shapes (torchvision fixes the first stage at 64 channels)."""
 
     def __init__(
         self,
-        block: type[BasicBlock] | type[Bottleneck],
+        block: Block,
         layers: list[int],
         *,
         width: int,
         in_channels: int,
         cifar_stem: bool,
     ) -> None:
-        nn.Module.__init__(self)
-        self._norm_layer = nn.BatchNorm2d
-        self.inplanes = width
-        self.dilation = 1
-        self.groups = 1
-        self.base_width = 64
+        super().__init__()
         if cifar_stem:
             self.conv1 = nn.Conv2d(
                 in_channels, width, kernel_size=3, stride=1, padding=1, bias=False
@@ -63,17 +144,18 @@ class ResNetBackbone(ResNet):
         self.maxpool: nn.Module = (
             nn.Identity() if cifar_stem else nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         )
-        self.layer1 = self._make_layer(block, width, layers[0])
-        self.layer2 = self._make_layer(block, 2 * width, layers[1], stride=2)
-        self.layer3 = self._make_layer(block, 4 * width, layers[2], stride=2)
-        self.layer4 = self._make_layer(block, 8 * width, layers[3], stride=2)
+        expansion = block.expansion
+        self.layer1 = _stage(block, width, width, layers[0], stride=1)
+        self.layer2 = _stage(block, width * expansion, 2 * width, layers[1], stride=2)
+        self.layer3 = _stage(block, 2 * width * expansion, 4 * width, layers[2], stride=2)
+        self.layer4 = _stage(block, 4 * width * expansion, 8 * width, layers[3], stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Identity()
-        self.feature_dim = 8 * width * block.expansion
+        self.feature_dim = 8 * width * expansion
         self.in_channels = in_channels
         self.width = width
         self.cifar_stem = cifar_stem
-        self.expansion = block.expansion
+        self.expansion = expansion
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
