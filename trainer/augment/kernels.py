@@ -115,16 +115,19 @@ def _bilinear(
     distances: np.ndarray,
     weights: np.ndarray,
     columns: np.ndarray,
+    gathered: np.ndarray,
 ) -> None:
     """Resample ``image[image_b]`` ([B, C, H, W] uint8: its levels when ``as_levels``, else
     read as ``values[level]``) on sample ``b``'s separable grid into ``target[target_b]``: uint8
     ``rounded`` half to even (``torch.round``), or float32.
 
     Scratch: ``axes`` (uint64 [4, max(H, W)]), ``distances`` (float32 [2, max(H, W)]),
-    ``weights`` (float32 [4, H, W]: the four weights of each output pixel) and ``columns``
-    (float32 [2, H, W]): each source row's values at the output's two source columns, gathered
-    once per row rather than once per output pixel, so that the sum over an output row is a
-    vector loop (the same products and sums, in the same order).
+    ``weights`` (float32 [4, H, W]: the four weights of each output pixel), ``columns``
+    (float32 [2, H, W]) and ``gathered`` (uint8 [2, H, W]): each source row's values at the
+    output's two source columns, gathered once per row rather than once per output pixel, so
+    that the sum over an output row is a vector loop (the same products and sums, in the same
+    order). Levels are gathered as bytes and converted in that vector loop (0.15 ms a batch
+    less than converting each one as it is gathered).
     """
     channels, height, width = image.shape[1], image.shape[2], image.shape[3]
     _axis(grid_x, b, width, axes, 0, distances[0], fused)
@@ -143,18 +146,26 @@ def _bilinear(
         for r in range(axes[2, 0], axes[3, height - 1] + 1):  # the source rows read
             for j in range(width):
                 if as_levels:
-                    columns[0, r, j] = np.float32(image[image_b, c, r, axes[0, j]])
-                    columns[1, r, j] = np.float32(image[image_b, c, r, axes[1, j]])
+                    gathered[0, r, j] = image[image_b, c, r, axes[0, j]]
+                    gathered[1, r, j] = image[image_b, c, r, axes[1, j]]
                 else:
                     columns[0, r, j] = values[image[image_b, c, r, axes[0, j]]]
                     columns[1, r, j] = values[image[image_b, c, r, axes[1, j]]]
         for i in range(height):
             upper, lower = axes[2, i], axes[3, i]
             for j in range(width):
-                value = columns[0, upper, j] * weights[0, i, j]
-                value = _multiply_add(columns[1, upper, j], weights[1, i, j], value, fused)
-                value = _multiply_add(columns[0, lower, j], weights[2, i, j], value, fused)
-                value = _multiply_add(columns[1, lower, j], weights[3, i, j], value, fused)
+                if as_levels:
+                    west_upper = np.float32(gathered[0, upper, j])
+                    east_upper = np.float32(gathered[1, upper, j])
+                    west_lower = np.float32(gathered[0, lower, j])
+                    east_lower = np.float32(gathered[1, lower, j])
+                else:
+                    west_upper, east_upper = columns[0, upper, j], columns[1, upper, j]
+                    west_lower, east_lower = columns[0, lower, j], columns[1, lower, j]
+                value = west_upper * weights[0, i, j]
+                value = _multiply_add(east_upper, weights[1, i, j], value, fused)
+                value = _multiply_add(west_lower, weights[2, i, j], value, fused)
+                value = _multiply_add(east_lower, weights[3, i, j], value, fused)
                 if rounded:
                     target[target_b, c, i, j] = np.rint(value)
                 else:
@@ -397,11 +408,12 @@ def augment(
     distances = np.empty((2, max(height, width)), np.float32)
     weights = np.empty((4, height, width), np.float32)
     columns = np.empty((2, height, width), np.float32)
+    gathered = np.empty((2, height, width), np.uint8)
     for b in range(batch):
         if resample and not policy_first:
             _bilinear(
                 images, b, values, True, grid_x, grid_y, b, work, 0, True, fused, axes,
-                distances, weights, columns,
+                distances, weights, columns, gathered,
             )  # fmt: skip
         else:
             for ch in range(channels):
@@ -429,7 +441,7 @@ def augment(
         if resample and policy_first:
             _bilinear(
                 work, 0, values, as_levels, grid_x, grid_y, b, out, b, False, fused, axes,
-                distances, weights, columns,
+                distances, weights, columns, gathered,
             )  # fmt: skip
             continue
         for ch in range(channels):
