@@ -3,7 +3,8 @@
 Two paths augment a batch, with the same result to the last bit:
 
 - the eager path (torch ops over the whole batch, ``policy/apply.py``): float inputs, CUDA
-  tensors, and CPU uint8 batches when numba is not installed;
+  tensors, and CPU uint8 batches when numba is not installed (or, on a CPU where neither way
+  of rounding reproduces torch's ``grid_sample``, see ``crop_arithmetic``);
 - the compiled path (``augment/kernels.py``, numba): CPU uint8 batches. Every random draw is
   made exactly as the eager path makes it (the same generator calls in the same order, in
   torch and numpy); only the pixel work moves into one compiled loop over the samples, which
@@ -15,7 +16,8 @@ kernels are cached on disk (``cache=True``) under ``NUMBA_CACHE_DIR`` when the u
 else ``$SELFAUGMENT_CACHE/numba`` (``~/.cache/selfaugment/numba``): writable in containers
 that run as a non-root user from a read-only source tree, where numba's default (a
 ``__pycache__`` beside the source) is not. This module imports numba only when a batch takes
-the compiled path: the operator's image has no numba (``tests/test_packaging.py``).
+the compiled path, so importing the augmenter never needs it (the operator's image installs
+no numba).
 """
 
 from __future__ import annotations
@@ -78,6 +80,13 @@ def _kernels() -> ModuleType | None:
     return kernels
 
 
+def _require_kernels() -> ModuleType:
+    kernels = _kernels()
+    if kernels is None:
+        raise RuntimeError("the compiled augmentation path needs numba, which cannot be imported")
+    return kernels
+
+
 def use_compiled(images: Tensor) -> bool:
     """True when ``images`` take the compiled path: a CPU uint8 batch, numba importable and
     this torch's crop arithmetic reproduced (``crop_arithmetic``); with
@@ -95,7 +104,6 @@ def use_compiled(images: Tensor) -> bool:
                 f"{KERNELS_VARIABLE}=numba, but the compiled crop does not reproduce this "
                 "torch's grid_sample (crop_arithmetic)"
             )
-        logger.warning("compiled augmentation off: this torch's crop is not reproduced")
         return False
     return True
 
@@ -104,8 +112,7 @@ def _probe_crop(fused: bool) -> tuple[Tensor, Tensor]:
     """The eager crop and the compiled one (with or without fused multiply-adds) of a small
     fixed batch: odd sizes and values / 255, so that products and sums are inexact and the two
     ways of rounding them differ (on this probe they differ in about a quarter of the values)."""
-    kernels = _kernels()
-    assert kernels is not None
+    kernels = _require_kernels()
     generator = torch.Generator().manual_seed(0)
     batch, channels, height, width = 6, 3, 13, 19
     images = torch.randint(0, 256, (batch, channels, height, width), generator=generator)
@@ -138,14 +145,18 @@ def crop_arithmetic() -> bool | None:
         eager, compiled = _probe_crop(fused)
         if torch.equal(eager, compiled):
             return fused
+    logger.warning(
+        "compiled augmentation off: neither rounding reproduces this torch's grid_sample "
+        "(CPU capability %s); the eager path runs",
+        torch.backends.cpu.get_cpu_capability(),
+    )
     return None
 
 
 @functools.cache
 def _codes() -> np.ndarray:
     """Kernel code per op id, with one more entry (SKIP) for the id -1."""
-    kernels = _kernels()
-    assert kernels is not None  # only called on the compiled path
+    kernels = _require_kernels()
     by_name = {
         "AutoContrast": kernels.AUTO_CONTRAST,
         "Equalize": kernels.EQUALIZE,
@@ -186,7 +197,8 @@ def _affine_data(op_id: int, arguments: np.ndarray, height: int, width: int) -> 
     missing = [value for value in values.tolist() if value not in memo]
     if missing:
         builder = OPS[OP_NAMES[op_id]].affine
-        assert builder is not None  # called for geometric ops only
+        if builder is None:
+            raise ValueError(f"_affine_data: {OP_NAMES[op_id]} is not a geometric op")
         if sum(map(len, _AFFINE_MEMO.values())) + len(missing) > _AFFINE_MEMO_ENTRIES:
             for table in _AFFINE_MEMO.values():
                 table.clear()
@@ -232,9 +244,7 @@ def augment(
     a policy (the views are then not rounded, as in the eager path). All drawn by the caller
     in the eager path's order.
     """
-    kernels = _kernels()
-    if kernels is None:
-        raise RuntimeError("the compiled augmentation path needs numba")
+    kernels = _require_kernels()
     batch, channels, height, width = images.shape
     source = np.ascontiguousarray(images.numpy())
     as_levels, as_units = _level_tables()
