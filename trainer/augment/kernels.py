@@ -317,7 +317,9 @@ def _auto_contrast(image: np.ndarray, table: np.ndarray) -> None:
 
 @njit(cache=True, nogil=True)
 def _equalize(image: np.ndarray, table: np.ndarray, histogram: np.ndarray) -> None:
-    """``tables.equalize``: PIL's table ``(step // 2 + pixels below) // step``, at most 255."""
+    """``tables.equalize``: PIL's table ``(step // 2 + pixels below) // step``, at most 255,
+    taken as the floor of a float64 quotient as ``tables.equalize`` does (equal below 2**53;
+    768 integer divisions a sample were half of this op's time)."""
     pixels = image.shape[1] * image.shape[2]
     for ch in range(image.shape[0]):
         for level in range(256):
@@ -331,10 +333,13 @@ def _equalize(image: np.ndarray, table: np.ndarray, histogram: np.ndarray) -> No
         step = (pixels - histogram[highest]) // 255
         if step == 0:
             continue
-        below = 0
+        divisor = float(step)
+        below = step // 2
         for level in range(256):
-            table[level] = min(255, (step // 2 + below) // step)
+            table[level] = below
             below += histogram[level]
+        for level in range(256):
+            table[level] = min(255, math.floor(float(table[level]) / divisor))
         _apply_table(image, ch, table)
 
 
