@@ -174,6 +174,7 @@ def _codes() -> np.ndarray:
 
 
 _CUTOUT = OP_NAMES.index("Cutout")
+_IS_AFFINE = np.array([OPS[name].affine is not None for name in OP_NAMES] + [False])
 
 
 @functools.cache
@@ -184,27 +185,29 @@ def _level_tables() -> tuple[np.ndarray, np.ndarray]:
     return levels.numpy().copy(), levels.clone().div_(MAX_LEVEL).numpy()
 
 
-_AFFINE_MEMO: dict[tuple[int, int, int], dict[float, np.ndarray]] = {}
+_AFFINE_MEMO: dict[tuple[int, float, int, int], np.ndarray] = {}
 _AFFINE_MEMO_ENTRIES = 4096
 
 
-def _affine_data(op_id: int, arguments: np.ndarray, height: int, width: int) -> np.ndarray:
-    """``OpSpec.affine`` of ``arguments`` [N] -> [N, 6], memoised per argument value: the
-    builders map each argument on its own, and a policy with fixed magnitudes has two values
-    per op (the two signs), where each builder call costs 50-100 us of numpy overhead."""
-    memo = _AFFINE_MEMO.setdefault((op_id, height, width), {})
-    values, inverse = np.unique(arguments, return_inverse=True)
-    missing = [value for value in values.tolist() if value not in memo]
-    if missing:
+def _affine_data(op_ids: np.ndarray, arguments: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``OpSpec.affine`` of each geometric op id [N] and argument [N] -> [N, 6], memoised per
+    (op, argument): the builders map each argument on its own, and a policy with fixed
+    magnitudes has two values per op (the two signs), where a builder call costs 50-100 us of
+    numpy overhead. One ``np.unique`` over (op, argument) pairs for all ops at once."""
+    pairs, inverse = np.unique(arguments + 1j * op_ids, return_inverse=True)
+    keys = [(int(pair.imag), pair.real, height, width) for pair in pairs.tolist()]
+    missing = [key for key in keys if key not in _AFFINE_MEMO]
+    if len(_AFFINE_MEMO) + len(missing) > _AFFINE_MEMO_ENTRIES:
+        _AFFINE_MEMO.clear()
+    for op_id in sorted({key[0] for key in missing}):
         builder = OPS[OP_NAMES[op_id]].affine
         if builder is None:
             raise ValueError(f"_affine_data: {OP_NAMES[op_id]} is not a geometric op")
-        if sum(map(len, _AFFINE_MEMO.values())) + len(missing) > _AFFINE_MEMO_ENTRIES:
-            for table in _AFFINE_MEMO.values():
-                table.clear()
-        for value, row in zip(missing, builder(np.array(missing), height, width), strict=True):
-            memo[value] = row
-    found = np.stack([memo[value] for value in values.tolist()])
+        values = [key for key in missing if key[0] == op_id]
+        rows = builder(np.array([key[1] for key in values]), height, width)
+        for key, row in zip(values, rows, strict=True):
+            _AFFINE_MEMO[key] = row
+    found = np.stack([_AFFINE_MEMO[key] for key in keys])
     return found[inverse.reshape(-1)]
 
 
@@ -217,17 +220,17 @@ def _policy_arrays(
     factors = arguments.astype(np.float32)  # levels.column: float64 -> float32, to nearest
     affine = np.empty((*op_ids.shape, 6))
     affine[...] = IDENTITY
+    geometric = _IS_AFFINE[op_ids]  # ids of -1 read the last entry: False
+    if geometric.any():
+        affine[geometric] = _affine_data(op_ids[geometric], arguments[geometric], height, width)
     boxes = np.zeros((*op_ids.shape, 4))
-    for op_id in np.unique(op_ids[op_ids >= 0]).tolist():
-        rows = op_ids == op_id
-        if OPS[OP_NAMES[op_id]].affine is not None:
-            affine[rows] = _affine_data(op_id, arguments[rows], height, width)
-        elif op_id == _CUTOUT:
-            pixels = centers[rows] * np.array([float(width), float(height)])
-            found = cutout_boxes(
-                torch.from_numpy(arguments[rows]), torch.from_numpy(pixels), height, width
-            )
-            boxes[rows] = found.numpy()
+    cutout = op_ids == _CUTOUT
+    if cutout.any():
+        pixels = centers[cutout] * np.array([float(width), float(height)])
+        found = cutout_boxes(
+            torch.from_numpy(arguments[cutout]), torch.from_numpy(pixels), height, width
+        )
+        boxes[cutout] = found.numpy()
     return codes, factors, affine, boxes
 
 
