@@ -228,3 +228,18 @@ def test_degenerate_shapes_equal_the_eager_path(
             augmenter = BatchAugmenter(name, policy_first=policy_first)
             eager, fast = _both(monkeypatch, augmenter, images.to(torch.uint8), seed=2)
             _assert_same(eager, fast, f"{name} on {shape}")
+
+
+def test_the_affine_memo_when_it_fills_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Random magnitudes give a new argument per sample: the memo of affine data empties when
+    full and the views stay the eager path's."""
+    monkeypatch.setattr(compiled, "_AFFINE_MEMO_ENTRIES", 10)
+    monkeypatch.setattr(compiled, "_AFFINE_MEMO", {})
+    policy = Policy(
+        [[OpSetting("Rotate", 1.0), OpSetting("ShearX", 0.5), OpSetting("TranslateY", 0.5)]]
+    )
+    augmenter = BatchAugmenter(policy)
+    images = _images(8, 3, 12, 12, seed=4)
+    for seed in range(3):
+        _assert_same(*_both(monkeypatch, augmenter, images, seed), f"batch {seed}")
+    assert len(compiled._AFFINE_MEMO) <= 10 + 8 * 3

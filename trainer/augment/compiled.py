@@ -196,19 +196,23 @@ def _affine_data(op_ids: np.ndarray, arguments: np.ndarray, height: int, width: 
     numpy overhead. One ``np.unique`` over (op, argument) pairs for all ops at once."""
     pairs, inverse = np.unique(arguments + 1j * op_ids, return_inverse=True)
     keys = [(int(pair.imag), pair.real, height, width) for pair in pairs.tolist()]
-    missing = [key for key in keys if key not in _AFFINE_MEMO]
-    if len(_AFFINE_MEMO) + len(missing) > _AFFINE_MEMO_ENTRIES:
-        _AFFINE_MEMO.clear()
+    # Read into a local dict: safe if another thread clears the memo meanwhile.
+    found = {key: row for key in keys if (row := _AFFINE_MEMO.get(key)) is not None}
+    missing = [key for key in keys if key not in found]
+    computed: dict[tuple[int, float, int, int], np.ndarray] = {}
     for op_id in sorted({key[0] for key in missing}):
         builder = OPS[OP_NAMES[op_id]].affine
         if builder is None:
             raise ValueError(f"_affine_data: {OP_NAMES[op_id]} is not a geometric op")
         values = [key for key in missing if key[0] == op_id]
         rows = builder(np.array([key[1] for key in values]), height, width)
-        for key, row in zip(values, rows, strict=True):
-            _AFFINE_MEMO[key] = row
-    found = np.stack([_AFFINE_MEMO[key] for key in keys])
-    return found[inverse.reshape(-1)]
+        computed.update(zip(values, rows, strict=True))
+    if computed:
+        if len(_AFFINE_MEMO) + len(computed) > _AFFINE_MEMO_ENTRIES:
+            _AFFINE_MEMO.clear()
+        _AFFINE_MEMO.update(computed)
+        found.update(computed)
+    return np.stack([found[key] for key in keys])[inverse.reshape(-1)]
 
 
 def _policy_arrays(
