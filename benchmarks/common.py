@@ -53,25 +53,32 @@ class Load:
         self.cores = os.cpu_count() or 1
         self.start = load_average()
         self.end: float | None = None
+        self.own = 0.0
 
-    def finish(self) -> None:
+    def finish(self, own: float = 0.0) -> None:
+        """Read the end load; `own`: the cores the benchmark's own helper processes kept busy
+        on average (servers it started), which the end reading counts but are not other load."""
         self.end = load_average()
+        self.own = max(0.0, own)
 
     @property
     def quiet(self) -> bool:
-        """Neither reading exceeded the number of cores."""
-        return max(self.start, self.end or 0.0) <= self.cores
+        """Neither reading exceeded the number of cores (the end one less the benchmark's own)."""
+        return max(self.start, (self.end or 0.0) - self.own) <= self.cores
 
     def record(self) -> dict[str, Any]:
         return {
             "cores": self.cores,
             "load_average_start": round(self.start, 2),
             "load_average_end": None if self.end is None else round(self.end, 2),
+            "own_processes_cores": round(self.own, 2),
             "quiet": self.quiet,
         }
 
     def line(self) -> str:
         end = "?" if self.end is None else f"{self.end:.2f}"
+        if self.own:
+            end += f" (of which {self.own:.2f} the benchmark's own servers)"
         verdict = "quiet" if self.quiet else "LOADED: the figures understate the speed"
         return f"load average {self.start:.2f} at the start, {end} at the end, {self.cores} cores ({verdict})"
 
