@@ -243,8 +243,17 @@ def measure(
         server.join(30)
     # The operator's requests, from its start (its first listings included) to the end.
     made = [seen for seen in agents if seen != BENCH_AGENT]
-    latencies = reaction_latencies(creations, times, kubelet)
+    by_kind = reaction_latencies(creations, times, kubelet)
+    latencies = [value for values in by_kind.values() for value in values]
     return {
+        "latency_by_job_kind": {
+            kind: {
+                "jobs": len(values),
+                "p50_seconds": round(percentile(values, 50), 3),
+                "max_seconds": round(max(values), 3),
+            }
+            for kind, values in sorted(by_kind.items())
+        },
         "searches": searches,
         "jobs": sum(len(times) for times in kubelet.completed.values()),
         "wall_seconds": round(wall, 1),
@@ -267,17 +276,20 @@ def agent(request: Any) -> str:
 
 def reaction_latencies(
     creations: list[tuple[str, str]], times: list[float], kubelet: InstantKubelet
-) -> list[float]:
+) -> dict[str, list[float]]:
     """For each Job created after a completion in its search: creation - latest completion
-    (time.monotonic is the system's monotonic clock, shared by the processes)."""
-    latencies = []
+    (time.monotonic is the system's monotonic clock, shared by the processes), by the kind
+    of Job created (fold, search, merge, retrain, report)."""
+    latencies: dict[str, list[float]] = {}
     for (plural, name), created in zip(creations, times, strict=True):
         if plural != "jobs":
             continue
-        search = re.sub(r"-(fold|search|merge|retrain|report).*$", "", name)
+        match = re.search(r"-(fold|search|merge|retrain|report).*$", name)
+        search = name[: match.start()] if match else name
         before = [t for t in kubelet.completed.get(search, []) if t < created]
         if before:
-            latencies.append(created - max(before))
+            kind = match.group(1) if match else "other"
+            latencies.setdefault(kind, []).append(created - max(before))
     return latencies
 
 
@@ -334,6 +346,13 @@ def main() -> None:
             f"| {run['operator_cpu_percent']} | {run['operator_peak_rss_mb']} "
             f"| {run['api_requests_per_minute']} | {run['emulator_and_s3_cpu_seconds']} |"
         )
+    lines += ["", "Completion -> next Job by the kind of Job created (p50 / max seconds):", ""]
+    for run in runs:
+        kinds = ", ".join(
+            f"{kind} {value['p50_seconds']} / {value['max_seconds']} ({value['jobs']})"
+            for kind, value in run["latency_by_job_kind"].items()
+        )
+        lines.append(f"- {run['searches']} searches: {kinds}")
     report = {"machine": common.machine(), "interval_seconds": args.interval, "runs": runs}
     common.finish(args, "operator-emulator", report, "\n".join(lines) + "\n", load)
 

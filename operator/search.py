@@ -141,6 +141,9 @@ class SearchReconciler(ResourceReconciler):
         self.retrying: str | None = None
         #: Jobs deleted by this reconciliation (a real API server may still list them).
         self.deleted: set[str] = set()
+        # Pretrains this reconciliation created: handlers.reconcile_search starts their Jobs
+        # at once instead of waiting for the watch to deliver them
+        self.created_pretrains: list[str] = []
         self._pretrain: dict[str, Any] | bool | None = False  # False: not read yet
 
     # -- small helpers -------------------------------------------------------------------
@@ -395,6 +398,8 @@ class SearchReconciler(ResourceReconciler):
             what = f"Job {manifest['metadata']['name']}"
         if kube.create(manifest):
             self._event("Normal", "TaskStarted", f"task {task.id} ({task.stage}): created {what}")
+            if task.kind == "retrain":
+                self.created_pretrains.append(manifest["metadata"]["name"])
         if not self.status.get("startTime") and not self.old.get("startTime"):
             self.status["startTime"] = now_iso()
         return manifest

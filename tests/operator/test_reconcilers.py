@@ -805,3 +805,30 @@ def test_an_invalid_pretrain_job_fails_the_pretrain(tmp_path: Path) -> None:
     failed = run_pretrain(refusing, deps)
     assert failed["phase"] == "Failed"
     assert conditions_of(failed)["Failed"]["reason"] == "InvalidJob"
+
+
+def test_the_retraining_pretrain_gets_its_job_in_the_same_reconciliation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """handlers.reconcile_search starts the Job of the retraining Pretrain it created at once,
+    without waiting for the watch to deliver the new Pretrain (a slow watch left it to the
+    resync: bench_operator measured the retrain Job as the slowest to start). No watch runs
+    here: only the handler's own calls can have created that Job."""
+    from selfaugment.operator import handlers
+
+    kube, deps, _, store = make(tmp_path)
+    monkeypatch.setattr(handlers.RUNTIME, "deps", deps, raising=False)
+    monkeypatch.setattr(handlers.RUNTIME, "gauges", SearchGauges(deps.metrics), raising=False)
+    monkeypatch.setattr(handlers.RUNTIME, "turns", {}, raising=False)
+    body = kube.objects[(names.SEARCH_PLURAL, "default", "s")]
+    spec = parse_search_spec(body["spec"])
+    for task in all_tasks(spec):
+        if task.kind not in ("retrain", "report"):
+            store.write_json(f"tasks/{task.id}/result.json", {"base_policy": "Rotate"})
+    handlers.reconcile_search(body)
+    assert (names.PRETRAIN_PLURAL, "default", "s-retrain") in kube.objects
+    job = names.pretrain_job_name("s-retrain")
+    assert ("jobs", "default", job) in kube.objects
+    assert kube.created.index(job) > kube.created.index("s-retrain")
+    handlers.reconcile_search(body)  # later passes create nothing twice
+    assert kube.created.count(job) == 1
