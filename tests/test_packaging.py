@@ -46,6 +46,8 @@ TRAINING_ONLY = (
     "scipy",
     "PIL",
     "matplotlib",
+    "numba",
+    "llvmlite",
 )
 
 _BLOCK_TRAINING = f"""
