@@ -231,35 +231,23 @@ def main() -> int:
         rng = random.Random(args.seed)
         policies = [random_policy(rng) for _ in range(args.candidates)]
 
+        def warmed_up(kind: type[PolicyScorer]) -> PolicyScorer:
+            made = kind.from_checkpoint(
+                checkpoint,
+                probe.head_state,
+                heldout.images,
+                device=args.device,
+                batch_size=args.batch,
+                seed=args.seed,
+            )
+            made.score(policies[0])  # warm-up
+            return made
+
         started = time.perf_counter()
-        scorer = PolicyScorer.from_checkpoint(
-            checkpoint,
-            probe.head_state,
-            heldout.images,
-            device=args.device,
-            batch_size=args.batch,
-            seed=args.seed,
-        )
-        scorer.score(policies[0])  # warm-up
+        scorer = warmed_up(PolicyScorer)
         scorer_setup = time.perf_counter() - started
-        previous = PreviousScorer.from_checkpoint(
-            checkpoint,
-            probe.head_state,
-            heldout.images,
-            device=args.device,
-            batch_size=args.batch,
-            seed=args.seed,
-        )
-        previous.score(policies[0])  # warm-up
-        unchunked = UnchunkedScorer.from_checkpoint(
-            checkpoint,
-            probe.head_state,
-            heldout.images,
-            device=args.device,
-            batch_size=args.batch,
-            seed=args.seed,
-        )
-        unchunked.score(policies[0])  # warm-up
+        previous = warmed_up(PreviousScorer)
+        unchunked = warmed_up(UnchunkedScorer)
         # interleaved per candidate, so that a change of load affects every pipeline alike
         scorer_times, previous_times, limit_times, baseline_times = [], [], [], []
         unchunked_times: list[float] = []

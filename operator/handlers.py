@@ -177,7 +177,7 @@ def reconcile_search(body: Mapping[str, Any]) -> None:
         RUNTIME.gauges.record(*key, raw.get("status") or {})
         return
 
-    created: list[str] = []
+    created: list[dict[str, Any]] = []
 
     def work() -> None:
         # Re-read under the lock: the body of a queued event may be stale by now.
@@ -193,10 +193,9 @@ def reconcile_search(body: Mapping[str, Any]) -> None:
     # The retraining Pretrain's Job is created now, not when the watch delivers the new
     # Pretrain: a slow or reconnecting watch delayed it until the resync (up to a whole
     # interval; benchmarks/bench_operator.py measured the retrain Job as the slowest to start).
-    for name in created:
-        pretrain = RUNTIME.deps.kube.get(names.API_VERSION, names.PRETRAIN_PLURAL, key[0], name)
-        if pretrain is not None:
-            reconcile_pretrain(pretrain, notify_owner=False)
+    # (reconcile_pretrain reads the Pretrain afresh under its lock: the body as sent will do)
+    for pretrain in created:
+        reconcile_pretrain(pretrain, notify_owner=False)
 
 
 def reconcile_pretrain(body: Mapping[str, Any], notify_owner: bool = True) -> None:

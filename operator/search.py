@@ -143,7 +143,7 @@ class SearchReconciler(ResourceReconciler):
         self.deleted: set[str] = set()
         # Pretrains this reconciliation created: handlers.reconcile_search starts their Jobs
         # at once instead of waiting for the watch to deliver them
-        self.created_pretrains: list[str] = []
+        self.created_pretrains: list[dict[str, Any]] = []
         self._pretrain: dict[str, Any] | bool | None = False  # False: not read yet
 
     # -- small helpers -------------------------------------------------------------------
@@ -399,7 +399,7 @@ class SearchReconciler(ResourceReconciler):
         if kube.create(manifest):
             self._event("Normal", "TaskStarted", f"task {task.id} ({task.stage}): created {what}")
             if task.kind == "retrain":
-                self.created_pretrains.append(manifest["metadata"]["name"])
+                self.created_pretrains.append(manifest)
         if not self.status.get("startTime") and not self.old.get("startTime"):
             self.status["startTime"] = now_iso()
         return manifest

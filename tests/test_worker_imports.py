@@ -39,6 +39,18 @@ sys.meta_path.insert(0, _Blocked())
 """
 
 
+# The last line of each script: which of the modules the workers must not load were loaded.
+_REPORT_LOADED = (
+    "print('loaded', sorted(m for m in sys.modules "
+    "if m.startswith(('torchvision', 'torch._dynamo'))))\n"
+)
+
+
+def _assert_nothing_loaded(done: subprocess.CompletedProcess[str]) -> None:
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "loaded []" in done.stdout, done.stdout
+
+
 def _run(script: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, cwd=cwd, timeout=300
@@ -49,13 +61,9 @@ def test_worker_modules_import_neither_torchvision_nor_dynamo(tmp_path: Path) ->
     script = (
         "import importlib, sys\n"
         f"for name in {WORKER_MODULES!r}:\n"
-        "    importlib.import_module(name)\n"
-        "print('loaded', sorted(m for m in sys.modules "
-        "if m.startswith(('torchvision', 'torch._dynamo'))))\n"
+        "    importlib.import_module(name)\n" + _REPORT_LOADED
     )
-    done = _run(script, tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "loaded []" in done.stdout, done.stdout
+    _assert_nothing_loaded(_run(script, tmp_path))
 
 
 def test_backbone_and_image_preparation_run_without_torchvision(tmp_path: Path) -> None:
@@ -78,10 +86,6 @@ def test_backbone_and_image_preparation_run_without_torchvision(tmp_path: Path) 
         "assert encode_array(images[:1], 20).downscaled\n"
         "buffer = io.BytesIO()\n"
         "Image.fromarray(np.zeros((64, 48, 3), np.uint8)).save(buffer, format='PNG')\n"
-        "assert encode_file(buffer.getvalue(), '.png', 24, 'png', 90).downscaled\n"
-        "print('loaded', sorted(m for m in sys.modules "
-        "if m.startswith(('torchvision', 'torch._dynamo'))))\n"
+        "assert encode_file(buffer.getvalue(), '.png', 24, 'png', 90).downscaled\n" + _REPORT_LOADED
     )
-    done = _run(script, tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "loaded []" in done.stdout, done.stdout
+    _assert_nothing_loaded(_run(script, tmp_path))

@@ -177,14 +177,13 @@ class ResNetBackbone(nn.Module):
     def largest_activation_bytes(self, height: int, width: int) -> int:
         """Bytes (float32) of the largest activation one image makes: the stem's output or the
         first stage's, whichever is larger; what decides whether a chunk stays in cache."""
-        stem_stride = 1 if self.cifar_stem else 2
-        stem = self.width * math.ceil(height / stem_stride) * math.ceil(width / stem_stride)
-        pool_stride = 1 if self.cifar_stem else 2
+        stride = 1 if self.cifar_stem else 2  # of the stem's convolution, and of its pooling
+        stem = self.width * math.ceil(height / stride) * math.ceil(width / stride)
         stage = (
             self.width
             * self.expansion
-            * math.ceil(height / stem_stride / pool_stride)
-            * math.ceil(width / stem_stride / pool_stride)
+            * math.ceil(height / stride / stride)
+            * math.ceil(width / stride / stride)
         )
         return 4 * max(stem, stage)
 
