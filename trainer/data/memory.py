@@ -113,8 +113,8 @@ def load_prepared(
 
     `keep_decoded`: when the decoded images take at most DECODED_CACHE_MAX_BYTES, keep them in
     this machine's cache (decoded_cache_path) and read them from there next time: every task
-    of a local search opens the same images, and decoding them again cost each task about
-    2 s at the Fashion-MNIST example's 8,000 images (docs/cost.md)."""
+    of a local search opens the same images, and decoding them again was a large part of a
+    short task's fixed cost (docs/data.md, "Disk")."""
     started = time.perf_counter()
     ids = np.arange(prepared.count) if sample_ids is None else np.asarray(sample_ids, np.int64)
     shape = (len(ids), channels, image_size, image_size)
