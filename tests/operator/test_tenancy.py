@@ -88,7 +88,12 @@ def test_a_search_reaches_only_what_its_own_secret_allows(
         timeout=90,
     )
     assert "runs/own/spec.json" in s3_tenants.keys("team-a")
-    own = storage_ready(cluster, "own")
+    # the status is patched at the end of the reconciliation that created the Job: wait for it
+    own = cluster.wait_for(
+        "the own search's StorageReady",
+        lambda: storage_ready(cluster, "own"),
+        timeout=90,
+    )
     assert own is not None and own["status"] == "True", own
 
     denied = cluster.wait_for(
