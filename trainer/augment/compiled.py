@@ -33,7 +33,6 @@ import torch
 from torch import Tensor
 
 from selfaugment.trainer.augment.crop import crop_flip_draws, resized_crop_flip, sampling_grid
-from selfaugment.trainer.augment.geometric import IDENTITY, cutout_boxes
 from selfaugment.trainer.augment.levels import MAX_LEVEL
 from selfaugment.trainer.augment.ops import OP_NAMES, OPS
 
@@ -128,7 +127,7 @@ def _probe_crop(fused: bool) -> tuple[Tensor, Tensor]:
     kernels.augment(
         images.numpy(), as_units, False, True, grid_x, grid_y, fused, True, none,
         none.astype(np.float64), none.astype(np.float32), np.zeros((batch, 0, 6)),
-        np.zeros((batch, 0, 4)), as_units, compiled.numpy(),
+        np.zeros((batch, 0, 2)), as_units, compiled.numpy(),
     )  # fmt: skip
     return eager, compiled
 
@@ -216,26 +215,18 @@ def _affine_data(op_ids: np.ndarray, arguments: np.ndarray, height: int, width: 
 
 
 def _policy_arrays(
-    op_ids: np.ndarray, arguments: np.ndarray, centers: np.ndarray, height: int, width: int
+    op_ids: np.ndarray, arguments: np.ndarray, height: int, width: int
 ) -> tuple[np.ndarray, ...]:
-    """Kernel codes, float32 factors, affine data and Cutout boxes of a plan's op ids [B, K]
-    and arguments [B, K] (float64), computed as the eager path computes them."""
+    """Kernel codes, float32 factors and affine data of a plan's op ids [B, K] and arguments
+    [B, K] (float64), computed as the eager path computes them (the kernel finds Cutout's box
+    itself, with ``cutout_boxes``' arithmetic)."""
     codes = _codes()[op_ids]
     factors = arguments.astype(np.float32)  # levels.column: float64 -> float32, to nearest
-    affine = np.empty((*op_ids.shape, 6))
-    affine[...] = IDENTITY
+    affine = np.zeros((*op_ids.shape, 6))  # read only where an op is geometric
     geometric = _IS_AFFINE[op_ids]  # ids of -1 read the last entry: False
     if geometric.any():
         affine[geometric] = _affine_data(op_ids[geometric], arguments[geometric], height, width)
-    boxes = np.zeros((*op_ids.shape, 4))
-    cutout = op_ids == _CUTOUT
-    if cutout.any():
-        pixels = centers[cutout] * np.array([float(width), float(height)])
-        found = cutout_boxes(
-            torch.from_numpy(arguments[cutout]), torch.from_numpy(pixels), height, width
-        )
-        boxes[cutout] = found.numpy()
-    return codes, factors, affine, boxes
+    return codes, factors, affine
 
 
 def augment(
@@ -264,7 +255,7 @@ def augment(
     else:
         op_ids, arguments, centers = plan
         values = as_levels
-    codes, factors, affine, boxes = _policy_arrays(op_ids, arguments, centers, height, width)
+    codes, factors, affine = _policy_arrays(op_ids, arguments, height, width)
     if crop_flip is None:
         grid_x, grid_y = np.zeros((batch, width), np.float32), np.zeros((batch, height), np.float32)
     else:
@@ -274,7 +265,7 @@ def augment(
         source, values, plan is not None, crop_flip is not None, grid_x, grid_y,
         bool(crop_arithmetic()), policy_first,
         np.ascontiguousarray(codes), np.ascontiguousarray(arguments, dtype=np.float64),
-        factors, affine, boxes, as_units, out.numpy(),
+        factors, affine, np.ascontiguousarray(centers, dtype=np.float64), as_units, out.numpy(),
     )  # fmt: skip
     if plan is not None and policy_first and crop_flip is not None:
         out.div_(MAX_LEVEL)  # the eager path divides the crop's float levels

@@ -173,14 +173,6 @@ def _bilinear(
 
 
 @njit(cache=True, nogil=True)
-def _copy(image: np.ndarray, source: np.ndarray) -> None:
-    for ch in range(image.shape[0]):
-        for i in range(image.shape[1]):
-            for j in range(image.shape[2]):
-                source[ch, i, j] = image[ch, i, j]
-
-
-@njit(cache=True, nogil=True)
 def _fix(value: float) -> int:
     """PIL's 16.16 fixed point: ``floor(v * 65536 + 0.5)``."""
     return math.floor(value * 65536.0 + 0.5)
@@ -188,12 +180,13 @@ def _fix(value: float) -> int:
 
 @njit(cache=True, nogil=True)
 def _affine(
-    image: np.ndarray, data: np.ndarray, b: int, k: int, source: np.ndarray, index: np.ndarray
+    image: np.ndarray, data: np.ndarray, b: int, k: int, target: np.ndarray, index: np.ndarray
 ) -> None:
-    """PIL's NEAREST affine transform of ``image`` [C, H, W] in place with ``data[b, k]`` (a, b,
-    c, d, e, f), the arithmetic of ``geometric._source_index``: each output pixel's source as a
-    flat index into ``index`` (int64 [H * W]; -1 outside, where the gray fill goes), then one
-    gather per channel (``source``: scratch [C, H, W])."""
+    """PIL's NEAREST affine transform of ``image`` [C, H, W] into ``target`` (the same shape)
+    with ``data[b, k]`` (a, b, c, d, e, f), the arithmetic of ``geometric._source_index``: each
+    output pixel's source as a flat index into ``index`` (int64 [H * W]; -1 outside, where the
+    gray fill goes), then one gather per channel. Writing another buffer, not ``image`` in
+    place, saves a copy of the sample per op (``augment`` swaps the two)."""
     channels, height, width = image.shape
     a, s, c = data[b, k, 0], data[b, k, 1], data[b, k, 2]
     d, e, f = data[b, k, 3], data[b, k, 4], data[b, k, 5]
@@ -220,13 +213,12 @@ def _affine(
                 y = (row_y + fix_d * j) >> 16
                 inside = 0 <= y < height and 0 <= x < width
                 index[i * width + j] = y * width + x if inside else -1
-    _copy(image, source)
-    flat_source = source.reshape(channels, height * width)
-    flat_image = image.reshape(channels, height * width)
+    flat_source = image.reshape(channels, height * width)
+    flat_target = target.reshape(channels, height * width)
     for ch in range(channels):
         for pixel in range(height * width):
             found = index[pixel]
-            flat_image[ch, pixel] = _FILL if found < 0 else flat_source[ch, found]
+            flat_target[ch, pixel] = _FILL if found < 0 else flat_source[ch, found]
 
 
 @njit(cache=True, nogil=True)
@@ -270,23 +262,30 @@ def _blend(image: np.ndarray, code: int, factor: np.float32, gray: np.ndarray) -
 
 
 @njit(cache=True, nogil=True)
-def _sharpness(image: np.ndarray, factor: np.float32, source: np.ndarray) -> None:
-    """Blend the interior with PIL's SMOOTH filter of the original (``levels.sharpness``): the
-    filtered value ``floor(s / 13 + 0.5)`` is the integer quotient ``(2 s + 13) // 26``."""
+def _sharpness(image: np.ndarray, factor: np.float32, target: np.ndarray) -> bool:
+    """Blend the interior with PIL's SMOOTH filter of the original (``levels.sharpness``) into
+    ``target``, the border as it is: the filtered value ``floor(s / 13 + 0.5)`` is the integer
+    quotient ``(2 s + 13) // 26``. False (``target`` untouched) on images under 3x3, which
+    the op leaves alone."""
     channels, height, width = image.shape
     if height < 3 or width < 3:
-        return
-    _copy(image, source)
+        return False
     for ch in range(channels):
+        for j in range(width):
+            target[ch, 0, j] = image[ch, 0, j]
+            target[ch, height - 1, j] = image[ch, height - 1, j]
         for i in range(1, height - 1):
+            target[ch, i, 0] = image[ch, i, 0]
+            target[ch, i, width - 1] = image[ch, i, width - 1]
             for j in range(1, width - 1):
-                total = 4 * np.int64(source[ch, i, j])
+                total = 4 * np.int64(image[ch, i, j])
                 for di in range(-1, 2):
                     for dj in range(-1, 2):
-                        total += np.int64(source[ch, i + di, j + dj])
+                        total += np.int64(image[ch, i + di, j + dj])
                 smooth = np.float32((2 * total + 13) // 26)
-                blended = (np.float32(source[ch, i, j]) - smooth) * factor + smooth
-                image[ch, i, j] = min(255, max(0, math.floor(blended)))
+                blended = (np.float32(image[ch, i, j]) - smooth) * factor + smooth
+                target[ch, i, j] = min(255, max(0, math.floor(blended)))
+    return True
 
 
 @njit(cache=True, nogil=True)
@@ -364,13 +363,22 @@ def _point(image: np.ndarray, code: int, argument: float, table: np.ndarray) -> 
 
 
 @njit(cache=True, nogil=True)
-def _cutout(image: np.ndarray, boxes: np.ndarray, b: int, k: int) -> None:
-    """Fill the half-open box ``boxes[b, k]`` (left, top, right, bottom) with gray."""
-    left, top = int(boxes[b, k, 0]), int(boxes[b, k, 1])
-    right, bottom = int(boxes[b, k, 2]), int(boxes[b, k, 3])
+def _cutout(image: np.ndarray, fraction: float, across: float, down: float) -> None:
+    """Fill Fast AutoAugment's Cutout box with gray: ``geometric.cutout_boxes``'s float64
+    arithmetic (side ``floor(v) + 1`` for ``v = fraction * W > 0``, the corner
+    ``floor(max(0, centre - v / 2))``, clipped; half-open) for the centre (``across``,
+    ``down``) in pixels."""
+    height, width = image.shape[1], image.shape[2]
+    size = fraction * width
+    if size <= 0.0:
+        return
+    side = math.floor(size) + 1.0
+    left = math.floor(max(across - size / 2, 0.0))
+    top = math.floor(max(down - size / 2, 0.0))
+    right, bottom = int(min(left + side, width)), int(min(top + side, height))
     for ch in range(image.shape[0]):
-        for i in range(top, bottom):
-            for j in range(left, right):
+        for i in range(int(top), bottom):
+            for j in range(int(left), right):
                 image[ch, i, j] = _FILL
 
 
@@ -388,7 +396,7 @@ def augment(
     arguments: np.ndarray,
     factors: np.ndarray,
     affine: np.ndarray,
-    boxes: np.ndarray,
+    centers: np.ndarray,
     output: np.ndarray,
     out: np.ndarray,
 ) -> None:
@@ -398,13 +406,14 @@ def augment(
     ``output[level]``. True: the policy, then resample to float32 reading the levels
     (``as_levels``) or ``values[level]``, or ``output[level]`` without resampling.
     ``codes`` [B, K] are kernel codes, with their ``arguments`` (float64), float32 ``factors``,
-    ``affine`` data [B, K, 6] and Cutout ``boxes`` [B, K, 4]. ``fused``: the crop's products
-    and sums as fused multiply-adds (``compiled.crop_arithmetic``). ``images`` are only read.
+    ``affine`` data [B, K, 6] and Cutout ``centers`` [B, K, 2] (fractions of the width and
+    height, float64). ``fused``: the crop's products and sums as fused multiply-adds
+    (``compiled.crop_arithmetic``). ``images`` are only read.
     """
     batch, channels, height, width = images.shape
-    work = np.empty((1, channels, height, width), np.uint8)
-    image = work[0]
-    source = np.empty((channels, height, width), np.uint8)
+    work = np.empty((2, channels, height, width), np.uint8)  # the sample, and the spare
+    current = 0  # which of the two holds the sample: ops that resample write the other
+    image, spare = work[0], work[1]
     table = np.empty(256, np.int64)
     histogram = np.empty(256, np.int64)
     gray = np.empty((height, width), np.int64)
@@ -417,7 +426,7 @@ def augment(
     for b in range(batch):
         if resample and not policy_first:
             _bilinear(
-                images, b, values, True, grid_x, grid_y, b, work, 0, True, fused, axes,
+                images, b, values, True, grid_x, grid_y, b, work, current, True, fused, axes,
                 distances, weights, columns, gathered,
             )  # fmt: skip
         else:
@@ -429,12 +438,18 @@ def augment(
             code = codes[b, k]
             if code == SKIP:
                 continue
-            if code == AFFINE:
-                _affine(image, affine, b, k, source, index)
+            if code in (AFFINE, SHARPNESS):
+                if code == AFFINE:
+                    _affine(image, affine, b, k, spare, index)
+                elif not _sharpness(image, factors[b, k], spare):
+                    continue
+                current = 1 - current
+                image, spare = work[current], work[1 - current]
             elif code == CUTOUT:
-                _cutout(image, boxes, b, k)
-            elif code == SHARPNESS:
-                _sharpness(image, factors[b, k], source)
+                _cutout(
+                    image, arguments[b, k], centers[b, k, 0] * float(width),
+                    centers[b, k, 1] * float(height),
+                )  # fmt: skip
             elif code in (CONTRAST, COLOR, BRIGHTNESS):
                 _blend(image, code, factors[b, k], gray)
             elif code == AUTO_CONTRAST:
@@ -445,7 +460,7 @@ def augment(
                 _point(image, code, arguments[b, k], table)
         if resample and policy_first:
             _bilinear(
-                work, 0, values, as_levels, grid_x, grid_y, b, out, b, False, fused, axes,
+                work, current, values, as_levels, grid_x, grid_y, b, out, b, False, fused, axes,
                 distances, weights, columns, gathered,
             )  # fmt: skip
             continue

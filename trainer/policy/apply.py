@@ -63,7 +63,10 @@ class AugmentPlan:
     centers: np.ndarray | None = None
 
 
-def policy_tables(policy: Policy) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+PolicyTables = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def policy_tables(policy: Policy) -> PolicyTables:
     """[S, K] op ids (-1 padding), probabilities, magnitudes (NaN = random), directions
     (0 = random)."""
     length = max(len(sub_policy) for sub_policy in policy.sub_policies)
@@ -98,10 +101,14 @@ def _signs(uniform: np.ndarray) -> np.ndarray:
 
 
 def sample_plan(
-    policy: AnyPolicy, batch: int, generator: torch.Generator | None = None
+    policy: AnyPolicy,
+    batch: int,
+    generator: torch.Generator | None = None,
+    tables: PolicyTables | None = None,
 ) -> AugmentPlan:
     """Draw the per-sample sub-policy, Bernoulli(p) outcomes, magnitudes, signs (where the
-    policy does not fix the direction) and Cutout centres."""
+    policy does not fix the direction) and Cutout centres. ``tables``: ``policy_tables(policy)``
+    when the caller keeps them (``BatchAugmenter`` does: they are the same for every batch)."""
     if isinstance(policy, RandAugment):
         count = policy.num_ops
         draws = _uniform((batch, 4 * count), generator)
@@ -109,7 +116,7 @@ def sample_plan(
         centers = draws[:, 2 * count :].reshape(batch, count, 2)
         magnitudes = np.full(op_ids.shape, policy.magnitude)
         return AugmentPlan(op_ids, magnitudes, _signs(draws[:, count : 2 * count]), None, centers)
-    table_ids, table_p, table_m, table_d = policy_tables(policy)
+    table_ids, table_p, table_m, table_d = tables if tables is not None else policy_tables(policy)
     length = table_ids.shape[1]
     draws = _uniform((batch, 1 + 5 * length), generator)
     choice = _choose(draws[:, 0], len(policy.sub_policies))

@@ -49,6 +49,7 @@ from selfaugment.trainer.policy.apply import (
     AugmentPlan,
     apply_plan_levels,
     plan_arguments,
+    policy_tables,
     sample_plan,
 )
 from selfaugment.trainer.policy.builtins import resolve_policy
@@ -148,6 +149,7 @@ class BatchAugmenter:
             raise ValueError(f"cpu_threads: must be at least 1 or None, got {cpu_threads}")
         self.cpu_threads = cpu_threads
         self._has_ops = isinstance(self.policy, RandAugment) or any(self.policy.sub_policies)
+        self._tables = policy_tables(self.policy) if isinstance(self.policy, Policy) else None
 
     def __repr__(self) -> str:
         name = self.policy.name
@@ -206,7 +208,8 @@ class BatchAugmenter:
             return sampling_grid(boxes, flips, height, width)
 
         def plan() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-            return plan_arguments(sample_plan(self.policy, batch, generator), generator)
+            drawn = sample_plan(self.policy, batch, generator, self._tables)
+            return plan_arguments(drawn, generator)
 
         if not self._has_ops:
             return compiled.augment(images, grid(), None, policy_first=True)
@@ -223,7 +226,7 @@ class BatchAugmenter:
 
     def _policy(self, levels: Tensor, generator: torch.Generator | None) -> Tensor:
         """The policy on whole levels (float32 0..255), as PIL applies it to 8-bit images."""
-        plan = sample_plan(self.policy, levels.shape[0], generator)
+        plan = sample_plan(self.policy, levels.shape[0], generator, self._tables)
         return apply_plan_levels(levels, plan, generator)
 
 
