@@ -10,7 +10,8 @@
     selfaugment study pool DIR DIR ... -o DIR
     selfaugment data prepare SOURCE [--store STORE] [--storage-size N]   (shards + index, once)
     selfaugment data show PREPARED_URI
-    selfaugment worker run --store URI --task ID       (what the runner and the operator start)
+    selfaugment worker run --store URI --task ID       (one task: what the operator's Jobs run)
+    selfaugment worker serve --store URI               (tasks named on stdin: the local runner's)
     selfaugment worker pretrain --store URI --prefix P (a standalone Pretrain resource's job)
 
 Every command that takes a config reads YAML or JSON, accepts `--set key.path=value`
@@ -90,6 +91,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         config_name=run_name(args.config, "search"),
         reuse_from=args.reuse_from,
+        reuse_workers=not args.fresh_workers,
     )
 
 
@@ -148,6 +150,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     store = open_store(args.store, endpoint=args.endpoint)
     if args.worker_command == "run":
         run_task(store, args.task)
+    elif args.worker_command == "serve":
+        from selfaugment.trainer.search.serve import serve_stdio
+
+        return serve_stdio(store)
     else:
         run_pretrain_job(store, args.prefix)
     return 0
@@ -191,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--workers", type=int, default=None, help="concurrent worker processes")
     search.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics")
     search.add_argument("--no-progress", action="store_true", help="no progress bars")
+    search.add_argument(
+        "--fresh-workers",
+        action="store_true",
+        help="start a new worker process for every task (default: workers run task after task)",
+    )
     search.add_argument(
         "--reuse-from",
         default=None,
@@ -311,12 +322,17 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--json", action="store_true", help="print JSON")
     data.set_defaults(handler=cmd_data)
 
-    worker = commands.add_parser("worker", help="run one task (used by runners and Jobs)")
+    worker = commands.add_parser("worker", help="run tasks (used by runners and Jobs)")
     worker_commands = worker.add_subparsers(dest="worker_command", required=True)
     run = worker_commands.add_parser("run", help="run one task of a search")
     run.add_argument("--store", required=True, help="run directory or s3://bucket/prefix")
     run.add_argument("--task", required=True, help="task id, e.g. fold-0")
     run.add_argument("--endpoint", default=None, help="S3 endpoint URL")
+    serve = worker_commands.add_parser(
+        "serve", help="run the tasks named on stdin, one at a time (the local runner's workers)"
+    )
+    serve.add_argument("--store", required=True, help="run directory or s3://bucket/prefix")
+    serve.add_argument("--endpoint", default=None, help="S3 endpoint URL")
     job = worker_commands.add_parser("pretrain", help="run a standalone Pretrain job")
     job.add_argument("--store", required=True, help="directory or s3://bucket/prefix")
     job.add_argument("--prefix", required=True, help="key prefix holding config.json")

@@ -5,6 +5,7 @@ Each case runs the real CLI (`selfaugment search`) in this process on the bundle
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -16,7 +17,12 @@ import yaml
 
 from selfaugment.cli import main
 from selfaugment.trainer.search.planner import all_tasks
-from selfaugment.trainer.search.runner import LocalRunner, RunningTask, TaskFailedError
+from selfaugment.trainer.search.runner import (
+    LocalRunner,
+    RunningTask,
+    TaskFailedError,
+    WorkerProcess,
+)
 from selfaugment.trainer.spec import AugmentSearchSpec
 from selfaugment.trainer.store import open_store
 
@@ -62,12 +68,15 @@ def test_bad_input_fails_before_any_task_naming_the_field(
     assert not (tmp_path / "run" / "tasks").exists()  # no task started
 
 
+@pytest.mark.parametrize("serving", [False, True], ids=["fresh worker", "serving worker"])
 @pytest.mark.parametrize(("exit_code", "retried"), [(2, False), (1, True)])
 def test_a_task_that_fails_on_its_input_is_not_retried(
-    exit_code: int, retried: bool, tmp_path: Path
+    exit_code: int, retried: bool, serving: bool, tmp_path: Path
 ) -> None:
     """Exit code 2 (`selfaugment` on a SelfAugmentError) stops the run at once; any other
-    failure is retried up to parallelism.max_retries."""
+    failure is retried up to parallelism.max_retries. A fresh worker says so by its exit
+    status, a serving one by its answer (trainer/search/serve.py); a stand-in process plays
+    the worker."""
     spec = AugmentSearchSpec.model_validate(_smoke())
     assert spec.parallelism.max_retries >= 1
     runner = LocalRunner(
@@ -76,12 +85,19 @@ def test_a_task_that_fails_on_its_input_is_not_retried(
     task = all_tasks(spec)[0]
     log_path = tmp_path / "worker.log"
     log = log_path.open("ab")
-    worker = subprocess.Popen(
-        [sys.executable, "-c", f"import sys; print('bad input'); sys.exit({exit_code})"],
-        stdout=log,
-    )
-    worker.wait()
-    runner.running[task.id] = RunningTask(task, worker, log, log_path, None, time.monotonic())
+    if serving:
+        answer = json.dumps({"task": task.id, "code": exit_code})
+        script = f"import sys; print({answer!r}, flush=True); sys.exit({exit_code})"
+        process = subprocess.Popen(
+            [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        process.wait()
+    else:
+        script = f"import sys; print('bad input'); sys.exit({exit_code})"
+        process = subprocess.Popen([sys.executable, "-c", script], stdout=log)
+        process.wait()
+    worker = WorkerProcess(process, None, log, serving)
+    runner.running[task.id] = RunningTask(task, worker, log_path, time.monotonic())
     runner.attempts[task.id] = 1
     if retried:
         runner._reap()  # logged, to be started again
@@ -89,6 +105,7 @@ def test_a_task_that_fails_on_its_input_is_not_retried(
     else:
         with pytest.raises(TaskFailedError, match="failed on its input \\(not retried\\)"):
             runner._reap()
+    assert log.closed and not runner.idle  # a worker whose task failed is not kept
 
 
 UNREADABLE = {

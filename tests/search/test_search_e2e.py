@@ -235,3 +235,89 @@ def test_selfrandaugment_scores_the_grid_and_retrains_the_best(tmp_path: Path) -
             check=True,
         ).stdout
     )
+
+
+def _results_without_places(run: Path) -> dict[str, object]:
+    """Every task's result, less its timings and the paths that name the run's folder."""
+
+    def strip(value: object) -> object:
+        if isinstance(value, dict):
+            return {key: strip(item) for key, item in value.items() if key != "seconds"}
+        if isinstance(value, list):
+            return [strip(item) for item in value]
+        return value.replace(str(run), "RUN") if isinstance(value, str) else value
+
+    return {
+        path.parent.name: strip(json.loads(path.read_text()))
+        for path in sorted((run / "tasks").glob("*/result.json"))
+    }
+
+
+@pytest.mark.slow
+def test_reused_workers_give_the_results_of_fresh_ones(tmp_path: Path) -> None:
+    """The same search with workers that serve task after task (the default) and with a new
+    process per task (`--fresh-workers`): every task's result is the same, to the last digit,
+    and the serving run started no more worker processes than it has slots."""
+    config = tiny_config(tmp_path, **{"parallelism.max_workers": 2})
+    results = {}
+    for name, extra in (("reused", ()), ("fresh", ("--fresh-workers",))):
+        run = tmp_path / name
+        finished = subprocess.run(
+            search_command(config, run, "--no-progress", *extra),
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert finished.returncode == 0, finished.stderr[-3000:]
+        results[name] = _results_without_places(run)
+    assert len(results["reused"]) == 9
+    assert results["reused"] == results["fresh"]
+    serving_logs = sorted(path.name for path in (tmp_path / "reused" / "logs").glob("worker-*"))
+    assert serving_logs == ["worker-1.log", "worker-2.log"]
+    assert not list((tmp_path / "fresh" / "logs").glob("worker-*"))
+    # each task's output went to its own log, also from a serving worker
+    assert "task fold-0 done" in (tmp_path / "reused" / "logs" / "fold-0.log").read_text()
+
+
+def _serving_workers(run: Path) -> list[int]:
+    """Pids of live `selfaugment worker serve` processes of the run `run`."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0") if entry.name.isdigit() else []
+            state = (entry / "stat").read_text().split()[2] if argv else "Z"
+        except OSError:
+            continue
+        if state != "Z" and b"serve" in argv and str(run).encode() in argv:
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.slow
+def test_a_killed_serving_worker_is_replaced_and_its_task_redone(tmp_path: Path) -> None:
+    """SIGKILL (the OOM killer) takes a serving worker in the middle of a fold: the runner
+    reports the task as failed, starts a new worker, and the search finishes."""
+    config, run = tiny_config(tmp_path, **{"search.fold_epochs": 30}), tmp_path / "run"
+    process = subprocess.Popen(
+        search_command(config, run, "--no-progress"),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "tasks" / "fold-0" / "progress.json").exists():
+            assert process.poll() is None, process.stderr.read() if process.stderr else ""
+            assert time.monotonic() < deadline, "the search never reached the fold stage"
+            time.sleep(0.2)
+        victims = _serving_workers(run)
+        assert victims
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        _, stderr = process.communicate(timeout=600)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, stderr[-3000:]
+    assert "failed (exit code -9), retrying" in stderr
+    assert len(done_task_ids(open_store(run))) == 9
+    assert victims[0] not in _serving_workers(run)

@@ -57,6 +57,7 @@ def run_search(
     progress: bool,
     config_name: str,
     reuse_from: str | None = None,
+    reuse_workers: bool = True,
 ) -> int:
     """Run (or resume) a search; prints where the policy and the report are."""
     from selfaugment.trainer.search.preflight import preflight  # reads the dataset: torch
@@ -88,6 +89,7 @@ def run_search(
         progress=progress,
         poll_seconds=0.5 if store.local_path("x") is not None else 2.0,
         store_env=store_env,
+        reuse_workers=reuse_workers,
     )
     print(f"search {config_name}: artifacts in {store.uri}", file=sys.stderr)
     runner.run()

@@ -1,8 +1,10 @@
-"""The local executor: runs a search's tasks as `selfaugment worker` processes on this machine.
+"""The local executor: runs a search's tasks in `selfaugment worker` processes on this machine.
 
 The loop is: list the finished tasks in the store, ask the planner what may start, start it in
-a free slot (a CPU slot, or a GPU slot with CUDA_VISIBLE_DEVICES set), repeat. Interrupting the
-run kills the running workers; running the same command again resumes, redoing only them.
+a free slot (a CPU slot, or a GPU slot with CUDA_VISIBLE_DEVICES set), repeat. A slot's worker
+process runs task after task (`worker serve`, trainer/search/serve.py), or with
+`--fresh-workers` one task each (`worker run`). Interrupting the run kills the running workers;
+running the same command again resumes, redoing only their tasks.
 
 Workers die with their runner however it stops: Ctrl-C and SIGTERM (`timeout`, systemd,
 `docker stop`) stop them in an orderly way, and on Linux each worker asks the kernel for SIGTERM
@@ -13,7 +15,10 @@ second runner cannot start its tasks again; a runner whose S3 lease is taken ove
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -67,13 +72,26 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 
 
 @dataclass
+class WorkerProcess:
+    """A worker: `selfaugment worker serve`, which runs the tasks the runner sends it in turn
+    (trainer/search/serve.py), or with fresh workers one `selfaugment worker run`."""
+
+    process: subprocess.Popen[bytes]
+    gpu: int | None
+    output: IO[bytes]  # where its stdout and stderr go (between tasks, for a serving worker)
+    serving: bool
+
+
+@dataclass
 class RunningTask:
     task: Task
-    process: subprocess.Popen[bytes]
-    log: IO[bytes]
+    worker: WorkerProcess
     log_path: Path
-    gpu: int | None
     started: float
+
+    @property
+    def gpu(self) -> int | None:
+        return self.worker.gpu
 
 
 def _log_tail(path: Path, lines: int = 15) -> str:
@@ -84,8 +102,51 @@ def _log_tail(path: Path, lines: int = 15) -> str:
     return "\n".join(text[-lines:])
 
 
+def _answer(worker: WorkerProcess, timeout: float = 0.0) -> int | None:
+    """A serving worker's exit status for its task, once it answered or died; else None."""
+    stdout = worker.process.stdout
+    assert stdout is not None  # serving workers are started with a pipe
+    readable, _, _ = select.select([stdout], [], [], timeout)
+    if readable:
+        line = stdout.readline()
+        if line:
+            try:
+                return int(json.loads(line)["code"])
+            except (ValueError, KeyError, TypeError):
+                worker.process.kill()  # not the protocol: no longer to be trusted
+        return worker.process.wait() or 1  # it ended without answering: a crash
+    ended = worker.process.poll()
+    return None if ended is None else (ended or 1)
+
+
+def _close(worker: WorkerProcess, grace: float = 10.0) -> None:
+    """End a worker: an idle serving one at the end of its stdin, any other with SIGTERM;
+    SIGKILL after ``grace`` seconds."""
+    if worker.process.poll() is None:
+        if worker.serving and worker.process.stdin is not None:
+            with contextlib.suppress(OSError):
+                worker.process.stdin.close()
+        else:
+            worker.process.send_signal(signal.SIGTERM)
+    try:
+        worker.process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        worker.process.kill()
+        worker.process.wait()
+    for stream in (worker.process.stdin, worker.process.stdout):
+        if stream is not None:
+            with contextlib.suppress(OSError):
+                stream.close()
+    worker.output.close()
+
+
 class LocalRunner:
-    """Run every task of a search with at most `workers` processes at once."""
+    """Run every task of a search with at most `workers` processes at once.
+
+    Workers serve task after task (``reuse_workers``, the default: trainer/search/serve.py
+    says what that saves); with ``reuse_workers=False`` every task runs in a fresh
+    `selfaugment worker run` process, as the operator's Jobs do.
+    """
 
     def __init__(
         self,
@@ -100,6 +161,7 @@ class LocalRunner:
         progress: bool = True,
         poll_seconds: float = 0.5,
         store_env: dict[str, str] | None = None,
+        reuse_workers: bool = True,
     ) -> None:
         self.spec = spec
         self.store = store
@@ -111,11 +173,14 @@ class LocalRunner:
         self.progress = progress
         self.poll_seconds = poll_seconds
         self.store_env = store_env or {}
+        self.reuse_workers = reuse_workers
         self.running: dict[str, RunningTask] = {}
+        self.idle: list[WorkerProcess] = []
         self.attempts: Counter[str] = Counter()
         self.task_seconds: list[float] = []
         self._bars: Any = None
         self._last_view: tuple[int, int, str, str] | None = None
+        self._started_workers = 0
 
     # -- processes -------------------------------------------------------------------------
     def _threads_per_worker(self) -> int:
@@ -125,50 +190,82 @@ class LocalRunner:
         busy = {running.gpu for running in self.running.values()}
         return next((gpu for gpu in self.gpus if gpu not in busy), None)
 
+    def _spawn(self, arguments: list[str], gpu: int | None, output: IO[bytes]) -> WorkerProcess:
+        env = dict(os.environ, **self.store_env)
+        threads = str(self._threads_per_worker())
+        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, SELFAUGMENT_THREADS=threads)
+        env["CUDA_VISIBLE_DEVICES"] = str(gpu) if gpu is not None else ""
+        command = [sys.executable, "-m", "selfaugment.cli", "worker", *arguments]
+        command += ["--store", self.store.uri]
+        serving = arguments[0] == "serve"
+        runner = os.getpid()
+        process = subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE if serving else subprocess.DEVNULL,
+            stdout=subprocess.PIPE if serving else output,
+            stderr=output,
+            env=env,
+            preexec_fn=(lambda: _die_with(runner)) if sys.platform == "linux" else None,
+        )
+        self._started_workers += 1
+        return WorkerProcess(process, gpu, output, serving)
+
+    def _serving_worker(self, gpu: int | None) -> WorkerProcess:
+        """An idle serving worker for ``gpu`` (None: the CPU), or a new one; an idle worker of
+        another device makes room when the runner holds `workers` processes."""
+        for worker in self.idle:
+            if worker.gpu == gpu:
+                self.idle.remove(worker)
+                if worker.process.poll() is None:
+                    return worker
+                _close(worker)  # it died while idle (killed from outside): replace it
+                break
+        while self.idle and len(self.idle) + len(self.running) >= self.workers:
+            _close(self.idle.pop(0))
+        name = f"worker-{self._started_workers + 1}.log"
+        return self._spawn(["serve"], gpu, (self.log_dir / name).open("ab"))
+
     def _start(self, task: Task) -> bool:
         wants_gpu = bool(self.gpus) and self.spec.resources.gpus > 0 and task.kind in GPU_KINDS
         gpu = self._free_gpu() if wants_gpu else None
         if wants_gpu and gpu is None:
             return False
-        env = dict(os.environ, **self.store_env)
-        threads = str(self._threads_per_worker())
-        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, SELFAUGMENT_THREADS=threads)
-        env["CUDA_VISIBLE_DEVICES"] = str(gpu) if gpu is not None else ""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{task.id}.log"
-        log = log_path.open("ab")
-        command = [
-            sys.executable,
-            "-m",
-            "selfaugment.cli",
-            "worker",
-            "run",
-            "--store",
-            self.store.uri,
-            "--task",
-            task.id,
-        ]
-        runner = os.getpid()
-        process = subprocess.Popen(
-            command,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            preexec_fn=(lambda: _die_with(runner)) if sys.platform == "linux" else None,
-        )
-        self.running[task.id] = RunningTask(task, process, log, log_path, gpu, time.monotonic())
+        if self.reuse_workers:
+            worker = self._serving_worker(gpu)
+            request = json.dumps({"task": task.id, "log": str(log_path.resolve())})
+            assert worker.process.stdin is not None
+            try:
+                worker.process.stdin.write(request.encode() + b"\n")
+                worker.process.stdin.flush()
+            except OSError:  # it died between the check and the request: the next pass retries
+                _close(worker)
+                return False
+        else:
+            worker = self._spawn(["run", "--task", task.id], gpu, log_path.open("ab"))
+        self.running[task.id] = RunningTask(task, worker, log_path, time.monotonic())
         self.attempts[task.id] += 1
         if self.attempts[task.id] > 1:
             self.metrics.task_retries.labels("local", self.run_name).inc()
         return True
 
+    def _finished(self, running: RunningTask) -> int | None:
+        """The task's exit status once it is over, else None."""
+        if running.worker.serving:
+            return _answer(running.worker)
+        return running.worker.process.poll()
+
     def _reap(self) -> None:
         for task_id, running in list(self.running.items()):
-            code = running.process.poll()
+            code = self._finished(running)
             if code is None:
                 continue
-            running.log.close()
             del self.running[task_id]
+            if code == 0 and running.worker.serving:
+                self.idle.append(running.worker)
+            else:  # a serving worker ends after a failure: the retry starts a fresh one
+                _close(running.worker)
             if code == 0:
                 self.task_seconds.append(time.monotonic() - running.started)
                 if task_id == PREPARE_TASK:
@@ -191,20 +288,34 @@ class LocalRunner:
                 f"task {task_id} failed (exit code {code}), retrying; log: {running.log_path}"
             )
 
+    def _wait(self, seconds: float) -> None:
+        """Sleep ``seconds``, or less when a serving worker answers first."""
+        pipes = [
+            running.worker.process.stdout
+            for running in self.running.values()
+            if running.worker.serving and running.worker.process.stdout is not None
+        ]
+        if pipes:
+            select.select(pipes, [], [], seconds)
+        else:
+            time.sleep(seconds)
+
     def stop(self) -> None:
-        """Terminate running workers (their tasks will be redone on resume)."""
-        for running in self.running.values():
-            if running.process.poll() is None:
-                running.process.send_signal(signal.SIGTERM)
+        """Terminate the workers (the tasks they were running will be redone on resume)."""
+        workers = [running.worker for running in self.running.values()] + self.idle
+        for worker in workers:
+            if worker.process.poll() is None:
+                worker.process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 10
-        for running in self.running.values():
-            try:
-                running.process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                running.process.kill()
-                running.process.wait()
-            running.log.close()
+        for worker in workers:
+            _close(worker, grace=max(0.1, deadline - time.monotonic()))
         self.running.clear()
+        self.idle.clear()
+
+    def _retire(self) -> None:
+        """End the idle workers at the end of a run (each at the end of its stdin)."""
+        while self.idle:
+            _close(self.idle.pop())
 
     # -- progress and metrics --------------------------------------------------------------
     def _announce_skipped(self) -> None:
@@ -319,11 +430,12 @@ class LocalRunner:
                     raise TaskFailedError(
                         f"search is stuck in stage {state.stage}: no task can run"
                     )
-                time.sleep(self.poll_seconds)
+                self._wait(self.poll_seconds)
         except BaseException:
             self.stop()
             raise
         finally:
+            self._retire()
             if self._bars is not None:
                 self._bars.close()
                 self._bars = None
