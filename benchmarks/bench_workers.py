@@ -81,7 +81,7 @@ def markdown(report: dict[str, Any], load: common.Load) -> str:
         way = report["ways"][name]
         lines.append(
             f"| {name} | {way['wall_seconds']:.1f} | {way['task_seconds']:.1f} "
-            f"| {way['worker_processes']} |"
+            f"| {way['worker_processes']:.0f} |"
         )
     lines += [
         "",

@@ -75,6 +75,8 @@ def run_one(store: ArtifactStore, task_id: str, log: Path, torch_seed: int) -> i
             traceback.print_exc()
             code = 1
     gc.collect()
+    if torch.cuda.is_initialized():  # hand the task's cached blocks back for the next one
+        torch.cuda.empty_cache()
     return code
 
 
