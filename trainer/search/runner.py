@@ -102,11 +102,11 @@ def _log_tail(path: Path, lines: int = 15) -> str:
     return "\n".join(text[-lines:])
 
 
-def _answer(worker: WorkerProcess, timeout: float = 0.0) -> int | None:
+def _answer(worker: WorkerProcess) -> int | None:
     """A serving worker's exit status for its task, once it answered or died; else None."""
     stdout = worker.process.stdout
     assert stdout is not None  # serving workers are started with a pipe
-    readable, _, _ = select.select([stdout], [], [], timeout)
+    readable, _, _ = select.select([stdout], [], [], 0.0)
     if readable:
         line = stdout.readline()
         if line:
