@@ -313,7 +313,12 @@ class LocalRunner:
         self.idle.clear()
 
     def _retire(self) -> None:
-        """End the idle workers at the end of a run (each at the end of its stdin)."""
+        """End the idle workers at the end of a run: all their stdins closed first, so that
+        they shut down at the same time, then each waited for."""
+        for worker in self.idle:
+            if worker.process.stdin is not None:
+                with contextlib.suppress(OSError):
+                    worker.process.stdin.close()
         while self.idle:
             _close(self.idle.pop())
 
