@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from selfaugment import __version__
-from selfaugment.errors import EXIT_BAD_INPUT, SelfAugmentError
+from selfaugment.errors import BAD_INPUT_ERRORS, EXIT_BAD_INPUT, SelfAugmentError, error_line
 from selfaugment.logs import quiet_client_libraries
 
 log = logging.getLogger("selfaugment")
@@ -355,8 +355,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    except (SelfAugmentError, FileNotFoundError) as error:
-        print(f"selfaugment: error: {error}", file=sys.stderr)
+    except BAD_INPUT_ERRORS as error:
+        print(error_line(error), file=sys.stderr)
         return EXIT_BAD_INPUT
 
 

@@ -16,3 +16,12 @@ class SelfAugmentError(Exception):
 #: The exit status of `selfaugment` on a SelfAugmentError; the local runner does not retry a
 #: worker that exits with it (the same input fails the same way).
 EXIT_BAD_INPUT = 2
+
+#: What the CLI, and a local worker for each task it serves, report as one line and
+#: EXIT_BAD_INPUT rather than as a traceback.
+BAD_INPUT_ERRORS = (SelfAugmentError, FileNotFoundError)
+
+
+def error_line(error: BaseException) -> str:
+    """The one line a bad input is reported as."""
+    return f"selfaugment: error: {error}"

@@ -172,7 +172,6 @@ def _codes() -> np.ndarray:
     return np.array([*codes, kernels.SKIP], dtype=np.int64)
 
 
-_CUTOUT = OP_NAMES.index("Cutout")
 _IS_AFFINE = np.array([OPS[name].affine is not None for name in OP_NAMES] + [False])
 
 

@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from selfaugment.errors import EXIT_BAD_INPUT, SelfAugmentError
+from selfaugment.errors import BAD_INPUT_ERRORS, EXIT_BAD_INPUT, error_line
 from selfaugment.trainer.store import ArtifactStore
 
 
@@ -68,8 +68,8 @@ def run_one(store: ArtifactStore, task_id: str, log: Path, torch_seed: int) -> i
         try:
             run_task(store, task_id)
             code = 0
-        except (SelfAugmentError, FileNotFoundError) as error:
-            print(f"selfaugment: error: {error}", file=sys.stderr)
+        except BAD_INPUT_ERRORS as error:
+            print(error_line(error), file=sys.stderr)
             code = EXIT_BAD_INPUT
         except Exception:  # reported in the task's log, as `worker run` would report it
             traceback.print_exc()
