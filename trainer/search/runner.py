@@ -119,13 +119,18 @@ def _answer(worker: WorkerProcess) -> int | None:
     return None if ended is None else (ended or 1)
 
 
+def _close_stream(stream: IO[bytes] | None) -> None:
+    if stream is not None:
+        with contextlib.suppress(OSError):  # a pipe whose reader died: nothing left to flush
+            stream.close()
+
+
 def _close(worker: WorkerProcess, grace: float = 10.0) -> None:
     """End a worker: an idle serving one at the end of its stdin, any other with SIGTERM;
     SIGKILL after ``grace`` seconds."""
     if worker.process.poll() is None:
-        if worker.serving and worker.process.stdin is not None:
-            with contextlib.suppress(OSError):
-                worker.process.stdin.close()
+        if worker.serving:
+            _close_stream(worker.process.stdin)
         else:
             worker.process.send_signal(signal.SIGTERM)
     try:
@@ -133,10 +138,8 @@ def _close(worker: WorkerProcess, grace: float = 10.0) -> None:
     except subprocess.TimeoutExpired:
         worker.process.kill()
         worker.process.wait()
-    for stream in (worker.process.stdin, worker.process.stdout):
-        if stream is not None:
-            with contextlib.suppress(OSError):
-                stream.close()
+    _close_stream(worker.process.stdin)
+    _close_stream(worker.process.stdout)
     worker.output.close()
 
 
@@ -316,9 +319,7 @@ class LocalRunner:
         """End the idle workers at the end of a run: all their stdins closed first, so that
         they shut down at the same time, then each waited for."""
         for worker in self.idle:
-            if worker.process.stdin is not None:
-                with contextlib.suppress(OSError):
-                    worker.process.stdin.close()
+            _close_stream(worker.process.stdin)
         while self.idle:
             _close(self.idle.pop())
 
