@@ -11,7 +11,8 @@ torch.set_num_threads(1)
 
 
 import socket  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
@@ -21,6 +22,28 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _live_worker_pids(run: Path) -> list[int]:
+    """Pids of live `selfaugment worker` processes (`run` or `serve`) whose store is `run`."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().split()[2]
+        except OSError:
+            continue
+        if state != "Z" and b"worker" in argv and str(run).encode() in argv:
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.fixture()
+def worker_pids() -> Callable[[Path], list[int]]:
+    """``worker_pids(run)``: the live worker processes of the search stored in ``run``."""
+    return _live_worker_pids
 
 
 @pytest.fixture()

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,22 +25,6 @@ def _spec(path: Path) -> Path:
     raw["parallelism"]["maxWorkers"] = 2
     path.write_text(yaml.safe_dump(raw))
     return path
-
-
-def _workers_of(run: Path) -> list[int]:
-    """Pids of live `selfaugment worker run` processes whose store is `run`."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-            state = (entry / "stat").read_text().split()[2]
-        except OSError:
-            continue
-        if state != "Z" and b"worker" in argv and str(run).encode() in argv:
-            pids.append(int(entry.name))
-    return pids
 
 
 def _wait(what: str, check, timeout: float = 60.0):
@@ -63,19 +48,21 @@ def _start(spec: Path, run: Path, log: Path) -> subprocess.Popen[bytes]:
 
 
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
-def test_workers_die_with_their_runner(tmp_path: Path, stop: signal.Signals) -> None:
+def test_workers_die_with_their_runner(
+    tmp_path: Path, stop: signal.Signals, worker_pids: Callable[[Path], list[int]]
+) -> None:
     spec, run = _spec(tmp_path / "search.yaml"), tmp_path / "run"
     runner = _start(spec, run, tmp_path / "runner.log")
     try:
-        workers = _wait("two workers", lambda: len(_workers_of(run)) == 2 and _workers_of(run))
+        workers = _wait("two workers", lambda: len(worker_pids(run)) == 2 and worker_pids(run))
         runner.send_signal(stop)
         runner.wait(30)
-        _wait("the workers to exit", lambda: not _workers_of(run), 20)
+        _wait("the workers to exit", lambda: not worker_pids(run), 20)
         assert all(not Path(f"/proc/{pid}").exists() or _is_zombie(pid) for pid in workers)
     finally:
         if runner.poll() is None:
             runner.kill()
-        for pid in _workers_of(run):
+        for pid in worker_pids(run):
             os.kill(pid, signal.SIGKILL)
 
 
@@ -86,11 +73,13 @@ def _is_zombie(pid: int) -> bool:
         return True
 
 
-def test_one_run_per_store_names_the_holder(tmp_path: Path) -> None:
+def test_one_run_per_store_names_the_holder(
+    tmp_path: Path, worker_pids: Callable[[Path], list[int]]
+) -> None:
     spec, run = _spec(tmp_path / "search.yaml"), tmp_path / "run"
     first = _start(spec, run, tmp_path / "first.log")
     try:
-        _wait("the first run's workers", lambda: _workers_of(run))
+        _wait("the first run's workers", lambda: worker_pids(run))
         second = subprocess.run(
             [str(SELFAUGMENT), "search", "-f", str(spec), "-o", str(run)],
             capture_output=True,
@@ -99,14 +88,14 @@ def test_one_run_per_store_names_the_holder(tmp_path: Path) -> None:
         )
         assert second.returncode == 2, second.stderr
         assert f"pid {first.pid}" in second.stderr and "is in use" in second.stderr
-        assert len(_workers_of(run)) == 2  # the second run started none
+        assert len(worker_pids(run)) == 2  # the second run started none
     finally:
         first.send_signal(signal.SIGTERM)
         first.wait(30)
     # once the holder is gone, the store is free again (a stale lock never blocks a resume)
     again = _start(spec, run, tmp_path / "again.log")
     try:
-        _wait("the resumed run's workers", lambda: _workers_of(run))
+        _wait("the resumed run's workers", lambda: worker_pids(run))
     finally:
         again.send_signal(signal.SIGTERM)
         again.wait(30)

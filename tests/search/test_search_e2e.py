@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import boto3
@@ -279,22 +280,10 @@ def test_reused_workers_give_the_results_of_fresh_ones(tmp_path: Path) -> None:
     assert "task fold-0 done" in (tmp_path / "reused" / "logs" / "fold-0.log").read_text()
 
 
-def _serving_workers(run: Path) -> list[int]:
-    """Pids of live `selfaugment worker serve` processes of the run `run`."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0") if entry.name.isdigit() else []
-            state = (entry / "stat").read_text().split()[2] if argv else "Z"
-        except OSError:
-            continue
-        if state != "Z" and b"serve" in argv and str(run).encode() in argv:
-            pids.append(int(entry.name))
-    return pids
-
-
 @pytest.mark.slow
-def test_a_killed_serving_worker_is_replaced_and_its_task_redone(tmp_path: Path) -> None:
+def test_a_killed_serving_worker_is_replaced_and_its_task_redone(
+    tmp_path: Path, worker_pids: Callable[[Path], list[int]]
+) -> None:
     """SIGKILL (the OOM killer) takes a serving worker in the middle of a fold: the runner
     reports the task as failed, starts a new worker, and the search finishes."""
     config, run = tiny_config(tmp_path, **{"search.fold_epochs": 30}), tmp_path / "run"
@@ -309,7 +298,7 @@ def test_a_killed_serving_worker_is_replaced_and_its_task_redone(tmp_path: Path)
             assert process.poll() is None, process.stderr.read() if process.stderr else ""
             assert time.monotonic() < deadline, "the search never reached the fold stage"
             time.sleep(0.2)
-        victims = _serving_workers(run)
+        victims = worker_pids(run)
         assert victims
         for pid in victims:
             os.kill(pid, signal.SIGKILL)
@@ -320,4 +309,4 @@ def test_a_killed_serving_worker_is_replaced_and_its_task_redone(tmp_path: Path)
     assert process.returncode == 0, stderr[-3000:]
     assert "failed (exit code -9), retrying" in stderr
     assert len(done_task_ids(open_store(run))) == 9
-    assert victims[0] not in _serving_workers(run)
+    assert victims[0] not in worker_pids(run)
