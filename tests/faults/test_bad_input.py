@@ -103,8 +103,12 @@ def test_a_task_that_fails_on_its_input_is_not_retried(
         runner._reap()  # logged, to be started again
         assert task.id not in runner.running
     else:
-        with pytest.raises(TaskFailedError, match="failed on its input \\(not retried\\)"):
+        with pytest.raises(
+            TaskFailedError, match="failed on its input \\(not retried\\)"
+        ) as failed:
             runner._reap()
+        # a serving worker's own log (what it printed outside its tasks) is named too
+        assert (f"its worker's own: {log_path}" in str(failed.value)) is serving
     assert log.closed and not runner.idle  # a worker whose task failed is not kept
 
 

@@ -275,21 +275,22 @@ class LocalRunner:
                     self._announce_skipped()
                 continue
             self.metrics.task_failures.labels("local", self.run_name).inc()
+            logs = f"log: {running.log_path}"
+            if running.worker.serving:  # what a worker prints outside its tasks goes there
+                logs += f" (its worker's own: {running.worker.output.name})"
             if code == EXIT_BAD_INPUT:  # the same input fails the same way: no retry
                 self.stop()
                 raise TaskFailedError(
-                    f"task {task_id} failed on its input (not retried); log: "
-                    f"{running.log_path}\n{_log_tail(running.log_path)}"
+                    f"task {task_id} failed on its input (not retried); {logs}\n"
+                    f"{_log_tail(running.log_path)}"
                 )
             if self.attempts[task_id] > self.spec.parallelism.max_retries:
                 self.stop()
                 raise TaskFailedError(
                     f"task {task_id} failed {self.attempts[task_id]} times (exit code {code}); "
-                    f"log: {running.log_path}\n{_log_tail(running.log_path)}"
+                    f"{logs}\n{_log_tail(running.log_path)}"
                 )
-            self._write(
-                f"task {task_id} failed (exit code {code}), retrying; log: {running.log_path}"
-            )
+            self._write(f"task {task_id} failed (exit code {code}), retrying; {logs}")
 
     def _wait(self, seconds: float) -> None:
         """Sleep ``seconds``, or less when a serving worker answers first."""
