@@ -374,12 +374,14 @@ def run_search(ctx: TaskContext) -> SearchResult:
         best.append(min([record.objective, *best[-1:]]))
     if previous:
         log.info("resuming the search from %d finished trials", len(previous))
-        ctx.progress.update(
-            force=True,
-            trials_done=len(previous),
-            trials_total=search.trials,
-            best_objective=best[-1],
-        )
+    # progress.json from the start, as training tasks write it: a task killed before its
+    # first trial's figures (or between its trials.json and them) is still named by status
+    ctx.progress.update(
+        force=True,
+        trials_done=len(previous),
+        trials_total=search.trials,
+        **({"best_objective": best[-1]} if best else {}),
+    )
 
     total_images = int(scorer.images.shape[0])
     race = _race(ctx, normalisers, previous, total_images)
